@@ -1,0 +1,149 @@
+//! The engine's background thread: hint files for freshly sealed data
+//! files, periodic fsync under `Durability::Interval`, and merges when the
+//! dead-bytes triggers are met.
+//!
+//! It owns no state of its own beyond its queue; everything it does goes
+//! through the same `Inner` methods callers use, so it needs no locking
+//! rules of its own. Stopping it sets `Inner::closing`, which also cuts a
+//! running merge short (a merge stopped before its commit changes nothing).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::options::Durability;
+use super::{Inner, lock, read};
+
+/// Work queued for the background thread.
+#[derive(Debug, Default)]
+pub(super) struct MaintenanceQueue {
+    state: Mutex<Queued>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    stop: bool,
+    hints: Vec<u32>,
+}
+
+/// Handle to the running background thread.
+#[derive(Debug)]
+pub(super) struct Maintenance {
+    inner: Arc<Inner>,
+    thread: JoinHandle<()>,
+}
+
+impl Maintenance {
+    pub(super) fn start(inner: Arc<Inner>) -> std::io::Result<Maintenance> {
+        let worker = Arc::clone(&inner);
+        let thread = std::thread::Builder::new()
+            .name("caskade-engine-bg".into())
+            .spawn(move || run(&worker))?;
+        Ok(Maintenance { inner, thread })
+    }
+
+    /// Asks the thread to stop, cutting a merge short, and waits for it.
+    pub(super) fn stop(self) {
+        self.inner.closing.store(true, Ordering::Release);
+        lock(&self.inner.maintenance.state).stop = true;
+        self.inner.maintenance.wake.notify_all();
+        if self.thread.join().is_err() {
+            tracing::error!("engine background thread panicked");
+        }
+    }
+}
+
+impl Inner {
+    /// Queues writing the hint file of sealed data file `id`.
+    pub(super) fn request_hint(&self, id: u32) {
+        lock(&self.maintenance.state).hints.push(id);
+        self.maintenance.wake.notify_all();
+    }
+
+    /// Merges the immutable files whose dead ratio passed the trigger, if
+    /// together they hold enough dead bytes.
+    fn merge_if_due(&self) {
+        let policy = &self.opts.merge;
+        let active = lock(&self.writer).active.id;
+        let candidates: Vec<(u32, u64)> = read(&self.files)
+            .values()
+            .filter(|f| f.id != active && f.record_bytes() > 0)
+            .filter(|f| f.dead_bytes() as f64 >= policy.dead_ratio * f.record_bytes() as f64)
+            .map(|f| (f.id, f.dead_bytes()))
+            .collect();
+        let dead: u64 = candidates.iter().map(|(_, d)| d).sum();
+        if candidates.is_empty() || dead < policy.min_dead_bytes {
+            return;
+        }
+        let ids: Vec<u32> = candidates.iter().map(|(id, _)| *id).collect();
+        tracing::info!(files = ?ids, dead_bytes = dead, "merge triggered");
+        if let Err(e) = self.merge(Some(&ids)) {
+            tracing::warn!(error = %e, "background merge failed");
+        }
+    }
+}
+
+fn run(inner: &Inner) {
+    let sync_period = match inner.opts.durability {
+        Durability::Interval(period) => Some(period),
+        _ => None,
+    };
+    let merge_period = inner
+        .opts
+        .merge
+        .auto
+        .then_some(inner.opts.merge.check_interval);
+    let far = Duration::from_secs(3600);
+    let mut next_sync = Instant::now() + sync_period.unwrap_or(far);
+    let mut next_merge = Instant::now() + merge_period.unwrap_or(far);
+    loop {
+        let hints = {
+            let mut q = lock(&inner.maintenance.state);
+            loop {
+                if q.stop {
+                    return;
+                }
+                if !q.hints.is_empty() {
+                    break std::mem::take(&mut q.hints);
+                }
+                let now = Instant::now();
+                let due = next_sync.min(next_merge);
+                if due <= now {
+                    break Vec::new();
+                }
+                q = inner
+                    .maintenance
+                    .wake
+                    .wait_timeout(q, due - now)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+        };
+        for id in hints {
+            // The file may have been merged away since it was sealed.
+            let Some(file) = read(&inner.files).get(&id).cloned() else {
+                continue;
+            };
+            if let Err(e) = inner.write_hint(&file) {
+                tracing::warn!(file = id, error = %e, "could not write hint file");
+            }
+        }
+        let now = Instant::now();
+        if let Some(period) = sync_period
+            && now >= next_sync
+        {
+            if let Err(e) = inner.sync_all() {
+                tracing::error!(error = %e, "periodic fsync failed");
+            }
+            next_sync = now + period;
+        }
+        if let Some(period) = merge_period
+            && now >= next_merge
+        {
+            inner.merge_if_due();
+            next_merge = Instant::now() + period;
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The Bitcask storage engine (Sheehy & Smith, Basho, 2010), with versions,
+//! TTLs, group commit and replication hooks.
+//!
+//! Writes append records to the active data file and point the in-memory
+//! keydir at them; reads look the key up and do one positional read. The
+//! active file rotates at `max_file_size`; immutable files get hint files,
+//! and merge rewrites their live records so dead ones can be deleted.
+//!
+//! Concurrency: one writer at a time (the `writer` mutex), any number of
+//! readers. Locks are only ever held for in-memory work or a single append,
+//! never across an fsync, and are taken in the order
+//! `writer → keydir → files`; merge never takes `writer`.
+//!
+//! This module does no networking; the node's services reach it only
+//! through [`Engine`].
+
+mod datafile;
+mod error;
+mod hint;
+mod key;
+mod keydir;
+mod maintenance;
+mod merge;
+mod open;
+mod options;
+pub mod record;
+mod since;
+mod state;
+mod types;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
+
+use caskade_common::{validate_key, validate_value};
+
+pub use datafile::FILE_HEADER_LEN;
+pub use error::EngineError;
+pub use options::{Clock, Durability, FaultHook, FaultPoint, MergeOptions, Options};
+pub use since::SinceIter;
+pub use types::{
+    Condition, DeleteOptions, FileInfo, MergeReport, PutOptions, Record, ScanEntry, Stats, Value,
+    WriteOutcome,
+};
+
+use datafile::DataFile;
+use keydir::Keydir;
+use maintenance::Maintenance;
+use state::State;
+use writer::{GroupCommit, Writer};
+
+/// A Bitcask store in one directory. `Send + Sync`: share it with `Arc`.
+///
+/// [`close`](Engine::close) syncs and writes hint files; dropping an engine
+/// without closing it is what a crash looks like to the next open (tests
+/// rely on this), except that the background thread is stopped and the
+/// directory lock released.
+#[derive(Debug)]
+pub struct Engine {
+    inner: Arc<Inner>,
+    maintenance: Option<Maintenance>,
+}
+
+/// State shared by the engine handle, its background thread and iterators.
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    opts: Options,
+    /// Key → latest record.
+    keydir: RwLock<Keydir>,
+    /// Every data file by id; merge swaps entries here.
+    files: RwLock<BTreeMap<u32, Arc<DataFile>>>,
+    /// The single writer: active file, next seq, encode buffer.
+    writer: Mutex<Writer>,
+    /// Who has fsynced how far (group commit).
+    sync: GroupCommit,
+    /// Serializes merges; also guards `STATE` writes made by merge.
+    merge_lock: Mutex<()>,
+    /// `STATE` as last written.
+    state: Mutex<State>,
+    /// Set after a failed write or fsync: the reason writes are refused.
+    poisoned: OnceLock<String>,
+    /// Set when a merge failed after its commit point; reopening finishes it.
+    merge_broken: AtomicBool,
+    /// Set while the engine shuts down; long jobs stop early.
+    closing: AtomicBool,
+    /// Work for the background thread.
+    maintenance: maintenance::MaintenanceQueue,
+    next_file_id: std::sync::atomic::AtomicU32,
+    merges: AtomicU64,
+    last_fsync_micros: AtomicU64,
+    repaired_records: u64,
+    /// Held (with an exclusive lock) for the engine's lifetime.
+    _lock_file: File,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Engine {
+    /// Opens (or creates) the store in `dir`, recovering from any crash.
+    pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Engine, EngineError> {
+        let inner = Arc::new(open::open(dir.as_ref(), options)?);
+        let maintenance =
+            Maintenance::start(Arc::clone(&inner)).map_err(|source| EngineError::Io {
+                op: "start background thread for",
+                path: inner.dir.clone(),
+                source,
+            })?;
+        Ok(Engine {
+            inner,
+            maintenance: Some(maintenance),
+        })
+    }
+
+    /// The live value of `key`, if any (tombstones and expired values are absent).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Value>, EngineError> {
+        validate_key(key)?;
+        self.inner.get(key)
+    }
+
+    /// Stores `value` under `key` with the version and expiry in `opts`.
+    pub fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        opts: PutOptions,
+    ) -> Result<WriteOutcome, EngineError> {
+        validate_key(key)?;
+        validate_value(value, self.inner.opts.max_value_bytes)?;
+        self.inner.write(
+            key,
+            Some(value),
+            opts.version,
+            opts.expires_at.unwrap_or(0),
+            opts.condition,
+        )
+    }
+
+    /// Deletes `key` by writing a tombstone with the version in `opts`.
+    pub fn delete(&self, key: &[u8], opts: DeleteOptions) -> Result<WriteOutcome, EngineError> {
+        validate_key(key)?;
+        self.inner.write(key, None, opts.version, 0, opts.condition)
+    }
+
+    /// Up to `limit` live keys starting with `prefix` and greater than
+    /// `after`, in byte order.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<ScanEntry>, EngineError> {
+        let now = self.inner.opts.clock.now_ms();
+        let keydir = read(&self.inner.keydir);
+        Ok(keydir
+            .range_from(prefix, after)
+            .filter(|(_, e)| e.is_live(now))
+            .take(limit)
+            .map(|(k, e)| ScanEntry {
+                key: k.as_bytes().to_vec(),
+                version: e.version(),
+                expires_at: e.expiry(),
+            })
+            .collect())
+    }
+
+    /// Every record with a seq above `seq` that is still its key's latest
+    /// (tombstones included), in seq order: what a replica that has applied
+    /// everything up to `seq` is missing.
+    pub fn iter_since(&self, seq: u64) -> Result<SinceIter, EngineError> {
+        since::SinceIter::new(Arc::clone(&self.inner), seq)
+    }
+
+    /// Merges every immutable data file.
+    pub fn merge(&self) -> Result<MergeReport, EngineError> {
+        self.inner.merge(None)
+    }
+
+    /// Merges only the immutable files `ids`.
+    pub fn merge_files(&self, ids: &[u32]) -> Result<MergeReport, EngineError> {
+        self.inner.merge(Some(ids))
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync(&self) -> Result<(), EngineError> {
+        self.inner.sync_all()
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        let inner = &*self.inner;
+        let (keys, tombstones) = {
+            let keydir = read(&inner.keydir);
+            let tombstones = keydir.tombstones();
+            (keydir.len() as u64 - tombstones, tombstones)
+        };
+        let files = read(&inner.files);
+        let record_bytes: u64 = files.values().map(|f| f.record_bytes()).sum();
+        let dead_bytes: u64 = files.values().map(|f| f.dead_bytes()).sum();
+        let fsync = inner.last_fsync_micros.load(Ordering::Relaxed);
+        Stats {
+            keys,
+            tombstones,
+            live_bytes: record_bytes.saturating_sub(dead_bytes),
+            dead_bytes,
+            files: files.len(),
+            merges: inner.merges.load(Ordering::Relaxed),
+            last_fsync_micros: (fsync != u64::MAX).then_some(fsync),
+            last_seq: lock(&inner.writer).next_seq - 1,
+            tombstone_horizon: lock(&inner.state).tombstone_horizon,
+            repaired_records: inner.repaired_records,
+        }
+    }
+
+    /// The data files, by id.
+    pub fn files(&self) -> Vec<FileInfo> {
+        let active = lock(&self.inner.writer).active.id;
+        read(&self.inner.files)
+            .values()
+            .map(|f| FileInfo {
+                id: f.id,
+                active: f.id == active,
+                bytes: f.len(),
+                dead_bytes: f.dead_bytes(),
+            })
+            .collect()
+    }
+
+    /// The directory this engine stores its files in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Stops background work, makes everything durable and writes a hint
+    /// for the active file so the next open reads no values.
+    pub fn close(mut self) -> Result<(), EngineError> {
+        if let Some(m) = self.maintenance.take() {
+            m.stop();
+        }
+        self.inner.sync_all()?;
+        self.inner.write_active_hint()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(m) = self.maintenance.take() {
+            m.stop();
+        }
+    }
+}
+
+impl Inner {
+    fn get(&self, key: &[u8]) -> Result<Option<Value>, EngineError> {
+        let now = self.opts.clock.now_ms();
+        // Look the file up while still holding the keydir lock: merge
+        // repoints keys before it removes files, so a key seen pointing at a
+        // file means that file is still in the table (lock order keydir → files).
+        let (entry, file) = {
+            let keydir = read(&self.keydir);
+            let Some(entry) = keydir.get(key).copied() else {
+                return Ok(None);
+            };
+            if !entry.is_live(now) {
+                return Ok(None);
+            }
+            let file = read(&self.files).get(&entry.file_id).cloned();
+            (entry, file)
+        };
+        let file = file.ok_or(EngineError::Corrupt {
+            file: datafile::data_path(&self.dir, entry.file_id),
+            offset: u64::from(entry.offset),
+            reason: "keydir points at a missing file",
+        })?;
+        let offset = u64::from(entry.offset);
+        let corrupt = |reason| EngineError::Corrupt {
+            file: file.path.clone(),
+            offset,
+            reason,
+        };
+        let bytes = file
+            .read_at(offset, entry.record_len(key.len()) as usize)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    corrupt("record extends past the end of the file")
+                }
+                _ => EngineError::Io {
+                    op: "read",
+                    path: file.path.clone(),
+                    source: e,
+                },
+            })?;
+        let header = record::verify(&bytes).map_err(|bad| corrupt(bad.reason()))?;
+        if record::key_of(&bytes, &header) != key || header.version != entry.version() {
+            return Err(corrupt("record does not match the keydir"));
+        }
+        let mut value = bytes;
+        value.drain(..record::HEADER_LEN + key.len());
+        Ok(Some(Value {
+            value,
+            version: header.version,
+            expires_at: entry.expiry(),
+        }))
+    }
+
+    /// Counts `bytes` as dead in file `id` (if it still exists).
+    fn add_dead(&self, id: u32, bytes: u64) {
+        if let Some(file) = read(&self.files).get(&id) {
+            file.add_dead(bytes);
+        }
+    }
+}

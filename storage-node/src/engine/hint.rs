@@ -2,7 +2,8 @@
 //! read values.
 //!
 //! `{id:010}.hint` starts with a 24-byte header (magic, format, and the
-//! length of the data file prefix it describes), then one entry per record:
+//! length of the data file prefix it describes), then one entry per record,
+//! sorted by key and then seq:
 //! ```text
 //! crc32 u32 | seq u64 | hlc u64 | origin u32 | expires_at u64 | flags u8 | key_len u32 | value_len u32 | offset u32 | key
 //! ```
@@ -14,7 +15,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use caskade_common::Version;
@@ -37,24 +37,26 @@ pub struct HintEntry {
     pub offset: u32,
 }
 
-/// Writes a hint file under a temporary name; `finish` puts it in place.
+/// Builds a hint file under a temporary name: entries are collected in
+/// memory and written sorted by key (then seq) at `finish`, so that start-up
+/// merges already-sorted runs instead of sorting every key.
 #[derive(Debug)]
 pub struct HintWriter {
-    out: BufWriter<File>,
     tmp: PathBuf,
+    /// Encoded entries, back to back.
+    entries: Vec<u8>,
+    /// Where each entry starts in `entries`.
+    starts: Vec<usize>,
 }
 
 impl HintWriter {
-    /// Starts a hint at temporary path `tmp`.
+    /// Starts a hint that `finish` writes to temporary path `tmp`.
     pub fn create(tmp: PathBuf) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        let mut out = BufWriter::with_capacity(256 << 10, file);
-        out.write_all(&[0u8; HINT_HEADER_LEN])?;
-        Ok(HintWriter { out, tmp })
+        Ok(HintWriter {
+            tmp,
+            entries: Vec::new(),
+            starts: Vec::new(),
+        })
     }
 
     /// Adds the entry of the record at `offset` with `header` and `key`.
@@ -72,19 +74,50 @@ impl HintWriter {
         crc.update(&e[4..]);
         crc.update(key);
         e[..4].copy_from_slice(&crc.finalize().to_le_bytes());
-        self.out.write_all(&e)?;
-        self.out.write_all(key)
+        self.starts.push(self.entries.len());
+        self.entries.extend_from_slice(&e);
+        self.entries.extend_from_slice(key);
+        Ok(())
     }
 
-    /// Writes the header (covering `data_len` bytes of the data file),
-    /// syncs, and returns the file still under its temporary name.
-    pub fn finish(self, data_len: u64) -> io::Result<PathBuf> {
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+    /// Writes the header (covering `data_len` bytes of the data file) and
+    /// the sorted entries, syncs, and returns the file's temporary path.
+    pub fn finish(mut self, data_len: u64) -> io::Result<PathBuf> {
+        let entries = &self.entries;
+        let sort_key = |start: usize| {
+            let seq = &entries[start + 4..start + 12];
+            let key_len = u32::from_le_bytes([
+                entries[start + 33],
+                entries[start + 34],
+                entries[start + 35],
+                entries[start + 36],
+            ]) as usize;
+            let key = &entries[start + ENTRY_FIXED_LEN..start + ENTRY_FIXED_LEN + key_len];
+            (
+                key,
+                u64::from_le_bytes([
+                    seq[0], seq[1], seq[2], seq[3], seq[4], seq[5], seq[6], seq[7],
+                ]),
+            )
+        };
+        self.starts
+            .sort_unstable_by(|&a, &b| sort_key(a).cmp(&sort_key(b)));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.tmp)?;
+        let mut out = BufWriter::with_capacity(256 << 10, file);
         let mut header = [0u8; HINT_HEADER_LEN];
         header[..8].copy_from_slice(MAGIC);
         header[8..10].copy_from_slice(&FORMAT.to_le_bytes());
         header[16..24].copy_from_slice(&data_len.to_le_bytes());
-        file.write_all_at(&header, 0)?;
+        out.write_all(&header)?;
+        for &start in &self.starts {
+            let (key, _) = sort_key(start);
+            out.write_all(&entries[start..start + ENTRY_FIXED_LEN + key.len()])?;
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         Ok(self.tmp)
     }

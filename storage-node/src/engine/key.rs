@@ -58,6 +58,13 @@ impl Borrow<[u8]> for Key {
     }
 }
 
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Must hash like the `[u8]` it borrows as.
+        self.as_bytes().hash(state);
+    }
+}
+
 impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
         self.as_bytes() == other.as_bytes()

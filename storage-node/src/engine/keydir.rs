@@ -1,13 +1,17 @@
 //! The keydir: for every key, where its latest record lives.
 //!
-//! An ordered map (`BTreeMap<Key, Entry>`), so prefix listing walks a range
+//! An ordered map (`BTreeMap<Key, Slot>`), so prefix listing walks a range
 //! instead of sorting per request, and start-up can bulk-build it from sorted
 //! input with full nodes. Tombstones stay in the keydir until merge drops
 //! them: a replica must remember a delete's version to refuse an older put
 //! that arrives late. The keydir knows nothing of files or locks; the engine
 //! wraps it in an `RwLock` and holds that lock only for in-memory work.
+//!
+//! Memory is the keydir's budget: a slot is 24 bytes and a short key lives
+//! inline (see `key.rs`), 48 bytes per key in a full node. Expiry times are
+//! kept aside, for the keys that have one, since most keys never expire.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use caskade_common::Version;
@@ -15,8 +19,7 @@ use caskade_common::Version;
 use super::key::Key;
 use super::record::HEADER_LEN;
 
-/// Where a key's latest record is and what the engine must know without
-/// reading it: 32 bytes, laid out without padding.
+/// What the engine knows of a key's latest record without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     /// Version's clock.
@@ -28,13 +31,15 @@ pub struct Entry {
     /// Record offset in that file.
     pub offset: u32,
     /// Value length, with [`TOMBSTONE_BIT`] set for tombstones.
-    len_and_flag: u32,
+    len_and_flags: u32,
     /// Version's origin node.
     pub origin: u32,
 }
 
-/// Marks a tombstone in `Entry::len_and_flag`; value lengths stay far below it.
+/// Marks a tombstone in `len_and_flags`; value lengths stay far below it.
 const TOMBSTONE_BIT: u32 = 1 << 31;
+/// Marks, in a stored slot, a key whose expiry is in `Keydir::expiries`.
+const EXPIRES_BIT: u32 = 1 << 30;
 
 impl Entry {
     /// An entry for a record at `file_id`/`offset`.
@@ -51,7 +56,7 @@ impl Entry {
             expires_at,
             file_id,
             offset,
-            len_and_flag: if tombstone { TOMBSTONE_BIT } else { value_len },
+            len_and_flags: if tombstone { TOMBSTONE_BIT } else { value_len },
             origin: version.origin,
         }
     }
@@ -63,12 +68,12 @@ impl Entry {
 
     /// True if the key's latest record deletes it.
     pub fn is_tombstone(&self) -> bool {
-        self.len_and_flag & TOMBSTONE_BIT != 0
+        self.len_and_flags & TOMBSTONE_BIT != 0
     }
 
     /// Value length in bytes (0 for tombstones).
     pub fn value_len(&self) -> u32 {
-        self.len_and_flag & !TOMBSTONE_BIT
+        self.len_and_flags & !(TOMBSTONE_BIT | EXPIRES_BIT)
     }
 
     /// True if the value has expired at `now_ms`.
@@ -92,10 +97,50 @@ impl Entry {
     }
 }
 
-/// The ordered in-memory index, with live-key and tombstone counts.
+/// An entry as stored: without its expiry, 24 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    hlc: u64,
+    file_id: u32,
+    offset: u32,
+    len_and_flags: u32,
+    origin: u32,
+}
+
+impl Slot {
+    fn of(e: &Entry) -> Slot {
+        let expires = if e.expires_at != 0 { EXPIRES_BIT } else { 0 };
+        Slot {
+            hlc: e.hlc,
+            file_id: e.file_id,
+            offset: e.offset,
+            len_and_flags: e.len_and_flags | expires,
+            origin: e.origin,
+        }
+    }
+
+    fn expires(&self) -> bool {
+        self.len_and_flags & EXPIRES_BIT != 0
+    }
+
+    fn entry(&self, expires_at: u64) -> Entry {
+        Entry {
+            hlc: self.hlc,
+            expires_at,
+            file_id: self.file_id,
+            offset: self.offset,
+            len_and_flags: self.len_and_flags & !EXPIRES_BIT,
+            origin: self.origin,
+        }
+    }
+}
+
+/// The ordered in-memory index, with its tombstone count.
 #[derive(Debug, Default)]
 pub struct Keydir {
-    map: BTreeMap<Key, Entry>,
+    map: BTreeMap<Key, Slot>,
+    /// Expiry of every key whose slot has `EXPIRES_BIT`.
+    expiries: HashMap<Key, u64>,
     tombstones: u64,
 }
 
@@ -104,26 +149,53 @@ impl Keydir {
     /// (start-up path: bulk-built nodes are full, which saves memory).
     pub fn from_sorted(entries: Vec<(Key, Entry)>) -> Self {
         let tombstones = entries.iter().filter(|(_, e)| e.is_tombstone()).count() as u64;
+        let expiries = entries
+            .iter()
+            .filter(|(_, e)| e.expires_at != 0)
+            .map(|(k, e)| (k.clone(), e.expires_at))
+            .collect();
         Keydir {
-            map: entries.into_iter().collect(),
+            map: entries
+                .into_iter()
+                .map(|(k, e)| (k, Slot::of(&e)))
+                .collect(),
+            expiries,
             tombstones,
         }
     }
 
+    fn entry(&self, key: &[u8], slot: &Slot) -> Entry {
+        let expires_at = if slot.expires() {
+            self.expiries.get(key).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        slot.entry(expires_at)
+    }
+
     /// The entry for `key`.
-    pub fn get(&self, key: &[u8]) -> Option<&Entry> {
-        self.map.get(key)
+    pub fn get(&self, key: &[u8]) -> Option<Entry> {
+        self.map.get(key).map(|slot| self.entry(key, slot))
     }
 
     /// Sets `key`'s entry, returning the one it replaces.
     pub fn insert(&mut self, key: &[u8], entry: Entry) -> Option<Entry> {
+        let slot = Slot::of(&entry);
         let old = match self.map.get_mut(key) {
-            Some(slot) => Some(std::mem::replace(slot, entry)),
+            Some(stored) => Some(std::mem::replace(stored, slot)),
             None => {
-                self.map.insert(Key::new(key), entry);
+                self.map.insert(Key::new(key), slot);
                 None
             }
         };
+        let old_expiry = match old {
+            Some(o) if o.expires() => self.expiries.remove(key).unwrap_or(0),
+            _ => 0,
+        };
+        if entry.expires_at != 0 {
+            self.expiries.insert(Key::new(key), entry.expires_at);
+        }
+        let old = old.map(|o| o.entry(old_expiry));
         self.count(old.as_ref(), -1);
         self.count(Some(&entry), 1);
         old
@@ -133,8 +205,8 @@ impl Keydir {
     /// (merge moving a record); false if a newer write got there first.
     pub fn relocate(&mut self, key: &[u8], from: (u32, u32), to: (u32, u32)) -> bool {
         match self.map.get_mut(key) {
-            Some(e) if (e.file_id, e.offset) == from => {
-                (e.file_id, e.offset) = to;
+            Some(s) if (s.file_id, s.offset) == from => {
+                (s.file_id, s.offset) = to;
                 true
             }
             _ => false,
@@ -144,8 +216,14 @@ impl Keydir {
     /// Removes `key` if it still points at `at` (merge dropping a record).
     pub fn remove_if_at(&mut self, key: &[u8], at: (u32, u32)) -> bool {
         match self.map.get(key) {
-            Some(e) if (e.file_id, e.offset) == at => {
+            Some(s) if (s.file_id, s.offset) == at => {
                 let old = self.map.remove(key);
+                let expires_at = if old.is_some_and(|o| o.expires()) {
+                    self.expiries.remove(key).unwrap_or(0)
+                } else {
+                    0
+                };
+                let old = old.map(|o| o.entry(expires_at));
                 self.count(old.as_ref(), -1);
                 true
             }
@@ -158,7 +236,7 @@ impl Keydir {
         &'a self,
         prefix: &'a [u8],
         after: Option<&'a [u8]>,
-    ) -> impl Iterator<Item = (&'a Key, &'a Entry)> + 'a {
+    ) -> impl Iterator<Item = (&'a Key, Entry)> + 'a {
         let start = match after {
             Some(after) if after >= prefix => Bound::Excluded(after),
             _ => Bound::Included(prefix),
@@ -166,6 +244,7 @@ impl Keydir {
         self.map
             .range::<[u8], _>((start, Bound::Unbounded))
             .take_while(move |(k, _)| k.as_bytes().starts_with(prefix))
+            .map(|(k, slot)| (k, self.entry(k.as_bytes(), slot)))
     }
 
     /// Keys held, tombstones included.
@@ -201,8 +280,24 @@ mod tests {
     }
 
     #[test]
-    fn entry_is_32_bytes() {
-        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    fn stored_slot_is_24_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 24);
+    }
+
+    #[test]
+    fn expiry_is_kept_aside_and_follows_its_key() {
+        let mut kd = Keydir::default();
+        let ttl =
+            |offset, expires_at| Entry::new(1, offset, Version::new(1, 1), expires_at, 5, false);
+        kd.insert(b"a", ttl(1, 500));
+        assert_eq!(kd.get(b"a").map(|e| e.expires_at), Some(500));
+        assert_eq!(kd.get(b"a").map(|e| e.value_len()), Some(5));
+        kd.insert(b"a", ttl(2, 0));
+        assert_eq!(kd.get(b"a").map(|e| e.expires_at), Some(0));
+        assert!(kd.expiries.is_empty());
+        kd.insert(b"a", ttl(3, 700));
+        assert!(kd.remove_if_at(b"a", (1, 3)));
+        assert!(kd.expiries.is_empty());
     }
 
     #[test]

@@ -114,7 +114,11 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 impl Engine {
     /// Opens (or creates) the store in `dir`, recovering from any crash.
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Engine, EngineError> {
-        let inner = Arc::new(open::open(dir.as_ref(), options)?);
+        let (inner, need_hint) = open::open(dir.as_ref(), options)?;
+        let inner = Arc::new(inner);
+        for id in need_hint {
+            inner.request_hint(id);
+        }
         let maintenance =
             Maintenance::start(Arc::clone(&inner)).map_err(|source| EngineError::Io {
                 op: "start background thread for",
@@ -273,7 +277,7 @@ impl Inner {
         // file means that file is still in the table (lock order keydir → files).
         let (entry, file) = {
             let keydir = read(&self.keydir);
-            let Some(entry) = keydir.get(key).copied() else {
+            let Some(entry) = keydir.get(key) else {
                 return Ok(None);
             };
             if !entry.is_live(now) {

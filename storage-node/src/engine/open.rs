@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use super::Inner;
 use super::datafile::{self, DataFile, FILE_HEADER_LEN, FileKind, HeaderState, RecordReader};
 use super::error::{EngineError, IoContext};
 use super::hint::{self, HintProblem};
@@ -27,7 +28,6 @@ use super::options::Options;
 use super::record::{self, Header};
 use super::state::{State, sync_dir};
 use super::writer::{GroupCommit, Writer};
-use super::{Inner, read};
 
 /// One record found while loading: enough to build its keydir entry.
 struct Loaded {
@@ -36,7 +36,9 @@ struct Loaded {
     entry: Entry,
 }
 
-pub(super) fn open(dir: &Path, opts: Options) -> Result<Inner, EngineError> {
+/// Opens the store in `dir`; also returns the immutable files that need a
+/// hint file written (by the background thread, not to delay start-up).
+pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), EngineError> {
     opts.validate()?;
     fs::create_dir_all(dir).ctx("create directory", dir)?;
     let dir = dir.canonicalize().ctx("resolve", dir)?;
@@ -167,8 +169,10 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<Inner, EngineError> {
     }
 
     // The latest record of each key wins; seq orders every write this
-    // engine ever made, across files and merges.
-    loaded.sort_unstable_by(|a, b| a.key.cmp(&b.key).then(a.seq.cmp(&b.seq)));
+    // engine ever made, across files and merges. Hint files are sorted by
+    // (key, seq), so `loaded` is mostly a few long sorted runs, which the
+    // stable sort detects and merges in linear passes.
+    loaded.sort_by(|a, b| a.key.cmp(&b.key).then(a.seq.cmp(&b.seq)));
     let mut live_bytes: BTreeMap<u32, u64> = BTreeMap::new();
     let mut max_seq = 0;
     let mut winners = Vec::with_capacity(loaded.len());
@@ -242,15 +246,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<Inner, EngineError> {
         // finds a clean store instead of the same damage.
         inner.merge_with(Some(&damaged), true)?;
     }
-    for id in need_hint {
-        if let Some(file) = read(&inner.files).get(&id).cloned() {
-            // Best effort: a missing hint only costs start-up time.
-            if let Err(e) = inner.write_hint(&file) {
-                tracing::warn!(file = id, error = %e, "could not write hint file");
-            }
-        }
-    }
-    Ok(inner)
+    Ok((inner, need_hint))
 }
 
 fn loaded_from(file_id: u32, offset: u32, header: &Header, key: &[u8]) -> Loaded {

@@ -10,7 +10,7 @@
 //! poisons the engine: it can no longer tell what is on disk, so it refuses
 //! writes rather than acknowledge data it may lose.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -64,6 +64,29 @@ fn position(file_id: u32, offset: u64) -> u64 {
 pub struct GroupCommit {
     state: Mutex<SyncState>,
     done: Condvar,
+    /// Writers between entering `write` and finishing their append: a
+    /// leader lets them finish so that its fsync covers them too.
+    appending: AtomicUsize,
+}
+
+/// Most times a leader yields the CPU to writers still appending before it
+/// fsyncs anyway (bounds the latency it adds under constant load).
+const LEADER_MAX_YIELDS: usize = 16;
+
+/// Counts a writer in `GroupCommit::appending` until dropped.
+struct Appending<'a>(&'a AtomicUsize);
+
+impl<'a> Appending<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Appending(counter)
+    }
+}
+
+impl Drop for Appending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -95,11 +118,13 @@ impl Inner {
         condition: Condition,
     ) -> Result<WriteOutcome, EngineError> {
         self.check_poison()?;
+        let always = self.opts.durability == Durability::Always;
+        let appending = always.then(|| Appending::new(&self.sync.appending));
         let now = self.opts.clock.now_ms();
         let mut w = lock(&self.writer);
         // The writer lock is held, so no other write can change the key
         // between this check and the append below.
-        let current = read(&self.keydir).get(key).copied();
+        let current = read(&self.keydir).get(key);
         if let Some(cur) = current
             && version <= cur.version()
         {
@@ -139,8 +164,9 @@ impl Inner {
         }
         let end = w.end_position();
         drop(w);
+        drop(appending);
 
-        if self.opts.durability == Durability::Always {
+        if always {
             self.wait_durable(end)?;
         }
         Ok(WriteOutcome::Applied {
@@ -222,6 +248,15 @@ impl Inner {
             }
             st.syncing = true;
             drop(st);
+            // Writers woken by the previous fsync are appending right now;
+            // giving them the CPU first lets this fsync cover them too, which
+            // is what makes group commit scale with the number of writers.
+            for _ in 0..LEADER_MAX_YIELDS {
+                if self.sync.appending.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                std::thread::yield_now();
+            }
             // Everything appended before this moment is covered by the fsync.
             let (file, target) = {
                 let w = lock(&self.writer);

@@ -584,3 +584,22 @@ fn failed_fsync_poisons_writes_keeps_reads_and_loses_nothing_acknowledged() {
     assert_eq!(engine.get(b"after-reopen").unwrap().unwrap().value, b"ok");
     engine.close().unwrap();
 }
+
+/// A write reported as failed is never served to readers: under `Always` the
+/// keydir learns of a record only after the fsync that makes it durable.
+#[test]
+fn write_whose_fsync_failed_is_not_visible_to_readers() {
+    let clock = MockClock::new(T0);
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, acked) = engine_after_failed_fsync(dir.path(), &clock);
+    assert_eq!(
+        engine.get(b"doomed").unwrap(),
+        None,
+        "get serves a put that returned an error"
+    );
+    assert!(
+        engine.scan(b"doomed", None, 10).unwrap().is_empty(),
+        "scan lists a failed put"
+    );
+    assert_state(&engine, &acked, "reads on the poisoned engine");
+}

@@ -3,7 +3,7 @@
 //!
 //! `{id:010}.hint` starts with a 24-byte header (magic, format, and the
 //! length of the data file prefix it describes), then one entry per record,
-//! sorted by key and then seq:
+//! in runs sorted by key and then seq:
 //! ```text
 //! crc32 u32 | seq u64 | hlc u64 | origin u32 | expires_at u64 | flags u8 | key_len u32 | value_len u32 | offset u32 | key
 //! ```
@@ -15,6 +15,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use caskade_common::Version;
@@ -37,24 +38,37 @@ pub struct HintEntry {
     pub offset: u32,
 }
 
-/// Builds a hint file under a temporary name: entries are collected in
-/// memory and written sorted by key (then seq) at `finish`, so that start-up
-/// merges already-sorted runs instead of sorting every key.
+/// Builds a hint file under a temporary name. Entries are written in
+/// sorted runs of up to [`RUN_ENTRIES`] (by key, then seq), so that start-up
+/// merges a few long runs instead of sorting every key, while the writer
+/// holds at most one run in memory.
 #[derive(Debug)]
 pub struct HintWriter {
+    out: BufWriter<File>,
     tmp: PathBuf,
-    /// Encoded entries, back to back.
-    entries: Vec<u8>,
-    /// Where each entry starts in `entries`.
+    /// Encoded entries of the current run, back to back.
+    run: Vec<u8>,
+    /// Where each entry of the run starts in `run`.
     starts: Vec<usize>,
 }
 
+/// Entries per sorted run (a few MiB of memory for short keys).
+const RUN_ENTRIES: usize = 1 << 17;
+
 impl HintWriter {
-    /// Starts a hint that `finish` writes to temporary path `tmp`.
+    /// Starts a hint at temporary path `tmp`.
     pub fn create(tmp: PathBuf) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let mut out = BufWriter::with_capacity(256 << 10, file);
+        out.write_all(&[0u8; HINT_HEADER_LEN])?;
         Ok(HintWriter {
+            out,
             tmp,
-            entries: Vec::new(),
+            run: Vec::new(),
             starts: Vec::new(),
         })
     }
@@ -74,50 +88,48 @@ impl HintWriter {
         crc.update(&e[4..]);
         crc.update(key);
         e[..4].copy_from_slice(&crc.finalize().to_le_bytes());
-        self.starts.push(self.entries.len());
-        self.entries.extend_from_slice(&e);
-        self.entries.extend_from_slice(key);
+        self.starts.push(self.run.len());
+        self.run.extend_from_slice(&e);
+        self.run.extend_from_slice(key);
+        if self.starts.len() >= RUN_ENTRIES {
+            self.write_run()?;
+        }
         Ok(())
     }
 
-    /// Writes the header (covering `data_len` bytes of the data file) and
-    /// the sorted entries, syncs, and returns the file's temporary path.
-    pub fn finish(mut self, data_len: u64) -> io::Result<PathBuf> {
-        let entries = &self.entries;
+    /// Writes the current run, sorted.
+    fn write_run(&mut self) -> io::Result<()> {
+        let run = &self.run;
         let sort_key = |start: usize| {
-            let seq = &entries[start + 4..start + 12];
-            let key_len = u32::from_le_bytes([
-                entries[start + 33],
-                entries[start + 34],
-                entries[start + 35],
-                entries[start + 36],
-            ]) as usize;
-            let key = &entries[start + ENTRY_FIXED_LEN..start + ENTRY_FIXED_LEN + key_len];
-            (
-                key,
-                u64::from_le_bytes([
-                    seq[0], seq[1], seq[2], seq[3], seq[4], seq[5], seq[6], seq[7],
-                ]),
-            )
+            let fixed = &run[start..start + ENTRY_FIXED_LEN];
+            let key_len = u32::from_le_bytes([fixed[33], fixed[34], fixed[35], fixed[36]]) as usize;
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&fixed[4..12]);
+            let key = &run[start + ENTRY_FIXED_LEN..start + ENTRY_FIXED_LEN + key_len];
+            (key, u64::from_le_bytes(seq))
         };
         self.starts
             .sort_unstable_by(|&a, &b| sort_key(a).cmp(&sort_key(b)));
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&self.tmp)?;
-        let mut out = BufWriter::with_capacity(256 << 10, file);
+        for &start in &self.starts {
+            let (key, _) = sort_key(start);
+            self.out
+                .write_all(&run[start..start + ENTRY_FIXED_LEN + key.len()])?;
+        }
+        self.run.clear();
+        self.starts.clear();
+        Ok(())
+    }
+
+    /// Writes the header (covering `data_len` bytes of the data file),
+    /// syncs, and returns the file still under its temporary name.
+    pub fn finish(mut self, data_len: u64) -> io::Result<PathBuf> {
+        self.write_run()?;
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
         let mut header = [0u8; HINT_HEADER_LEN];
         header[..8].copy_from_slice(MAGIC);
         header[8..10].copy_from_slice(&FORMAT.to_le_bytes());
         header[16..24].copy_from_slice(&data_len.to_le_bytes());
-        out.write_all(&header)?;
-        for &start in &self.starts {
-            let (key, _) = sort_key(start);
-            out.write_all(&entries[start..start + ENTRY_FIXED_LEN + key.len()])?;
-        }
-        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.write_all_at(&header, 0)?;
         file.sync_all()?;
         Ok(self.tmp)
     }

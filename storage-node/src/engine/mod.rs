@@ -14,6 +14,7 @@
 //! This module does no networking; the node's services reach it only
 //! through [`Engine`].
 
+mod commit;
 mod datafile;
 mod error;
 mod hint;
@@ -52,7 +53,7 @@ use datafile::DataFile;
 use keydir::Keydir;
 use maintenance::Maintenance;
 use state::State;
-use writer::{GroupCommit, Writer};
+use writer::Writer;
 
 /// A Bitcask store in one directory. `Send + Sync`: share it with `Arc`.
 ///
@@ -77,8 +78,8 @@ struct Inner {
     files: RwLock<BTreeMap<u32, Arc<DataFile>>>,
     /// The single writer: active file, next seq, encode buffer.
     writer: Mutex<Writer>,
-    /// Who has fsynced how far (group commit).
-    sync: GroupCommit,
+    /// Writers waiting to be committed together (`Durability::Always`).
+    commit: commit::CommitQueue,
     /// Serializes merges; also guards `STATE` writes made by merge.
     merge_lock: Mutex<()>,
     /// `STATE` as last written.

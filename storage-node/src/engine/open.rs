@@ -27,7 +27,7 @@ use super::keydir::{Entry, Keydir};
 use super::options::Options;
 use super::record::{self, Header};
 use super::state::{State, sync_dir};
-use super::writer::{GroupCommit, Writer};
+use super::writer::Writer;
 
 /// One record found while loading: enough to build its keydir entry.
 struct Loaded {
@@ -228,7 +228,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
         keydir: RwLock::new(keydir),
         files: RwLock::new(table),
         writer: Mutex::new(Writer::new(active, next_seq)),
-        sync: GroupCommit::default(),
+        commit: Default::default(),
         merge_lock: Mutex::new(()),
         state: Mutex::new(state),
         poisoned: OnceLock::new(),

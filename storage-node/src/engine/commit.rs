@@ -1,0 +1,250 @@
+//! Group commit for `Durability::Always`: a queue of writers in which the
+//! one at the front appends the whole queue with one `pwrite`, fsyncs once,
+//! and only then publishes the records in the keydir (LevelDB's writer
+//! queue).
+//!
+//! While a leader is inside fsync, new writers line up behind its batch; the
+//! first of them leads the next batch, so under load every fsync covers
+//! everyone who arrived during the previous one. Because the keydir is
+//! updated after the fsync, readers never see a write that is not durable,
+//! and a write whose fsync failed is never visible.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+
+use caskade_common::Version;
+
+use super::error::EngineError;
+use super::keydir::Entry;
+use super::record::{self, HEADER_LEN};
+use super::types::{Condition, WriteOutcome};
+use super::writer::{Verdict, check};
+use super::{Inner, lock, read, write};
+
+/// Most writes one leader commits at once.
+const MAX_BATCH_WRITES: usize = 1024;
+/// Most record bytes one leader commits at once (one extra large record allowed).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// The writers waiting for their turn or their outcome.
+#[derive(Debug, Default)]
+pub(super) struct CommitQueue {
+    queue: Mutex<VecDeque<Arc<PendingWrite>>>,
+    /// Signalled when a batch is done: its writers have outcomes, and the
+    /// writer now at the front leads.
+    turn: Condvar,
+}
+
+/// One write waiting in the queue.
+#[derive(Debug)]
+struct PendingWrite {
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    version: Version,
+    expires_at: u64,
+    condition: Condition,
+    outcome: Mutex<Option<Result<WriteOutcome, EngineError>>>,
+}
+
+impl PendingWrite {
+    fn record_len(&self) -> usize {
+        HEADER_LEN + self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// A record of the batch, appended but not yet in the keydir.
+struct Staged {
+    index: usize,
+    entry: Entry,
+}
+
+impl Inner {
+    /// Writes through the commit queue; returns once the write is durable.
+    pub(super) fn write_committed(
+        &self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        version: Version,
+        expires_at: u64,
+        condition: Condition,
+    ) -> Result<WriteOutcome, EngineError> {
+        let mine = Arc::new(PendingWrite {
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+            version,
+            expires_at,
+            condition,
+            outcome: Mutex::new(None),
+        });
+        let batch = {
+            let mut queue = lock(&self.commit.queue);
+            queue.push_back(Arc::clone(&mine));
+            loop {
+                if let Some(outcome) = lock(&mine.outcome).take() {
+                    return outcome;
+                }
+                if queue.front().is_some_and(|front| Arc::ptr_eq(front, &mine)) {
+                    break;
+                }
+                queue = self
+                    .commit
+                    .turn
+                    .wait(queue)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            // Lead: take the front of the queue, leaving it queued so that
+            // nobody else leads until this batch is done.
+            let mut bytes = 0;
+            queue
+                .iter()
+                .take(MAX_BATCH_WRITES)
+                .take_while(|p| {
+                    let first = bytes == 0;
+                    bytes += p.record_len();
+                    first || bytes <= MAX_BATCH_BYTES
+                })
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let outcomes = self.commit_batch(&batch);
+        {
+            let mut queue = lock(&self.commit.queue);
+            for (pending, outcome) in batch.iter().zip(outcomes) {
+                *lock(&pending.outcome) = Some(outcome);
+                queue.pop_front();
+            }
+        }
+        self.commit.turn.notify_all();
+        lock(&mine.outcome)
+            .take()
+            .unwrap_or(Err(EngineError::Poisoned("write lost its outcome".into())))
+    }
+
+    /// Checks, appends and fsyncs `batch`, then publishes it; one outcome per write.
+    fn commit_batch(&self, batch: &[Arc<PendingWrite>]) -> Vec<Result<WriteOutcome, EngineError>> {
+        let now = self.opts.clock.now_ms();
+        let mut outcomes: Vec<Result<WriteOutcome, EngineError>> = Vec::with_capacity(batch.len());
+        let mut staged: Vec<Staged> = Vec::with_capacity(batch.len());
+        // Records accepted earlier in this batch, which later writes of the
+        // same key must be checked against.
+        let mut batch_view: HashMap<&[u8], Entry> = HashMap::new();
+        let mut w = lock(&self.writer);
+        let mut buf = std::mem::take(&mut w.scratch);
+        buf.clear();
+        let mut io_result = Ok(());
+        for (index, pending) in batch.iter().enumerate() {
+            if let Err(e) = self.check_poison() {
+                outcomes.push(Err(e));
+                continue;
+            }
+            let key = pending.key.as_slice();
+            let current = match batch_view.get(key) {
+                Some(e) => Some(*e),
+                None => read(&self.keydir).get(key),
+            };
+            let previous = match check(current, pending.version, pending.condition, now) {
+                Ok(Verdict::Write(previous)) => previous,
+                Ok(Verdict::Stale(current)) => {
+                    outcomes.push(Ok(WriteOutcome::Stale { current }));
+                    continue;
+                }
+                Err(e) => {
+                    outcomes.push(Err(e));
+                    continue;
+                }
+            };
+            let len = pending.record_len() as u64;
+            let start = w.active.len() + buf.len() as u64;
+            if start > super::FILE_HEADER_LEN && start + len > self.opts.max_file_size {
+                // Rotate between records: what is buffered goes to the old file.
+                io_result = self
+                    .flush(&mut w, &mut buf)
+                    .and_then(|()| self.rotate(&mut w));
+                if io_result.is_err() {
+                    outcomes.push(Err(self.poisoned_error()));
+                    continue;
+                }
+            }
+            let seq = w.next_seq;
+            w.next_seq += 1;
+            let offset = w.active.len() + buf.len() as u64;
+            record::encode(
+                &mut buf,
+                seq,
+                pending.version,
+                pending.expires_at,
+                key,
+                pending.value.as_deref(),
+            );
+            w.active.note_seq(seq);
+            let entry = Entry::new(
+                w.active.id,
+                offset as u32,
+                pending.version,
+                pending.expires_at,
+                pending.value.as_ref().map_or(0, |v| v.len() as u32),
+                pending.value.is_none(),
+            );
+            batch_view.insert(key, entry);
+            staged.push(Staged { index, entry });
+            outcomes.push(Ok(WriteOutcome::Applied { seq, previous }));
+        }
+        if io_result.is_ok() {
+            io_result = self.flush(&mut w, &mut buf);
+        }
+        buf.clear();
+        w.scratch = buf;
+        // The writer lock stays held until the batch is published: a merge
+        // reads the active file id under it, and must not take a sealed
+        // file whose records are still unpublished for dead.
+        if io_result.is_ok() && !staged.is_empty() {
+            io_result = self.fsync(&w.active);
+        }
+        if io_result.is_err() {
+            for s in &staged {
+                outcomes[s.index] = Err(self.poisoned_error());
+            }
+            return outcomes;
+        }
+        let mut dead = Vec::new();
+        {
+            let mut keydir = write(&self.keydir);
+            for s in &staged {
+                let key = &batch[s.index].key;
+                if let Some(old) = keydir.insert(key, s.entry) {
+                    dead.push((old.file_id, old.record_len(key.len())));
+                }
+            }
+        }
+        drop(w);
+        for (file_id, bytes) in dead {
+            self.add_dead(file_id, bytes);
+        }
+        outcomes
+    }
+
+    /// Appends the buffered records to the active file.
+    fn flush(&self, w: &mut super::writer::Writer, buf: &mut Vec<u8>) -> Result<(), EngineError> {
+        if !buf.is_empty() {
+            w.active.append(buf).map_err(|source| {
+                self.poison(format!(
+                    "append to {} failed: {source}",
+                    w.active.path.display()
+                ));
+                EngineError::Io {
+                    op: "append to",
+                    path: w.active.path.clone(),
+                    source,
+                }
+            })?;
+            buf.clear();
+        }
+        Ok(())
+    }
+
+    fn poisoned_error(&self) -> EngineError {
+        self.check_poison()
+            .err()
+            .unwrap_or_else(|| EngineError::Poisoned("storage failure".into()))
+    }
+}

@@ -23,6 +23,8 @@ use super::{Inner, lock, read, write};
 
 /// Most writes one leader commits at once.
 const MAX_BATCH_WRITES: usize = 1024;
+/// Most times a leader yields to writers still arriving before it commits.
+const LEADER_MAX_YIELDS: usize = 8;
 /// Most record bytes one leader commits at once (one extra large record allowed).
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
@@ -91,6 +93,20 @@ impl Inner {
                     .turn
                     .wait(queue)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            // Writers that the previous batch released are on their way back
+            // into the queue; letting them in first makes this batch, and
+            // so the fsync it shares, cover them too. A lone writer pays
+            // one yield.
+            let mut queued = queue.len();
+            for _ in 0..LEADER_MAX_YIELDS {
+                drop(queue);
+                std::thread::yield_now();
+                queue = lock(&self.commit.queue);
+                if queue.len() == queued {
+                    break;
+                }
+                queued = queue.len();
             }
             // Lead: take the front of the queue, leaving it queued so that
             // nobody else leads until this batch is done.

@@ -67,7 +67,12 @@ impl std::hash::Hash for Key {
 
 impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
+        match (self, other) {
+            (Key::Inline { len: a, bytes: x }, Key::Inline { len: b, bytes: y }) => {
+                a == b && x == y
+            }
+            _ => self.as_bytes() == other.as_bytes(),
+        }
     }
 }
 
@@ -81,8 +86,30 @@ impl PartialOrd for Key {
 
 impl Ord for Key {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.as_bytes().cmp(other.as_bytes())
+        match (self, other) {
+            // Start-up sorts and bulk-loads every key, so two inline keys
+            // compare word by word instead of through `memcmp`. The zero
+            // padding keeps this the byte-string order: if the padded
+            // arrays tie, one key is a prefix of the other (up to trailing
+            // zero bytes) and the shorter one sorts first.
+            (Key::Inline { len: a, bytes: x }, Key::Inline { len: b, bytes: y }) => {
+                words(x).cmp(&words(y)).then(a.cmp(b))
+            }
+            _ => self.as_bytes().cmp(other.as_bytes()),
+        }
     }
+}
+
+/// An inline key's bytes as big-endian words, which order like the bytes.
+fn words(bytes: &[u8; INLINE_CAP]) -> [u64; 3] {
+    let mut padded = [0u8; 24];
+    padded[..INLINE_CAP].copy_from_slice(bytes);
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&padded[i * 8..i * 8 + 8]);
+        u64::from_be_bytes(w)
+    };
+    [word(0), word(1), word(2)]
 }
 
 impl fmt::Debug for Key {
@@ -110,5 +137,32 @@ mod tests {
         assert!(Key::new(b"a\0") > Key::new(b"a"));
         assert_eq!(Key::new(b"abc").as_bytes(), b"abc");
         assert_eq!(Key::new(&[9; 40]).as_bytes(), &[9; 40][..]);
+    }
+
+    #[test]
+    fn inline_order_is_byte_order() {
+        let samples: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0],
+            vec![0, 0],
+            vec![0, 1],
+            vec![1],
+            vec![1, 0],
+            vec![1, 0, 0],
+            vec![255],
+            vec![0; 22],
+            vec![255; 22],
+            vec![7; 9],
+            vec![7; 8],
+            [vec![7; 8], vec![0]].concat(),
+            vec![0; 23],
+            vec![255; 30],
+        ];
+        for a in &samples {
+            for b in &samples {
+                assert_eq!(Key::new(a).cmp(&Key::new(b)), a.cmp(b), "{a:?} vs {b:?}");
+                assert_eq!(Key::new(a) == Key::new(b), a == b, "{a:?} == {b:?}");
+            }
+        }
     }
 }

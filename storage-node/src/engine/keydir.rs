@@ -11,12 +11,12 @@
 //! inline (see `key.rs`), 48 bytes per key in a full node. Expiry times are
 //! kept aside, for the keys that have one, since most keys never expire.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, btree_map};
 use std::ops::Bound;
 
 use caskade_common::Version;
 
-use super::key::Key;
+use super::key::{INLINE_CAP, Key};
 use super::record::HEADER_LEN;
 
 /// What the engine knows of a key's latest record without reading it.
@@ -147,18 +147,20 @@ pub struct Keydir {
 impl Keydir {
     /// Builds a keydir from entries sorted by key, without duplicates
     /// (start-up path: bulk-built nodes are full, which saves memory).
-    pub fn from_sorted(entries: Vec<(Key, Entry)>) -> Self {
-        let tombstones = entries.iter().filter(|(_, e)| e.is_tombstone()).count() as u64;
-        let expiries = entries
-            .iter()
-            .filter(|(_, e)| e.expires_at != 0)
-            .map(|(k, e)| (k.clone(), e.expires_at))
+    pub fn from_sorted(entries: impl Iterator<Item = (Key, Entry)>) -> Self {
+        let mut tombstones = 0;
+        let mut expiries = HashMap::new();
+        let map = entries
+            .map(|(key, e)| {
+                tombstones += u64::from(e.is_tombstone());
+                if e.expires_at != 0 {
+                    expiries.insert(key.clone(), e.expires_at);
+                }
+                (key, Slot::of(&e))
+            })
             .collect();
         Keydir {
-            map: entries
-                .into_iter()
-                .map(|(k, e)| (k, Slot::of(&e)))
-                .collect(),
+            map,
             expiries,
             tombstones,
         }
@@ -181,11 +183,23 @@ impl Keydir {
     /// Sets `key`'s entry, returning the one it replaces.
     pub fn insert(&mut self, key: &[u8], entry: Entry) -> Option<Entry> {
         let slot = Slot::of(&entry);
-        let old = match self.map.get_mut(key) {
-            Some(stored) => Some(std::mem::replace(stored, slot)),
-            None => {
-                self.map.insert(Key::new(key), slot);
-                None
+        let old = if key.len() <= INLINE_CAP {
+            // One descent of the tree, and `Key::new` costs no allocation.
+            match self.map.entry(Key::new(key)) {
+                btree_map::Entry::Occupied(mut stored) => Some(stored.insert(slot)),
+                btree_map::Entry::Vacant(vacant) => {
+                    vacant.insert(slot);
+                    None
+                }
+            }
+        } else {
+            // Long keys: allocate the key only when it is new.
+            match self.map.get_mut(key) {
+                Some(stored) => Some(std::mem::replace(stored, slot)),
+                None => {
+                    self.map.insert(Key::new(key), slot);
+                    None
+                }
             }
         };
         let old_expiry = match old {

@@ -106,7 +106,6 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
     }
 
     let mut loaded: Vec<Loaded> = Vec::new();
-    let mut file_bytes: BTreeMap<u32, u64> = BTreeMap::new();
     let mut repaired = 0u64;
     let mut need_hint = Vec::new();
     let mut damaged = Vec::new();
@@ -162,37 +161,38 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
             // damaged file; writes go to a fresh one.
             retire_active = true;
         }
-        for l in &loaded[mark..] {
-            file.note_seq(l.seq);
-            *file_bytes.entry(id).or_default() += l.entry.record_len(l.key.as_bytes().len());
+        if let (Some(min), Some(max)) = (
+            loaded[mark..].iter().map(|l| l.seq).min(),
+            loaded[mark..].iter().map(|l| l.seq).max(),
+        ) {
+            file.note_seq(min);
+            file.note_seq(max);
         }
     }
 
     // The latest record of each key wins; seq orders every write this
-    // engine ever made, across files and merges. Hint files are sorted by
-    // (key, seq), so `loaded` is mostly a few long sorted runs, which the
-    // stable sort detects and merges in linear passes.
+    // engine ever made, across files and merges. Hint files hold runs
+    // sorted by (key, seq), so `loaded` is mostly a few long sorted runs,
+    // which the stable sort detects and merges in linear passes.
     loaded.sort_by(|a, b| a.key.cmp(&b.key).then(a.seq.cmp(&b.seq)));
-    let mut live_bytes: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut max_seq = 0;
-    let mut winners = Vec::with_capacity(loaded.len());
-    let mut it = loaded.into_iter().peekable();
-    while let Some(l) = it.next() {
-        max_seq = max_seq.max(l.seq);
-        if it.peek().is_some_and(|next| next.key == l.key) {
-            continue;
+    // Of each run of one key keep the last (highest seq), counting the
+    // others as dead bytes of their files.
+    let mut dead_bytes: BTreeMap<u32, u64> = BTreeMap::new();
+    loaded.dedup_by(|later, kept| {
+        if later.key != kept.key {
+            return false;
         }
-        *live_bytes.entry(l.entry.file_id).or_default() +=
-            l.entry.record_len(l.key.as_bytes().len());
-        winners.push((l.key, l.entry));
-    }
-    let keydir = Keydir::from_sorted(winners);
+        std::mem::swap(later, kept);
+        *dead_bytes.entry(later.entry.file_id).or_default() +=
+            later.entry.record_len(later.key.as_bytes().len());
+        true
+    });
+    let keydir = Keydir::from_sorted(loaded.into_iter().map(|l| (l.key, l.entry)));
 
     let mut next_file_id = ids.last().map_or(1, |id| id + 1);
     let mut table = BTreeMap::new();
     for (id, (file, _)) in files {
-        let total = file_bytes.get(&id).copied().unwrap_or(0);
-        file.add_dead(total - live_bytes.get(&id).copied().unwrap_or(0));
+        file.add_dead(dead_bytes.get(&id).copied().unwrap_or(0));
         table.insert(id, Arc::new(file));
     }
     if retire_active {
@@ -212,6 +212,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
             f
         }
     };
+    let max_seq = table.values().map(|f| f.max_seq()).max().unwrap_or(0);
     let next_seq = max_seq.max(state.seq_floor) + 1;
     tracing::info!(
         dir = %dir.display(),

@@ -112,6 +112,10 @@ pub fn load(dir: &Path, workload: &Workload, order: &[u32]) -> anyhow::Result<Li
     let puts = measure::sequential_puts(workload, |i, key, value| {
         applied(engine.put(key, value, put_options(i as u64 + 1))?)
     })?;
+    // Hint files of the sealed data files are written by the engine's
+    // background thread, which holds a sorted run in memory meanwhile: that
+    // is not keydir memory, so let it finish before measuring.
+    wait_for_hints(dir)?;
     let bytes_per_key = alloc::per_key_since(before, workload.len());
     let keys = engine.stats().keys;
     ensure!(
@@ -128,6 +132,25 @@ pub fn load(dir: &Path, workload: &Workload, order: &[u32]) -> anyhow::Result<Li
         gets,
         bytes_per_key,
     })
+}
+
+/// Polls until every data file but the newest (the active one) has its
+/// hint file, for at most a minute.
+fn wait_for_hints(dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut data = count_files(dir, "data")?;
+        data.sort();
+        data.pop();
+        if data.iter().all(|d| d.with_extension("hint").exists()) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "hint files not written within a minute"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn count_files(dir: &Path, extension: &str) -> anyhow::Result<Vec<std::path::PathBuf>> {

@@ -5,16 +5,22 @@
 //! followed by records. Only the engine's single writer appends, and only to
 //! the active file; every other file is immutable. Readers use positional
 //! reads (`pread`), so any number of them share one file descriptor without
-//! locking. A merged-away file is unlinked while readers may still hold its
-//! `Arc<DataFile>`: on POSIX the open descriptor keeps its bytes readable
-//! until the last reader drops it.
+//! locking. Once a file is immutable it is also memory-mapped, and point
+//! reads copy from the mapping instead of making a system call: on a store
+//! whose data is in the page cache the `pread` was most of a `get`. A
+//! merged-away file is unlinked while readers may still hold its
+//! `Arc<DataFile>`: on POSIX the open descriptor and the mapping keep its
+//! bytes readable until the last reader drops it.
 
 use std::borrow::Borrow;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{Advice, Mmap};
 
 use super::record::{self, BadRecord, HEADER_LEN, Header};
 
@@ -58,6 +64,8 @@ pub struct DataFile {
     /// Where it lives.
     pub path: PathBuf,
     file: File,
+    /// The whole file, mapped once it is immutable.
+    map: OnceLock<Mmap>,
     /// Bytes in the file that hold complete records (plus the header). For
     /// the active file this grows after each append completes.
     len: AtomicU64,
@@ -113,6 +121,7 @@ impl DataFile {
             id,
             path,
             file,
+            map: OnceLock::new(),
             len: AtomicU64::new(len),
             dead_bytes: AtomicU64::new(0),
             min_seq: AtomicU64::new(u64::MAX),
@@ -157,9 +166,38 @@ impl DataFile {
 
     /// Reads `len` bytes at `offset`.
     pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        if let Some(map) = self.map.get() {
+            let start = offset as usize;
+            return map
+                .get(start..start.saturating_add(len))
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
         let mut buf = vec![0u8; len];
         self.file.read_exact_at(&mut buf, offset)?;
         Ok(buf)
+    }
+
+    /// Declares the file immutable: it is never written or truncated again,
+    /// so reads may go through a memory mapping from now on.
+    /// A file that cannot be mapped keeps being read with `pread`.
+    pub fn seal(&self) {
+        if self.map.get().is_some() || self.len() <= FILE_HEADER_LEN {
+            return;
+        }
+        let mapped = map_immutable(&self.file).and_then(|map| {
+            // Point reads: readahead around a record would mostly read waste.
+            map.advise(Advice::Random)?;
+            Ok(map)
+        });
+        match mapped {
+            Ok(map) => {
+                let _ = self.map.set(map);
+            }
+            Err(e) => {
+                tracing::warn!(file = %self.path.display(), error = %e, "cannot map data file; reading it with pread")
+            }
+        }
     }
 
     /// fdatasync: the appended bytes and the file length are durable.
@@ -197,6 +235,24 @@ impl DataFile {
     pub fn record_bytes(&self) -> u64 {
         self.len().saturating_sub(FILE_HEADER_LEN)
     }
+}
+
+/// Maps an immutable data file.
+///
+/// The one `unsafe` block of caskade, kept because it was measured: with
+/// the data in the page cache, a `get` through a mapping runs about twice
+/// as fast as one through `pread` (see the README's benchmark section).
+#[allow(unsafe_code)]
+fn map_immutable(file: &File) -> io::Result<Mmap> {
+    // SAFETY: a mapping is sound as long as nobody truncates or rewrites the
+    // file while it is mapped. caskade only maps sealed files: it never
+    // writes to them again, never truncates them (only the active file is
+    // ever truncated, at open, before anything maps it), and merge unlinks
+    // them rather than rewriting them, which leaves the mapping valid. The
+    // directory's `LOCK` keeps other caskade processes out; changing a data
+    // directory's files behind a running engine is outside its contract,
+    // as with any database.
+    unsafe { Mmap::map(file) }
 }
 
 fn header_bytes(kind: FileKind) -> [u8; FILE_HEADER_LEN as usize] {

@@ -204,6 +204,7 @@ impl Inner {
             let (file, _) = DataFile::open(path.clone(), o.id).ctx("open", &path)?;
             file.note_seq(o.min_seq);
             file.note_seq(o.max_seq);
+            file.seal();
             opened.push(Arc::new(file));
         }
         sync_dir(&self.dir).ctx("sync", &self.dir)?;

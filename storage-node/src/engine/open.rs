@@ -212,6 +212,9 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
             f
         }
     };
+    for file in table.values().filter(|f| f.id != active.id) {
+        file.seal();
+    }
     let max_seq = table.values().map(|f| f.max_seq()).max().unwrap_or(0);
     let next_seq = max_seq.max(state.seq_floor) + 1;
     tracing::info!(

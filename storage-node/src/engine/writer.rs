@@ -147,6 +147,7 @@ impl Inner {
         };
         write(&self.files).insert(id, Arc::clone(&new));
         w.active = new;
+        old.seal();
         self.request_hint(old.id);
         Ok(())
     }

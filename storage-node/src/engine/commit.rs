@@ -32,9 +32,6 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 #[derive(Debug, Default)]
 pub(super) struct CommitQueue {
     queue: Mutex<VecDeque<Arc<PendingWrite>>>,
-    /// Signalled when a batch is done: its writers have outcomes, and the
-    /// writer now at the front leads.
-    turn: Condvar,
 }
 
 /// One write waiting in the queue.
@@ -46,6 +43,10 @@ struct PendingWrite {
     expires_at: u64,
     condition: Condition,
     outcome: Mutex<Option<Result<WriteOutcome, EngineError>>>,
+    /// Wakes this writer (with the queue lock): when its outcome is set, or
+    /// when it reaches the front and must lead. One condvar per writer, so
+    /// a finished batch wakes exactly the writers it concerns.
+    wake: Condvar,
 }
 
 impl PendingWrite {
@@ -77,6 +78,7 @@ impl Inner {
             expires_at,
             condition,
             outcome: Mutex::new(None),
+            wake: Condvar::new(),
         });
         let batch = {
             let mut queue = lock(&self.commit.queue);
@@ -88,9 +90,8 @@ impl Inner {
                 if queue.front().is_some_and(|front| Arc::ptr_eq(front, &mine)) {
                     break;
                 }
-                queue = self
-                    .commit
-                    .turn
+                queue = mine
+                    .wake
                     .wait(queue)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
@@ -123,14 +124,20 @@ impl Inner {
                 .collect::<Vec<_>>()
         };
         let outcomes = self.commit_batch(&batch);
-        {
+        let next_leader = {
             let mut queue = lock(&self.commit.queue);
             for (pending, outcome) in batch.iter().zip(outcomes) {
                 *lock(&pending.outcome) = Some(outcome);
                 queue.pop_front();
             }
+            queue.front().cloned()
+        };
+        for pending in batch.iter().skip(1) {
+            pending.wake.notify_one();
         }
-        self.commit.turn.notify_all();
+        if let Some(next) = next_leader {
+            next.wake.notify_one();
+        }
         lock(&mine.outcome)
             .take()
             .unwrap_or(Err(EngineError::Poisoned("write lost its outcome".into())))

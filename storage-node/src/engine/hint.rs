@@ -56,8 +56,9 @@ pub struct HintWriter {
     sorted: Vec<u8>,
 }
 
-/// Entries per sorted run (a few MiB of memory for short keys).
-const RUN_ENTRIES: usize = 1 << 17;
+/// Entries per sorted run: about 30 MiB of memory for short keys, and few
+/// enough runs per file that start-up merges them in one or two passes.
+const RUN_ENTRIES: usize = 1 << 19;
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])

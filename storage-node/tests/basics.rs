@@ -173,3 +173,74 @@ fn versions_and_conditions() {
         Ok(WriteOutcome::Applied { previous: None, .. })
     ));
 }
+
+/// Polls `done` until it holds or five seconds pass.
+fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn interval_durability_fsyncs_in_the_background() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let fsyncs = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&fsyncs);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = Engine::open(
+        dir.path(),
+        Options {
+            durability: Durability::Interval(std::time::Duration::from_millis(5)),
+            fault_hook: Some(Arc::new(move |point| {
+                if point == caskade_node::engine::FaultPoint::Fsync {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(())
+            })),
+            ..opts()
+        },
+    )
+    .expect("open");
+    put(&e, "k", "v", 1);
+    eventually("the background thread fsyncs", || {
+        fsyncs.load(Ordering::SeqCst) > 0 && e.stats().last_fsync_micros.is_some()
+    });
+}
+
+#[test]
+fn sealed_files_get_hint_files_in_the_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = Engine::open(dir.path(), opts()).expect("open");
+    for i in 0..200 {
+        put(
+            &e,
+            &format!("key{i:03}"),
+            "a value long enough to fill small files",
+            i + 1,
+        );
+    }
+    let sealed: Vec<u32> = e
+        .files()
+        .iter()
+        .filter(|f| !f.active)
+        .map(|f| f.id)
+        .collect();
+    assert!(sealed.len() > 2, "writes rotate small files");
+    eventually("every sealed file has a hint", || {
+        sealed
+            .iter()
+            .all(|id| dir.path().join(format!("{id:010}.hint")).exists())
+    });
+    drop(e);
+    // Open from the hints (and the active file's scan) after a crash.
+    let e = Engine::open(dir.path(), opts()).expect("reopen");
+    for i in 0..200 {
+        assert!(get(&e, &format!("key{i:03}")).is_some(), "key{i:03}");
+    }
+}

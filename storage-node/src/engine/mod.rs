@@ -214,6 +214,8 @@ impl Engine {
             let tombstones = keydir.tombstones();
             (keydir.len() as u64 - tombstones, tombstones)
         };
+        // Writer before files: the lock order every path follows.
+        let last_seq = lock(&inner.writer).next_seq - 1;
         let files = read(&inner.files);
         let record_bytes: u64 = files.values().map(|f| f.record_bytes()).sum();
         let dead_bytes: u64 = files.values().map(|f| f.dead_bytes()).sum();
@@ -226,7 +228,7 @@ impl Engine {
             files: files.len(),
             merges: inner.merges.load(Ordering::Relaxed),
             last_fsync_micros: (fsync != u64::MAX).then_some(fsync),
-            last_seq: lock(&inner.writer).next_seq - 1,
+            last_seq,
             tombstone_horizon: lock(&inner.state).tombstone_horizon,
             repaired_records: inner.repaired_records,
         }

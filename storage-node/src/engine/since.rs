@@ -136,6 +136,9 @@ impl SinceIter {
                 horizon,
             });
         }
+        // Under the writer lock every appended record is also published in
+        // the keydir, so the lengths read here end at published records.
+        let writer = lock(&inner.writer);
         let readers = read(&inner.files)
             .values()
             .filter(|f| f.max_seq() > after)
@@ -144,6 +147,7 @@ impl SinceIter {
                 RecordReader::new(Arc::clone(f), FILE_HEADER_LEN, limit)
             })
             .collect();
+        drop(writer);
         Ok(SinceIter {
             records: SeqMerge::new(readers, false)?,
             inner,

@@ -85,6 +85,14 @@ impl Inner {
     }
 }
 
+/// `from + period`, or a day from now for no period or one too long to add.
+fn later(from: Instant, period: Option<Duration>) -> Instant {
+    let day = Duration::from_secs(24 * 60 * 60);
+    period
+        .and_then(|p| from.checked_add(p))
+        .unwrap_or(from + day)
+}
+
 fn run(inner: &Inner) {
     let sync_period = match inner.opts.durability {
         Durability::Interval(period) => Some(period),
@@ -95,9 +103,8 @@ fn run(inner: &Inner) {
         .merge
         .auto
         .then_some(inner.opts.merge.check_interval);
-    let far = Duration::from_secs(3600);
-    let mut next_sync = Instant::now() + sync_period.unwrap_or(far);
-    let mut next_merge = Instant::now() + merge_period.unwrap_or(far);
+    let mut next_sync = later(Instant::now(), sync_period);
+    let mut next_merge = later(Instant::now(), merge_period);
     loop {
         let hints = {
             let mut q = lock(&inner.maintenance.state);
@@ -129,6 +136,12 @@ fn run(inner: &Inner) {
             if let Err(e) = inner.write_hint(&file) {
                 tracing::warn!(file = id, error = %e, "could not write hint file");
             }
+            // A merge may have taken the file while its hint was written: a
+            // hint must not outlive its data file (a later file could reuse
+            // the id after a restart).
+            if !read(&inner.files).contains_key(&id) {
+                let _ = std::fs::remove_file(super::datafile::hint_path(&inner.dir, id));
+            }
         }
         let now = Instant::now();
         if let Some(period) = sync_period
@@ -137,13 +150,13 @@ fn run(inner: &Inner) {
             if let Err(e) = inner.sync_all() {
                 tracing::error!(error = %e, "periodic fsync failed");
             }
-            next_sync = now + period;
+            next_sync = later(now, Some(period));
         }
         if let Some(period) = merge_period
             && now >= next_merge
         {
             inner.merge_if_due();
-            next_merge = Instant::now() + period;
+            next_merge = later(Instant::now(), Some(period));
         }
     }
 }

@@ -64,8 +64,12 @@ impl Inner {
                 "an earlier merge failed after its commit point; reopen the engine to finish it",
             ));
         }
-        let active_id = lock(&self.writer).active.id;
         let (inputs, outside_min_seq) = {
+            // The writer lock is held while the inputs are chosen, so a
+            // rotation cannot slip in and make the file taken for immutable
+            // the active one (lock order writer → files).
+            let writer = lock(&self.writer);
+            let active_id = writer.active.id;
             let files = read(&self.files);
             let inputs: Vec<Arc<DataFile>> = match only {
                 None => files
@@ -100,7 +104,8 @@ impl Inner {
         remove_leftover_outputs(&self.dir)?;
 
         let now = self.opts.clock.now_ms();
-        let retention_ms = self.opts.merge.tombstone_retention.as_millis() as u64;
+        let retention_ms =
+            u64::try_from(self.opts.merge.tombstone_retention.as_millis()).unwrap_or(u64::MAX);
         let readers = inputs
             .iter()
             .map(|f| RecordReader::new(Arc::clone(f), FILE_HEADER_LEN, f.len()))
@@ -167,7 +172,17 @@ impl Inner {
                 inputs: inputs.iter().map(|f| f.id).collect(),
                 outputs: outputs.iter().map(|o| o.id).collect(),
             });
-            next.store(&self.dir).ctx("write state in", &self.dir)?;
+            if let Err(e) = next.store(&self.dir) {
+                // The new STATE may be on disk even though storing it failed
+                // (say, the directory fsync did): its outputs must survive
+                // until an open settles the merge one way or the other.
+                self.merge_broken.store(true, Ordering::Release);
+                return Err(EngineError::Io {
+                    op: "write state in",
+                    path: self.dir.clone(),
+                    source: e,
+                });
+            }
             *state = next;
         }
         let finished = self.finish_merge(&inputs, &outputs, &moved, &dropped);

@@ -7,9 +7,12 @@
 //! and merge rewrites their live records so dead ones can be deleted.
 //!
 //! Concurrency: one writer at a time (the `writer` mutex), any number of
-//! readers. Locks are only ever held for in-memory work or a single append,
-//! never across an fsync, and are taken in the order
-//! `writer → keydir → files`; merge never takes `writer`.
+//! readers. Readers only take the keydir and file-table locks, for
+//! in-memory work, and never wait for an fsync. The writer lock is held
+//! across an append, and across the fsync of a rotation or of a group
+//! commit (which publishes the batch before letting go). Locks are taken in
+//! the order `writer → keydir → files`; merge takes `writer` only briefly,
+//! to choose its inputs.
 //!
 //! This module does no networking; the node's services reach it only
 //! through [`Engine`].

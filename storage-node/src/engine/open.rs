@@ -79,6 +79,16 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
         }
     }
     ids.sort_unstable();
+    // A hint without its data file belongs to a file merge removed; a new
+    // file reusing the id must not inherit it.
+    for dirent in fs::read_dir(&dir).ctx("list", &dir)? {
+        let path = dirent.ctx("list", &dir)?.path();
+        let orphan =
+            path.extension().is_some_and(|e| e == "hint") && !path.with_extension("data").exists();
+        if orphan {
+            remove_if_exists(&path)?;
+        }
+    }
 
     let mut files = BTreeMap::new();
     let mut active_id = None;

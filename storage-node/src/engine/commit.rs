@@ -10,7 +10,9 @@
 //! and a write whose fsync failed is never visible.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::Thread;
 
 use caskade_common::Version;
 
@@ -42,17 +44,30 @@ struct PendingWrite {
     version: Version,
     expires_at: u64,
     condition: Condition,
+    /// Set by the leader that committed this write, before `state` says so.
     outcome: Mutex<Option<Result<WriteOutcome, EngineError>>>,
-    /// Wakes this writer (with the queue lock): when its outcome is set, or
-    /// when it reaches the front and must lead. One condvar per writer, so
-    /// a finished batch wakes exactly the writers it concerns.
-    wake: Condvar,
+    /// `WAITING`, `LEAD` (reached the front: commit the next batch) or `DONE`.
+    state: AtomicU8,
+    /// The writer's thread, unparked when `state` changes. Waiting by
+    /// parking, rather than on a condvar of the queue mutex, means a
+    /// finished writer returns without queueing for that mutex again.
+    thread: Thread,
 }
+
+const WAITING: u8 = 0;
+const LEAD: u8 = 1;
+const DONE: u8 = 2;
 
 impl PendingWrite {
     fn record_len(&self) -> usize {
         HEADER_LEN + self.key.len() + self.value.as_ref().map_or(0, Vec::len)
     }
+}
+
+fn take_outcome(pending: &PendingWrite) -> Result<WriteOutcome, EngineError> {
+    lock(&pending.outcome)
+        .take()
+        .unwrap_or(Err(EngineError::Poisoned("write lost its outcome".into())))
 }
 
 /// A record of the batch, appended but not yet in the keydir.
@@ -78,23 +93,27 @@ impl Inner {
             expires_at,
             condition,
             outcome: Mutex::new(None),
-            wake: Condvar::new(),
+            state: AtomicU8::new(WAITING),
+            thread: std::thread::current(),
         });
-        let batch = {
+        let leads_now = {
             let mut queue = lock(&self.commit.queue);
             queue.push_back(Arc::clone(&mine));
+            queue.len() == 1
+        };
+        if !leads_now {
+            // Park until a leader commits this write or hands over the lead
+            // (unpark before park just makes park return at once).
             loop {
-                if let Some(outcome) = lock(&mine.outcome).take() {
-                    return outcome;
+                match mine.state.load(Ordering::Acquire) {
+                    DONE => return take_outcome(&mine),
+                    LEAD => break,
+                    _ => std::thread::park(),
                 }
-                if queue.front().is_some_and(|front| Arc::ptr_eq(front, &mine)) {
-                    break;
-                }
-                queue = mine
-                    .wake
-                    .wait(queue)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
+        }
+        let batch = {
+            let mut queue = lock(&self.commit.queue);
             // Writers that the previous batch released are on their way back
             // into the queue; letting them in first makes this batch, and
             // so the fsync it shares, cover them too. A lone writer pays
@@ -126,21 +145,21 @@ impl Inner {
         let outcomes = self.commit_batch(&batch);
         let next_leader = {
             let mut queue = lock(&self.commit.queue);
-            for (pending, outcome) in batch.iter().zip(outcomes) {
-                *lock(&pending.outcome) = Some(outcome);
-                queue.pop_front();
-            }
+            queue.drain(..batch.len());
             queue.front().cloned()
         };
-        for pending in batch.iter().skip(1) {
-            pending.wake.notify_one();
+        for (pending, outcome) in batch.iter().zip(outcomes) {
+            *lock(&pending.outcome) = Some(outcome);
+            pending.state.store(DONE, Ordering::Release);
+            if !Arc::ptr_eq(pending, &mine) {
+                pending.thread.unpark();
+            }
         }
         if let Some(next) = next_leader {
-            next.wake.notify_one();
+            next.state.store(LEAD, Ordering::Release);
+            next.thread.unpark();
         }
-        lock(&mine.outcome)
-            .take()
-            .unwrap_or(Err(EngineError::Poisoned("write lost its outcome".into())))
+        take_outcome(&mine)
     }
 
     /// Checks, appends and fsyncs `batch`, then publishes it; one outcome per write.

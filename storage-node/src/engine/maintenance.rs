@@ -66,13 +66,15 @@ impl Inner {
     /// together they hold enough dead bytes.
     fn merge_if_due(&self) {
         let policy = &self.opts.merge;
-        let active = lock(&self.writer).active.id;
+        let writer = lock(&self.writer);
+        let active = writer.active.id;
         let candidates: Vec<(u32, u64)> = read(&self.files)
             .values()
             .filter(|f| f.id != active && f.record_bytes() > 0)
             .filter(|f| f.dead_bytes() as f64 >= policy.dead_ratio * f.record_bytes() as f64)
             .map(|f| (f.id, f.dead_bytes()))
             .collect();
+        drop(writer);
         let dead: u64 = candidates.iter().map(|(_, d)| d).sum();
         if candidates.is_empty() || dead < policy.min_dead_bytes {
             return;

@@ -239,7 +239,10 @@ impl Engine {
 
     /// The data files, by id.
     pub fn files(&self) -> Vec<FileInfo> {
-        let active = lock(&self.inner.writer).active.id;
+        // Both under the writer lock, so a rotation cannot make the list
+        // call the new active file immutable.
+        let writer = lock(&self.inner.writer);
+        let active = writer.active.id;
         read(&self.inner.files)
             .values()
             .map(|f| FileInfo {

@@ -175,9 +175,21 @@ impl Keydir {
         slot.entry(expires_at)
     }
 
+    /// The stored slot of `key`.
+    fn slot(&self, key: &[u8]) -> Option<&Slot> {
+        if key.len() <= INLINE_CAP {
+            // Searching with an inline `Key` compares word by word at each
+            // node instead of calling `memcmp` per key: a `get` on a large
+            // keydir spends most of its time in this descent.
+            self.map.get(&Key::new(key))
+        } else {
+            self.map.get(key)
+        }
+    }
+
     /// The entry for `key`.
     pub fn get(&self, key: &[u8]) -> Option<Entry> {
-        self.map.get(key).map(|slot| self.entry(key, slot))
+        self.slot(key).map(|slot| self.entry(key, slot))
     }
 
     /// Sets `key`'s entry, returning the one it replaces.

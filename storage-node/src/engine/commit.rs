@@ -268,17 +268,7 @@ impl Inner {
     /// Appends the buffered records to the active file.
     fn flush(&self, w: &mut super::writer::Writer, buf: &mut Vec<u8>) -> Result<(), EngineError> {
         if !buf.is_empty() {
-            w.active.append(buf).map_err(|source| {
-                self.poison(format!(
-                    "append to {} failed: {source}",
-                    w.active.path.display()
-                ));
-                EngineError::Io {
-                    op: "append to",
-                    path: w.active.path.clone(),
-                    source,
-                }
-            })?;
+            self.append_to_active(w, buf)?;
             buf.clear();
         }
         Ok(())

@@ -23,7 +23,7 @@ use caskade_common::Version;
 use caskade_common::limits::MAX_KEY_BYTES;
 
 use super::datafile::FILE_HEADER_LEN;
-use super::record::{FLAG_TOMBSTONE, Header};
+use super::record::{FLAG_TOMBSTONE, Header, u32_at, u64_at};
 
 const MAGIC: &[u8; 8] = b"CASKHINT";
 const FORMAT: u16 = 1;
@@ -59,16 +59,6 @@ pub struct HintWriter {
 /// Entries per sorted run: about 30 MiB of memory for short keys, and few
 /// enough runs per file that start-up merges them in one or two passes.
 const RUN_ENTRIES: usize = 1 << 19;
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut raw = [0u8; 8];
-    raw.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(raw)
-}
 
 impl HintWriter {
     /// Starts a hint at temporary path `tmp`.

@@ -110,6 +110,12 @@ impl Inner {
         if !w.active.is_empty() && w.active.len() + bytes.len() as u64 > self.opts.max_file_size {
             self.rotate(w)?;
         }
+        self.append_to_active(w, bytes)
+    }
+
+    /// Appends encoded records to the active file as it is; a failure
+    /// poisons the engine. Returns the offset of the first.
+    pub(super) fn append_to_active(&self, w: &Writer, bytes: &[u8]) -> Result<u64, EngineError> {
         w.active.append(bytes).map_err(|source| {
             // A short write may have left part of a record on disk; the next
             // open truncates it, but this process must stop writing.

@@ -164,14 +164,22 @@ impl DataFile {
         Ok(())
     }
 
+    /// Copies `len` bytes at `offset` out of the mapping, or `None` if the
+    /// file is not mapped (not sealed yet, or mapping failed).
+    pub fn read_mapped(&self, offset: u64, len: usize) -> Option<io::Result<Vec<u8>>> {
+        let map = self.map.get()?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        Some(
+            map.get(start..start.saturating_add(len))
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof)),
+        )
+    }
+
     /// Reads `len` bytes at `offset`.
     pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        if let Some(map) = self.map.get() {
-            let start = offset as usize;
-            return map
-                .get(start..start.saturating_add(len))
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof));
+        if let Some(read) = self.read_mapped(offset, len) {
+            return read;
         }
         let mut buf = vec![0u8; len];
         self.file.read_exact_at(&mut buf, offset)?;

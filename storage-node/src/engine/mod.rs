@@ -2,7 +2,8 @@
 //! TTLs, group commit and replication hooks.
 //!
 //! Writes append records to the active data file and point the in-memory
-//! keydir at them; reads look the key up and do one positional read. The
+//! keydir at them; reads look the key up and read the record once (a copy
+//! from a memory mapping for sealed files, one `pread` otherwise). The
 //! active file rotates at `max_file_size`; immutable files get hint files,
 //! and merge rewrites their live records so dead ones can be deleted.
 //!
@@ -284,7 +285,7 @@ impl Inner {
         // Look the file up while still holding the keydir lock: merge
         // repoints keys before it removes files, so a key seen pointing at a
         // file means that file is still in the table (lock order keydir → files).
-        let (entry, file) = {
+        let (entry, fetched) = {
             let keydir = read(&self.keydir);
             let Some(entry) = keydir.get(key) else {
                 return Ok(None);
@@ -292,35 +293,52 @@ impl Inner {
             if !entry.is_live(now) {
                 return Ok(None);
             }
-            let file = read(&self.files).get(&entry.file_id).cloned();
-            (entry, file)
+            let files = read(&self.files);
+            let Some(file) = files.get(&entry.file_id) else {
+                return Err(EngineError::Corrupt {
+                    file: datafile::data_path(&self.dir, entry.file_id),
+                    offset: u64::from(entry.offset),
+                    reason: "keydir points at a missing file",
+                });
+            };
+            let (offset, len) = (
+                u64::from(entry.offset),
+                entry.record_len(key.len()) as usize,
+            );
+            // A sealed file is copied from right here; cloning its `Arc`
+            // instead would make every reader bump one shared counter.
+            let fetched = match file.read_mapped(offset, len) {
+                Some(Ok(bytes)) => Ok(bytes),
+                Some(Err(e)) => Err((Arc::clone(file), e)),
+                None => {
+                    let file = Arc::clone(file);
+                    drop(files);
+                    drop(keydir);
+                    file.read_at(offset, len).map_err(|e| (file, e))
+                }
+            };
+            (entry, fetched)
         };
-        let file = file.ok_or(EngineError::Corrupt {
-            file: datafile::data_path(&self.dir, entry.file_id),
-            offset: u64::from(entry.offset),
-            reason: "keydir points at a missing file",
-        })?;
         let offset = u64::from(entry.offset);
-        let corrupt = |reason| EngineError::Corrupt {
-            file: file.path.clone(),
+        let corrupt = |path: &Path, reason| EngineError::Corrupt {
+            file: path.to_path_buf(),
             offset,
             reason,
         };
-        let bytes = file
-            .read_at(offset, entry.record_len(key.len()) as usize)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => {
-                    corrupt("record extends past the end of the file")
-                }
-                _ => EngineError::Io {
-                    op: "read",
-                    path: file.path.clone(),
-                    source: e,
-                },
-            })?;
-        let header = record::verify(&bytes).map_err(|bad| corrupt(bad.reason()))?;
+        let bytes = fetched.map_err(|(file, e)| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                corrupt(&file.path, "record extends past the end of the file")
+            }
+            _ => EngineError::Io {
+                op: "read",
+                path: file.path.clone(),
+                source: e,
+            },
+        })?;
+        let mismatch = |reason| corrupt(&datafile::data_path(&self.dir, entry.file_id), reason);
+        let header = record::verify(&bytes).map_err(|bad| mismatch(bad.reason()))?;
         if record::key_of(&bytes, &header) != key || header.version != entry.version() {
-            return Err(corrupt("record does not match the keydir"));
+            return Err(mismatch("record does not match the keydir"));
         }
         let mut value = bytes;
         value.drain(..record::HEADER_LEN + key.len());

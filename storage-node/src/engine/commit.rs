@@ -7,7 +7,8 @@
 //! first of them leads the next batch, so under load every fsync covers
 //! everyone who arrived during the previous one. Because the keydir is
 //! updated after the fsync, readers never see a write that is not durable,
-//! and a write whose fsync failed is never visible.
+//! and a write whose fsync failed is not visible (a restart may still find
+//! it, as with any write that reported a failure).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -61,6 +62,49 @@ const DONE: u8 = 2;
 impl PendingWrite {
     fn record_len(&self) -> usize {
         HEADER_LEN + self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// A batch being committed by its leader. Dropping it hands every writer of
+/// the batch its outcome and the lead to the next writer in line, also when
+/// the commit panicked, so that one panic cannot leave the queue without a
+/// leader and every later writer parked for good.
+struct Leading<'a> {
+    inner: &'a Inner,
+    /// The writes committed together; the leader's own is the first.
+    batch: Vec<Arc<PendingWrite>>,
+    /// One per write of `batch`; `None` if the commit did not finish.
+    outcomes: Option<Vec<Result<WriteOutcome, EngineError>>>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let outcomes = self.outcomes.take().unwrap_or_else(|| {
+            // Records may be on disk but neither fsynced nor published:
+            // nothing more may be written until a reopen sorts it out.
+            self.inner.poison("a commit leader panicked".into());
+            self.batch
+                .iter()
+                .map(|_| Err(self.inner.poisoned_error()))
+                .collect()
+        });
+        let next_leader = {
+            let mut queue = lock(&self.inner.commit.queue);
+            queue.drain(..self.batch.len());
+            queue.front().cloned()
+        };
+        for (index, (pending, outcome)) in self.batch.iter().zip(outcomes).enumerate() {
+            *lock(&pending.outcome) = Some(outcome);
+            pending.state.store(DONE, Ordering::Release);
+            // The first is the leader itself, which is not parked.
+            if index > 0 {
+                pending.thread.unpark();
+            }
+        }
+        if let Some(next) = next_leader {
+            next.state.store(LEAD, Ordering::Release);
+            next.thread.unpark();
+        }
     }
 }
 
@@ -142,23 +186,13 @@ impl Inner {
                 .cloned()
                 .collect::<Vec<_>>()
         };
-        let outcomes = self.commit_batch(&batch);
-        let next_leader = {
-            let mut queue = lock(&self.commit.queue);
-            queue.drain(..batch.len());
-            queue.front().cloned()
+        let mut leading = Leading {
+            inner: self,
+            batch,
+            outcomes: None,
         };
-        for (pending, outcome) in batch.iter().zip(outcomes) {
-            *lock(&pending.outcome) = Some(outcome);
-            pending.state.store(DONE, Ordering::Release);
-            if !Arc::ptr_eq(pending, &mine) {
-                pending.thread.unpark();
-            }
-        }
-        if let Some(next) = next_leader {
-            next.state.store(LEAD, Ordering::Release);
-            next.thread.unpark();
-        }
+        leading.outcomes = Some(self.commit_batch(&leading.batch));
+        drop(leading);
         take_outcome(&mine)
     }
 

@@ -87,12 +87,10 @@ impl Inner {
     }
 }
 
-/// `from + period`, or a day from now for no period or one too long to add.
-fn later(from: Instant, period: Option<Duration>) -> Instant {
-    let day = Duration::from_secs(24 * 60 * 60);
-    period
-        .and_then(|p| from.checked_add(p))
-        .unwrap_or(from + day)
+/// `from + period`, or a day from `from` for a period too long to add.
+fn later(from: Instant, period: Duration) -> Instant {
+    from.checked_add(period)
+        .unwrap_or(from + Duration::from_secs(24 * 60 * 60))
 }
 
 fn run(inner: &Inner) {
@@ -105,8 +103,9 @@ fn run(inner: &Inner) {
         .merge
         .auto
         .then_some(inner.opts.merge.check_interval);
-    let mut next_sync = later(Instant::now(), sync_period);
-    let mut next_merge = later(Instant::now(), merge_period);
+    // `None`: that job never runs, and the thread sleeps until woken.
+    let mut next_sync = sync_period.map(|p| later(Instant::now(), p));
+    let mut next_merge = merge_period.map(|p| later(Instant::now(), p));
     loop {
         let hints = {
             let mut q = lock(&inner.maintenance.state);
@@ -118,16 +117,23 @@ fn run(inner: &Inner) {
                     break std::mem::take(&mut q.hints);
                 }
                 let now = Instant::now();
-                let due = next_sync.min(next_merge);
-                if due <= now {
-                    break Vec::new();
-                }
-                q = inner
-                    .maintenance
-                    .wake
-                    .wait_timeout(q, due - now)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
+                let due = next_sync.into_iter().chain(next_merge).min();
+                q = match due {
+                    Some(due) if due <= now => break Vec::new(),
+                    Some(due) => {
+                        inner
+                            .maintenance
+                            .wake
+                            .wait_timeout(q, due - now)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .0
+                    }
+                    None => inner
+                        .maintenance
+                        .wake
+                        .wait(q)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                };
             }
         };
         for id in hints {
@@ -146,19 +152,19 @@ fn run(inner: &Inner) {
             }
         }
         let now = Instant::now();
-        if let Some(period) = sync_period
-            && now >= next_sync
+        if let (Some(period), Some(due)) = (sync_period, next_sync)
+            && now >= due
         {
             if let Err(e) = inner.sync_all() {
                 tracing::error!(error = %e, "periodic fsync failed");
             }
-            next_sync = later(now, Some(period));
+            next_sync = Some(later(now, period));
         }
-        if let Some(period) = merge_period
-            && now >= next_merge
+        if let (Some(period), Some(due)) = (merge_period, next_merge)
+            && now >= due
         {
             inner.merge_if_due();
-            next_merge = later(Instant::now(), Some(period));
+            next_merge = Some(later(Instant::now(), period));
         }
     }
 }

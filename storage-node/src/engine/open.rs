@@ -302,42 +302,33 @@ fn scan(
                 ));
             }
             Ok(None) => return Ok(skipped),
-            Err((offset, bad)) if is_active => {
-                // A torn tail has no valid record after it. A valid record
-                // after the damage means the damage is not a torn write but
-                // lost bytes in the middle of acknowledged data: refuse, or
-                // skip it under repair, like damage in an immutable file.
+            Err((offset, bad)) => {
+                // A torn tail of the active file has no valid record after
+                // it. Anything else is damage in the middle of acknowledged
+                // data: refuse it, or skip it under repair.
+                let corrupt = || EngineError::Corrupt {
+                    file: file.path.clone(),
+                    offset,
+                    reason: bad.reason(),
+                };
+                if !is_active && !repair {
+                    return Err(corrupt());
+                }
                 let resumed = reader.resync_after(offset).ctx("read", &file.path)?;
-                if resumed < len {
-                    if !repair {
-                        return Err(EngineError::Corrupt {
-                            file: file.path.clone(),
-                            offset,
-                            reason: bad.reason(),
-                        });
-                    }
+                if is_active && resumed >= len {
                     tracing::warn!(
                         file = %file.path.display(),
                         offset,
-                        skipped_bytes = resumed - offset,
+                        dropped_bytes = len - offset,
                         reason = bad.reason(),
-                        "repair: skipping a damaged record in the active file"
+                        "truncating the torn tail of the active file"
                     );
-                    skipped += 1;
-                    continue;
+                    file.truncate(offset).ctx("truncate", &file.path)?;
+                    return Ok(skipped);
                 }
-                tracing::warn!(
-                    file = %file.path.display(),
-                    offset,
-                    dropped_bytes = len - offset,
-                    reason = bad.reason(),
-                    "truncating the torn tail of the active file"
-                );
-                file.truncate(offset).ctx("truncate", &file.path)?;
-                return Ok(skipped);
-            }
-            Err((offset, bad)) if repair => {
-                let resumed = reader.resync_after(offset).ctx("read", &file.path)?;
+                if !repair {
+                    return Err(corrupt());
+                }
                 tracing::warn!(
                     file = %file.path.display(),
                     offset,
@@ -346,13 +337,6 @@ fn scan(
                     "repair: skipping a damaged record"
                 );
                 skipped += 1;
-            }
-            Err((offset, bad)) => {
-                return Err(EngineError::Corrupt {
-                    file: file.path.clone(),
-                    offset,
-                    reason: bad.reason(),
-                });
             }
         }
     }

@@ -21,7 +21,7 @@ use super::error::EngineError;
 use super::keydir::Entry;
 use super::record::{self, HEADER_LEN};
 use super::types::{Condition, WriteOutcome};
-use super::writer::{Verdict, check};
+use super::writer::{Verdict, Write, check};
 use super::{Inner, lock, read, write};
 
 /// Most writes one leader commits at once.
@@ -122,20 +122,13 @@ struct Staged {
 
 impl Inner {
     /// Writes through the commit queue; returns once the write is durable.
-    pub(super) fn write_committed(
-        &self,
-        key: &[u8],
-        value: Option<&[u8]>,
-        version: Version,
-        expires_at: u64,
-        condition: Condition,
-    ) -> Result<WriteOutcome, EngineError> {
+    pub(super) fn write_committed(&self, op: Write<'_>) -> Result<WriteOutcome, EngineError> {
         let mine = Arc::new(PendingWrite {
-            key: key.to_vec(),
-            value: value.map(<[u8]>::to_vec),
-            version,
-            expires_at,
-            condition,
+            key: op.key.to_vec(),
+            value: op.value.map(<[u8]>::to_vec),
+            version: op.version,
+            expires_at: op.expires_at,
+            condition: op.condition,
             outcome: Mutex::new(None),
             state: AtomicU8::new(WAITING),
             thread: std::thread::current(),

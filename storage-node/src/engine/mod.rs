@@ -57,7 +57,7 @@ use datafile::DataFile;
 use keydir::Keydir;
 use maintenance::Maintenance;
 use state::State;
-use writer::Writer;
+use writer::{Write, Writer};
 
 /// A Bitcask store in one directory. `Send + Sync`: share it with `Arc`.
 ///
@@ -151,19 +151,25 @@ impl Engine {
     ) -> Result<WriteOutcome, EngineError> {
         validate_key(key)?;
         validate_value(value, self.inner.opts.max_value_bytes)?;
-        self.inner.write(
+        self.inner.write(Write {
             key,
-            Some(value),
-            opts.version,
-            opts.expires_at.unwrap_or(0),
-            opts.condition,
-        )
+            value: Some(value),
+            version: opts.version,
+            expires_at: opts.expires_at.unwrap_or(0),
+            condition: opts.condition,
+        })
     }
 
     /// Deletes `key` by writing a tombstone with the version in `opts`.
     pub fn delete(&self, key: &[u8], opts: DeleteOptions) -> Result<WriteOutcome, EngineError> {
         validate_key(key)?;
-        self.inner.write(key, None, opts.version, 0, opts.condition)
+        self.inner.write(Write {
+            key,
+            value: None,
+            version: opts.version,
+            expires_at: 0,
+            condition: opts.condition,
+        })
     }
 
     /// Up to `limit` live keys starting with `prefix` and greater than

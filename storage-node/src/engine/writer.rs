@@ -47,6 +47,21 @@ impl Writer {
     }
 }
 
+/// One put or delete, as both write paths take it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Write<'a> {
+    /// The key, already validated.
+    pub key: &'a [u8],
+    /// The value, or `None` for a tombstone.
+    pub value: Option<&'a [u8]>,
+    /// The record's version (last writer wins).
+    pub version: Version,
+    /// Unix ms; 0 = never expires.
+    pub expires_at: u64,
+    /// Precondition on the key's live value.
+    pub condition: Condition,
+}
+
 /// What a version and condition check decided.
 pub(super) enum Verdict {
     /// Write; the key's live version before it (`None`: absent).
@@ -58,18 +73,18 @@ pub(super) enum Verdict {
 impl Inner {
     /// Appends a put (`value: Some`) or tombstone (`None`) if `version` is
     /// newer than the key's and `condition` holds.
-    pub(super) fn write(
-        &self,
-        key: &[u8],
-        value: Option<&[u8]>,
-        version: Version,
-        expires_at: u64,
-        condition: Condition,
-    ) -> Result<WriteOutcome, EngineError> {
+    pub(super) fn write(&self, op: Write<'_>) -> Result<WriteOutcome, EngineError> {
         self.check_poison()?;
         if self.opts.durability == Durability::Always {
-            return self.write_committed(key, value, version, expires_at, condition);
+            return self.write_committed(op);
         }
+        let Write {
+            key,
+            value,
+            version,
+            expires_at,
+            condition,
+        } = op;
         let now = self.opts.clock.now_ms();
         let mut w = lock(&self.writer);
         // The writer lock is held, so no other write can change the key

@@ -18,6 +18,7 @@
 //! This module does no networking; the node's services reach it only
 //! through [`Engine`].
 
+mod backup;
 mod commit;
 mod datafile;
 mod error;
@@ -44,6 +45,7 @@ use std::sync::{
 
 use caskade_common::{validate_key, validate_value};
 
+pub use backup::BackupReport;
 pub use datafile::FILE_HEADER_LEN;
 pub use error::EngineError;
 pub use options::{Clock, Durability, FaultHook, FaultPoint, MergeOptions, Options};
@@ -209,6 +211,13 @@ impl Engine {
     /// Merges only the immutable files `ids`.
     pub fn merge_files(&self, ids: &[u32]) -> Result<MergeReport, EngineError> {
         self.inner.merge(Some(ids))
+    }
+
+    /// Copies a consistent snapshot of the store into `dest`, a directory
+    /// that must not exist yet, without blocking reads or writes. Merges wait
+    /// until the copy is done.
+    pub fn backup(&self, dest: impl AsRef<Path>) -> Result<BackupReport, EngineError> {
+        self.inner.backup(dest.as_ref())
     }
 
     /// Makes every write so far durable.

@@ -2,6 +2,20 @@
 //!
 //! [`engine`] is the Bitcask storage engine: append-only data files, an
 //! in-memory ordered keydir, hint files and background merge. It does no
-//! networking; the node's services reach it only through [`engine::Engine`].
+//! networking; the services reach it only through [`engine::Engine`].
+//!
+//! Around it: [`kv`] and [`admin`] are the gRPC services, [`status`] the one
+//! table from engine errors to gRPC codes, [`observe`] the per-request
+//! metrics and log context, [`config`] the configuration file, and
+//! [`server`] starts, serves and stops a node ([`run`]).
 
+pub mod admin;
+pub mod config;
 pub mod engine;
+pub mod kv;
+pub mod observe;
+pub mod server;
+pub mod status;
+
+pub use config::NodeConfig;
+pub use server::{Node, NodeError, run};

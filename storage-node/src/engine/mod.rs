@@ -48,7 +48,7 @@ use caskade_common::{validate_key, validate_value};
 pub use backup::BackupReport;
 pub use datafile::FILE_HEADER_LEN;
 pub use error::EngineError;
-pub use options::{Clock, Durability, FaultHook, FaultPoint, MergeOptions, Options};
+pub use options::{Clock, Durability, FaultHook, FaultPoint, FsyncObserver, MergeOptions, Options};
 pub use since::SinceIter;
 pub use types::{
     Condition, DeleteOptions, FileInfo, MergeReport, PutOptions, Record, ScanEntry, Stats, Value,

@@ -106,6 +106,9 @@ pub enum FaultPoint {
 /// Called at each [`FaultPoint`]; an `Err` is treated as an I/O failure there.
 pub type FaultHook = Arc<dyn Fn(FaultPoint) -> io::Result<()> + Send + Sync>;
 
+/// Told the duration of every successful fsync of a data file (metrics).
+pub type FsyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
+
 /// Everything [`Engine::open`](super::Engine::open) needs to know.
 #[derive(Clone)]
 pub struct Options {
@@ -124,6 +127,8 @@ pub struct Options {
     pub clock: Clock,
     /// Fault injection for tests; `None` in production.
     pub fault_hook: Option<FaultHook>,
+    /// Called after each fsync with its latency; must be cheap and never block.
+    pub fsync_observer: Option<FsyncObserver>,
 }
 
 impl Default for Options {
@@ -136,6 +141,7 @@ impl Default for Options {
             repair: false,
             clock: Clock::system(),
             fault_hook: None,
+            fsync_observer: None,
         }
     }
 }
@@ -149,6 +155,7 @@ impl fmt::Debug for Options {
             .field("merge", &self.merge)
             .field("repair", &self.repair)
             .field("fault_hook", &self.fault_hook.is_some())
+            .field("fsync_observer", &self.fsync_observer.is_some())
             .finish()
     }
 }

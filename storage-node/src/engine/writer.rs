@@ -182,7 +182,11 @@ impl Inner {
             .and_then(|()| file.sync_data());
         match result {
             Ok(()) => {
-                let micros = started.elapsed().as_micros() as u64;
+                let elapsed = started.elapsed();
+                if let Some(observe) = &self.opts.fsync_observer {
+                    observe(elapsed);
+                }
+                let micros = elapsed.as_micros() as u64;
                 self.last_fsync_micros.store(micros, Ordering::Relaxed);
                 Ok(())
             }

@@ -1,0 +1,267 @@
+//! The `Admin` gRPC service: the cluster map this node stores, engine
+//! counters, merge and backup.
+//!
+//! The cluster map is kept in `<data_dir>/cluster-map.pb` (protobuf, written
+//! to a temporary file, fsynced and renamed), so a node restarts with the map
+//! it last accepted. A map is accepted only with a higher epoch than the
+//! stored one: two operators racing with the same base epoch cannot both win.
+
+use std::fs;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use caskade_common::version::unix_millis;
+use caskade_proto::admin_server::Admin;
+use caskade_proto::{
+    BackupRequest, BackupResponse, ClusterMap, GetClusterMapRequest, GetClusterMapResponse,
+    MergeRequest, MergeResponse, SetClusterMapRequest, SetClusterMapResponse, StatsRequest,
+    StatsResponse,
+};
+use prost::Message;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::kv::{NodeCore, run_blocking};
+use crate::status::engine_status;
+
+/// File name of the stored cluster map.
+const MAP_FILE: &str = "cluster-map.pb";
+
+/// The cluster map as stored on this node.
+#[derive(Debug)]
+pub struct ClusterMapStore {
+    path: PathBuf,
+    /// The map last accepted; the lock also serializes writes of the file.
+    current: Mutex<Option<ClusterMap>>,
+}
+
+impl ClusterMapStore {
+    /// Loads the stored map of `data_dir`, if any.
+    pub fn open(data_dir: &Path) -> io::Result<ClusterMapStore> {
+        let path = data_dir.join(MAP_FILE);
+        let current = match fs::read(&path) {
+            Ok(raw) => Some(ClusterMap::decode(&raw[..]).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(ClusterMapStore {
+            path,
+            current: Mutex::new(current),
+        })
+    }
+
+    /// The stored map.
+    pub fn get(&self) -> Option<ClusterMap> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stores `map` if its epoch is higher than the stored one.
+    pub fn set(&self, map: ClusterMap) -> Result<(), Status> {
+        validate_map(&map)?;
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(stored) = current.as_ref()
+            && map.epoch <= stored.epoch
+        {
+            return Err(Status::aborted(format!(
+                "epoch {} is not newer than the stored epoch {}",
+                map.epoch, stored.epoch
+            )));
+        }
+        write_atomically(&self.path, &map.encode_to_vec()).map_err(|e| {
+            tracing::error!(error = %e, path = %self.path.display(), "storing the cluster map");
+            Status::internal("could not store the cluster map")
+        })?;
+        *current = Some(map);
+        Ok(())
+    }
+}
+
+fn validate_map(map: &ClusterMap) -> Result<(), Status> {
+    let invalid = |reason: String| Err(Status::invalid_argument(reason));
+    if map.epoch == 0 {
+        return invalid("epoch must be at least 1".into());
+    }
+    if map.nodes.is_empty() {
+        return invalid("the map has no nodes".into());
+    }
+    if map.replication_factor == 0 || map.replication_factor as usize > map.nodes.len() {
+        return invalid(format!(
+            "replication_factor {} must be between 1 and the number of nodes ({})",
+            map.replication_factor,
+            map.nodes.len()
+        ));
+    }
+    if map.vnodes_per_node == 0 || map.vnodes_per_node > 4096 {
+        return invalid(format!(
+            "vnodes_per_node {} must be between 1 and 4096",
+            map.vnodes_per_node
+        ));
+    }
+    let mut ids: Vec<u32> = map.nodes.iter().map(|n| n.id).collect();
+    ids.sort_unstable();
+    if ids.windows(2).any(|w| w[0] == w[1]) {
+        return invalid("node ids must be unique".into());
+    }
+    if let Some(node) = map.nodes.iter().find(|n| n.addr.is_empty()) {
+        return invalid(format!("node {} has no address", node.id));
+    }
+    Ok(())
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves the old or the new file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The `Admin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    core: Arc<NodeCore>,
+    map: Arc<ClusterMapStore>,
+    backup_dir: PathBuf,
+}
+
+impl AdminService {
+    /// A service over `core`, storing the map in `map` and backups under `backup_dir`.
+    pub fn new(core: Arc<NodeCore>, map: Arc<ClusterMapStore>, backup_dir: PathBuf) -> Self {
+        AdminService {
+            core,
+            map,
+            backup_dir,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_cluster_map(
+        &self,
+        request: Request<GetClusterMapRequest>,
+    ) -> Result<Response<GetClusterMapResponse>, Status> {
+        let call = self
+            .core
+            .observer
+            .start("GetClusterMap", request.metadata());
+        let map = self.map.get();
+        call.finish(Ok(Response::new(GetClusterMapResponse { map })))
+    }
+
+    async fn set_cluster_map(
+        &self,
+        request: Request<SetClusterMapRequest>,
+    ) -> Result<Response<SetClusterMapResponse>, Status> {
+        let call = self
+            .core
+            .observer
+            .start("SetClusterMap", request.metadata());
+        let map = request.into_inner().map;
+        let store = Arc::clone(&self.map);
+        let result = async move {
+            let map = map.ok_or_else(|| Status::invalid_argument("map is required"))?;
+            let epoch = map.epoch;
+            run_blocking(move || store.set(map)).await?;
+            tracing::info!(epoch, "cluster map updated");
+            Ok(Response::new(SetClusterMapResponse {}))
+        }
+        .instrument(call.span())
+        .await;
+        call.finish(result)
+    }
+
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        let call = self.core.observer.start("Stats", request.metadata());
+        let core = Arc::clone(&self.core);
+        let result = run_blocking(move || Ok(stats_of(&core))).await;
+        call.finish(result.map(Response::new))
+    }
+
+    async fn merge(
+        &self,
+        request: Request<MergeRequest>,
+    ) -> Result<Response<MergeResponse>, Status> {
+        let call = self.core.observer.start("Merge", request.metadata());
+        let core = Arc::clone(&self.core);
+        let result = async move {
+            let report =
+                run_blocking(move || core.engine.merge().map_err(|e| engine_status(&e))).await?;
+            tracing::info!(?report, "merge requested by admin done");
+            Ok(Response::new(MergeResponse {
+                input_files: report.input_files as u64,
+                output_files: report.output_files as u64,
+                records_kept: report.records_kept,
+                records_dropped: report.records_dropped,
+                bytes_reclaimed: report.bytes_reclaimed,
+            }))
+        }
+        .instrument(call.span())
+        .await;
+        call.finish(result)
+    }
+
+    async fn backup(
+        &self,
+        request: Request<BackupRequest>,
+    ) -> Result<Response<BackupResponse>, Status> {
+        let call = self.core.observer.start("Backup", request.metadata());
+        let core = Arc::clone(&self.core);
+        let backup_dir = self.backup_dir.clone();
+        let result = async move {
+            let report = run_blocking(move || {
+                fs::create_dir_all(&backup_dir).map_err(|e| {
+                    tracing::error!(error = %e, dir = %backup_dir.display(), "creating the backup directory");
+                    Status::internal("could not create the backup directory")
+                })?;
+                let dest = backup_dir.join(format!("node-{}-{}", core.id, unix_millis()));
+                core.engine.backup(&dest).map_err(|e| engine_status(&e))
+            })
+            .await?;
+            tracing::info!(dir = %report.dir.display(), bytes = report.bytes, "backup done");
+            Ok(Response::new(BackupResponse {
+                path: report.dir.display().to_string(),
+                files: report.files as u64,
+                bytes: report.bytes,
+                last_seq: report.last_seq,
+            }))
+        }
+        .instrument(call.span())
+        .await;
+        call.finish(result)
+    }
+}
+
+/// The engine's counters as sent by `Admin/Stats`.
+pub fn stats_of(core: &NodeCore) -> StatsResponse {
+    let stats = core.engine.stats();
+    StatsResponse {
+        node_id: core.id,
+        keys: stats.keys,
+        tombstones: stats.tombstones,
+        live_bytes: stats.live_bytes,
+        dead_bytes: stats.dead_bytes,
+        files: stats.files as u64,
+        merges: stats.merges,
+        last_fsync_micros: stats.last_fsync_micros.unwrap_or(0),
+        last_seq: stats.last_seq,
+        tombstone_horizon: stats.tombstone_horizon,
+    }
+}

@@ -1,0 +1,246 @@
+//! The storage node's configuration file (`caskade-node --config node.toml`)
+//! and its environment overrides (`CASKADE_NODE_…`, `__` between nested keys).
+//!
+//! Every field is documented with its default here and in the README's
+//! configuration reference; the two must say the same. Unknown fields are
+//! errors. This module only describes and validates; it opens nothing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use caskade_common::config::{self, ConfigError, LogConfig, TlsFiles};
+use caskade_common::limits::DEFAULT_MAX_VALUE_BYTES;
+use serde::Deserialize;
+
+use crate::engine::{Durability, MergeOptions, Options};
+
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "CASKADE_NODE_";
+
+/// A storage node's whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Numeric node id, unique in the cluster and never reused; it is the
+    /// `origin` of every version this node assigns. Required.
+    pub id: u32,
+    /// gRPC listen address (default `127.0.0.1:7001`; port 0 picks a free one).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory of the data files; created if missing. Required.
+    pub data_dir: PathBuf,
+    /// Where `Admin/Backup` writes its copies (default `<data_dir>/../backups`).
+    #[serde(default)]
+    pub backup_dir: Option<PathBuf>,
+    /// Mutual-TLS files. Required.
+    pub tls: TlsFiles,
+    /// Storage engine settings.
+    #[serde(default)]
+    pub engine: EngineConfig,
+    /// gRPC server settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7001))
+}
+
+impl NodeConfig {
+    /// Loads `path` (if any) and the `CASKADE_NODE_` environment.
+    pub fn load(path: Option<&Path>) -> Result<NodeConfig, ConfigError> {
+        config::load(path, ENV_PREFIX)
+    }
+
+    /// The backup directory, resolved.
+    pub fn backup_dir(&self) -> PathBuf {
+        self.backup_dir.clone().unwrap_or_else(|| {
+            let parent = self.data_dir.parent().unwrap_or(Path::new("."));
+            let name = self
+                .data_dir
+                .file_name()
+                .map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
+            parent.join(format!("{name}-backups"))
+        })
+    }
+}
+
+/// `[engine]`: the Bitcask engine's settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// `always` (default: fsync before acknowledging, concurrent writers share
+    /// one fsync), `interval` (fsync every `fsync_interval_ms`) or `never` (the OS decides).
+    pub durability: DurabilityMode,
+    /// Period of the background fsync under `interval` (default 100 ms).
+    pub fsync_interval_ms: u64,
+    /// Size at which the active data file rotates (default 128 MiB, at most 2 GiB).
+    pub max_file_size: u64,
+    /// Largest value accepted (default 1 MiB, at most 256 MiB).
+    pub max_value_bytes: usize,
+    /// Open even if immutable files hold damaged records, skipping them (default false).
+    pub repair: bool,
+    /// Background merge.
+    pub merge: MergeConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            durability: DurabilityMode::Always,
+            fsync_interval_ms: 100,
+            max_file_size: 128 << 20,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            repair: false,
+            merge: MergeConfig::default(),
+        }
+    }
+}
+
+/// When writes reach stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    /// fsync before acknowledging.
+    Always,
+    /// fsync periodically.
+    Interval,
+    /// Leave it to the OS.
+    Never,
+}
+
+/// `[engine.merge]`: when merge runs on its own.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MergeConfig {
+    /// Merge automatically (default true).
+    pub auto: bool,
+    /// Merge once dead bytes reach this share of all bytes (default 0.5)…
+    pub dead_ratio: f64,
+    /// …and at least this many bytes (default 64 MiB).
+    pub min_dead_bytes: u64,
+    /// How often the trigger is checked (default 60 s).
+    pub check_interval_secs: u64,
+    /// How long merge keeps tombstones, so that a replica that was away can
+    /// still learn of deletes incrementally (default 86,400 s = 24 h).
+    pub tombstone_retention_secs: u64,
+}
+
+impl Default for MergeConfig {
+    fn default() -> Self {
+        let defaults = MergeOptions::default();
+        MergeConfig {
+            auto: defaults.auto,
+            dead_ratio: defaults.dead_ratio,
+            min_dead_bytes: defaults.min_dead_bytes,
+            check_interval_secs: defaults.check_interval.as_secs(),
+            tombstone_retention_secs: defaults.tombstone_retention.as_secs(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The engine options these settings describe (validated by `Engine::open`).
+    pub fn options(&self) -> Options {
+        Options {
+            max_file_size: self.max_file_size,
+            max_value_bytes: self.max_value_bytes,
+            durability: match self.durability {
+                DurabilityMode::Always => Durability::Always,
+                DurabilityMode::Interval => {
+                    Durability::Interval(Duration::from_millis(self.fsync_interval_ms))
+                }
+                DurabilityMode::Never => Durability::Never,
+            },
+            merge: MergeOptions {
+                auto: self.merge.auto,
+                dead_ratio: self.merge.dead_ratio,
+                min_dead_bytes: self.merge.min_dead_bytes,
+                check_interval: Duration::from_secs(self.merge.check_interval_secs),
+                tombstone_retention: Duration::from_secs(self.merge.tombstone_retention_secs),
+            },
+            repair: self.repair,
+            ..Options::default()
+        }
+    }
+}
+
+/// `[server]`: the gRPC server.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Concurrent requests per client connection (HTTP/2 streams) (default 1024).
+    pub max_concurrent_streams: u32,
+    /// On shutdown, how long in-flight requests may take before connections
+    /// are dropped (default 30 s).
+    pub shutdown_grace_secs: u64,
+    /// TLS handshake timeout (default 10 s).
+    pub tls_handshake_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_concurrent_streams: 1024,
+            shutdown_grace_secs: 30,
+            tls_handshake_timeout_secs: 10,
+        }
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the plain-HTTP `GET /metrics` listener (default: none, no endpoint).
+    pub listen: Option<SocketAddr>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_file_gets_the_documented_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "id = 3\ndata_dir = \"/var/lib/caskade\"\n[tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n-key.pem\"\n",
+        )
+        .expect("write");
+        let config = NodeConfig::load(Some(&path)).expect("load");
+        assert_eq!(config.id, 3);
+        assert_eq!(config.listen, default_listen());
+        assert_eq!(config.engine, EngineConfig::default());
+        assert_eq!(config.server, ServerConfig::default());
+        assert_eq!(config.metrics.listen, None);
+        assert_eq!(
+            config.backup_dir(),
+            PathBuf::from("/var/lib/caskade-backups")
+        );
+        let options = config.engine.options();
+        assert!(options.validate().is_ok());
+        assert_eq!(options.durability, Durability::Always);
+    }
+
+    #[test]
+    fn a_wrong_value_names_its_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "id = 3\ndata_dir = \"d\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[engine]\ndurability = \"sometimes\"\n",
+        )
+        .expect("write");
+        let err = NodeConfig::load(Some(&path)).expect_err("bad durability");
+        assert!(err.to_string().contains("engine.durability"), "{err}");
+    }
+}

@@ -1,0 +1,344 @@
+//! The `Kv` gRPC service: get, put, delete, scan and batch against this
+//! node's engine.
+//!
+//! The node coordinating a write assigns its version from its hybrid logical
+//! clock. Every engine call blocks (file I/O, and fsync under `always`), so it
+//! runs on tokio's blocking pool, never on a runtime worker. Requests are
+//! validated before anything is written: a refused request changes nothing.
+
+use std::sync::Arc;
+
+use caskade_common::version::unix_millis;
+use caskade_common::{Hlc, Version, validate_key};
+use caskade_proto::batch_op::Op;
+use caskade_proto::batch_result::Result as OpResult;
+use caskade_proto::kv_server::Kv;
+use caskade_proto::{
+    BatchOp, BatchRequest, BatchResponse, BatchResult, DeleteRequest, DeleteResponse, GetRequest,
+    GetResponse, OpError, PutRequest, PutResponse, ReadLevel, ScanEntry, ScanRequest, ScanResponse,
+    WriteLevel, condition,
+};
+use prost::bytes::Bytes;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::engine::{Condition, DeleteOptions, Engine, EngineError, PutOptions, WriteOutcome};
+use crate::observe::Observer;
+use crate::status::engine_status;
+
+/// Default page size of `Scan`.
+pub const DEFAULT_SCAN_LIMIT: u32 = 100;
+/// Largest page size of `Scan`.
+pub const MAX_SCAN_LIMIT: u32 = 1000;
+/// Most operations in one `Batch`.
+pub const MAX_BATCH_OPS: usize = 1000;
+/// A freshly assigned version can lose to a newer one already stored (a
+/// version from another node, or a wall clock that stepped back across a
+/// restart); the clock then observes it and the write is retried this often.
+const STALE_RETRIES: usize = 3;
+
+/// What the node's services share.
+#[derive(Debug)]
+pub struct NodeCore {
+    /// This node's id: the origin of the versions it assigns.
+    pub id: u32,
+    /// The storage engine.
+    pub engine: Arc<Engine>,
+    /// The clock versions come from.
+    pub hlc: Hlc,
+    /// Request metrics and spans.
+    pub observer: Observer,
+}
+
+/// The `Kv` service.
+#[derive(Debug, Clone)]
+pub struct KvService {
+    core: Arc<NodeCore>,
+}
+
+impl KvService {
+    /// A service over `core`.
+    pub fn new(core: Arc<NodeCore>) -> KvService {
+        KvService { core }
+    }
+
+    /// Runs `work` against the core on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&NodeCore) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let core = Arc::clone(&self.core);
+        run_blocking(move || work(&core)).await
+    }
+}
+
+/// Runs `work` on tokio's blocking pool inside the current span.
+pub(crate) async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "blocking task failed");
+            Status::internal("internal error")
+        })?
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let call = self.core.observer.start("Get", request.metadata());
+        let request = request.into_inner();
+        let result = self
+            .blocking(move |core| core.get(&request))
+            .instrument(call.span())
+            .await;
+        call.finish(result.map(Response::new))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let call = self.core.observer.start("Put", request.metadata());
+        let request = request.into_inner();
+        let result = self
+            .blocking(move |core| core.put(&request))
+            .instrument(call.span())
+            .await;
+        call.finish(result.map(Response::new))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let call = self.core.observer.start("Delete", request.metadata());
+        let request = request.into_inner();
+        let result = self
+            .blocking(move |core| core.delete(&request))
+            .instrument(call.span())
+            .await;
+        call.finish(result.map(Response::new))
+    }
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let call = self.core.observer.start("Scan", request.metadata());
+        let request = request.into_inner();
+        let result = self
+            .blocking(move |core| core.scan(&request))
+            .instrument(call.span())
+            .await;
+        call.finish(result.map(Response::new))
+    }
+
+    async fn batch(
+        &self,
+        request: Request<BatchRequest>,
+    ) -> Result<Response<BatchResponse>, Status> {
+        let call = self.core.observer.start("Batch", request.metadata());
+        let request = request.into_inner();
+        let result = match validate_batch(&request) {
+            Ok(()) => {
+                self.blocking(move |core| Ok(core.batch(request)))
+                    .instrument(call.span())
+                    .await
+            }
+            Err(status) => Err(status),
+        };
+        call.finish(result.map(Response::new))
+    }
+}
+
+impl NodeCore {
+    fn get(&self, request: &GetRequest) -> Result<GetResponse, Status> {
+        read_level(request.read_level)?;
+        validate_key(&request.key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let found = self
+            .engine
+            .get(&request.key)
+            .map_err(|e| engine_status(&e))?;
+        Ok(match found {
+            Some(value) => GetResponse {
+                found: true,
+                value: Bytes::from(value.value),
+                version: Some(to_proto(value.version)),
+                expires_at_ms: value.expires_at.unwrap_or(0),
+            },
+            None => GetResponse::default(),
+        })
+    }
+
+    fn put(&self, request: &PutRequest) -> Result<PutResponse, Status> {
+        write_level(request.write_level)?;
+        let condition = condition_of(request.condition.as_ref())?;
+        let expires_at = (request.ttl_ms > 0).then(|| unix_millis().saturating_add(request.ttl_ms));
+        let (version, previous) = self.write_fresh(|version| {
+            let options = PutOptions {
+                version,
+                expires_at,
+                condition,
+            };
+            self.engine.put(&request.key, &request.value, options)
+        })?;
+        Ok(PutResponse {
+            version: Some(to_proto(version)),
+            created: previous.is_none(),
+            acks: 1,
+        })
+    }
+
+    fn delete(&self, request: &DeleteRequest) -> Result<DeleteResponse, Status> {
+        write_level(request.write_level)?;
+        let condition = condition_of(request.condition.as_ref())?;
+        let (version, previous) = self.write_fresh(|version| {
+            let options = DeleteOptions { version, condition };
+            self.engine.delete(&request.key, options)
+        })?;
+        Ok(DeleteResponse {
+            version: Some(to_proto(version)),
+            existed: previous.is_some(),
+            acks: 1,
+        })
+    }
+
+    /// Applies `write` with a fresh version, retrying with a newer one if the
+    /// key already holds a newer version. Returns the version written and the
+    /// version of the live value it replaced.
+    fn write_fresh(
+        &self,
+        write: impl Fn(Version) -> Result<WriteOutcome, EngineError>,
+    ) -> Result<(Version, Option<Version>), Status> {
+        for _ in 0..STALE_RETRIES {
+            let version = self.hlc.now();
+            match write(version).map_err(|e| engine_status(&e))? {
+                WriteOutcome::Applied { previous, .. } => return Ok((version, previous)),
+                WriteOutcome::Stale { current } => self.hlc.observe(current),
+            }
+        }
+        tracing::error!("write kept losing to newer versions");
+        Err(Status::unavailable("could not assign a new enough version"))
+    }
+
+    fn scan(&self, request: &ScanRequest) -> Result<ScanResponse, Status> {
+        let limit = match request.limit {
+            0 => DEFAULT_SCAN_LIMIT,
+            n if n <= MAX_SCAN_LIMIT => n,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "limit {n} is more than the maximum of {MAX_SCAN_LIMIT}"
+                )));
+            }
+        } as usize;
+        let too_long = |what: &str, len: usize| {
+            Status::invalid_argument(format!(
+                "{what} is {len} bytes, more than the maximum key length of {}",
+                caskade_common::limits::MAX_KEY_BYTES
+            ))
+        };
+        if request.prefix.len() > caskade_common::limits::MAX_KEY_BYTES {
+            return Err(too_long("prefix", request.prefix.len()));
+        }
+        if request.after.len() > caskade_common::limits::MAX_KEY_BYTES {
+            return Err(too_long("after", request.after.len()));
+        }
+        let after = (!request.after.is_empty()).then_some(&request.after[..]);
+        // One more than asked tells whether another page follows.
+        let mut entries = self
+            .engine
+            .scan(&request.prefix, after, limit + 1)
+            .map_err(|e| engine_status(&e))?;
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        let mut page = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let value = if request.include_values {
+                match self.engine.get(&entry.key).map_err(|e| engine_status(&e))? {
+                    Some(value) => Bytes::from(value.value),
+                    // Deleted since the scan read the keydir.
+                    None => continue,
+                }
+            } else {
+                Bytes::new()
+            };
+            page.push(ScanEntry {
+                key: Bytes::from(entry.key),
+                version: Some(to_proto(entry.version)),
+                expires_at_ms: entry.expires_at.unwrap_or(0),
+                value,
+            });
+        }
+        let next = if more {
+            page.last().map(|entry| entry.key.clone())
+        } else {
+            None
+        };
+        Ok(ScanResponse {
+            entries: page,
+            next,
+        })
+    }
+
+    fn batch(&self, request: BatchRequest) -> BatchResponse {
+        let results = request
+            .ops
+            .into_iter()
+            .map(|op| {
+                let result = match op.op {
+                    Some(Op::Get(get)) => self.get(&get).map(OpResult::Get),
+                    Some(Op::Put(put)) => self.put(&put).map(OpResult::Put),
+                    Some(Op::Delete(delete)) => self.delete(&delete).map(OpResult::Delete),
+                    // validate_batch refused empty ops.
+                    None => Err(Status::invalid_argument("empty batch op")),
+                };
+                BatchResult {
+                    result: Some(result.unwrap_or_else(|status| {
+                        OpResult::Error(OpError {
+                            code: status.code() as i32,
+                            message: status.message().to_string(),
+                        })
+                    })),
+                }
+            })
+            .collect();
+        BatchResponse { results }
+    }
+}
+
+/// Refuses a batch that is malformed as a whole, before any op runs.
+fn validate_batch(request: &BatchRequest) -> Result<(), Status> {
+    if request.ops.len() > MAX_BATCH_OPS {
+        return Err(Status::invalid_argument(format!(
+            "batch has {} ops, more than the maximum of {MAX_BATCH_OPS}",
+            request.ops.len()
+        )));
+    }
+    if let Some(i) = request.ops.iter().position(|op: &BatchOp| op.op.is_none()) {
+        return Err(Status::invalid_argument(format!("batch op {i} is empty")));
+    }
+    Ok(())
+}
+
+fn condition_of(condition: Option<&caskade_proto::Condition>) -> Result<Condition, Status> {
+    Ok(match condition.and_then(|c| c.kind.as_ref()) {
+        None | Some(condition::Kind::IfAbsent(false)) => Condition::None,
+        Some(condition::Kind::IfAbsent(true)) => Condition::IfAbsent,
+        Some(condition::Kind::IfVersion(v)) => Condition::IfVersion(Version::new(v.hlc, v.origin)),
+    })
+}
+
+fn write_level(level: i32) -> Result<WriteLevel, Status> {
+    WriteLevel::try_from(level)
+        .map_err(|_| Status::invalid_argument(format!("unknown write level {level}")))
+}
+
+fn read_level(level: i32) -> Result<ReadLevel, Status> {
+    ReadLevel::try_from(level)
+        .map_err(|_| Status::invalid_argument(format!("unknown read level {level}")))
+}
+
+/// The wire form of a version.
+pub fn to_proto(version: Version) -> caskade_proto::Version {
+    caskade_proto::Version {
+        hlc: version.hlc,
+        origin: version.origin,
+    }
+}

@@ -1,0 +1,250 @@
+//! Starting, serving and stopping a storage node.
+//!
+//! [`Node::start`] opens the engine, loads TLS material and binds the
+//! listeners (port 0 picks free ones, which tests read back); [`Node::serve`]
+//! runs the gRPC services over mutual TLS until `shutdown` resolves, then
+//! stops gracefully: readiness turns `NOT_SERVING`, no new connections are
+//! accepted, in-flight requests finish (for at most the grace period), and the
+//! engine is synced and closed so the next start reads hints, not values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use caskade_common::Hlc;
+use caskade_common::telemetry::{self, serve_metrics};
+use caskade_common::tls::{TlsError, TlsMaterial};
+use caskade_proto::admin_server::AdminServer;
+use caskade_proto::kv_server::KvServer;
+use metrics::{counter, gauge, histogram};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::admin::{AdminService, ClusterMapStore, stats_of};
+use crate::config::NodeConfig;
+use crate::engine::{Engine, EngineError, FsyncObserver};
+use crate::kv::{KvService, NodeCore};
+use crate::observe::Observer;
+
+/// Largest gRPC message above `max_value_bytes`: room for the key and fields.
+const MESSAGE_OVERHEAD: usize = 64 << 10;
+/// Smallest decoding limit, so batches of small values fit.
+const MIN_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// TLS files missing, unreadable or not matching.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The engine refused to open (locked, corrupt, bad options…).
+    #[error("opening the data directory: {0}")]
+    Engine(#[from] EngineError),
+    /// A listener could not be bound, or another I/O failure.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Invalid log settings.
+    #[error("{0}")]
+    Log(String),
+}
+
+/// A started node: engine open, listeners bound, not yet serving.
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    core: Arc<NodeCore>,
+    map: Arc<ClusterMapStore>,
+    tls: TlsMaterial,
+    grpc: TcpListener,
+    metrics: Option<TcpListener>,
+}
+
+impl Node {
+    /// Opens the engine and binds the listeners named by `config`.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let tls = TlsMaterial::load(&config.tls)?;
+        let node_label = config.id.to_string();
+        let mut options = config.engine.options();
+        let fsync_seconds =
+            histogram!("caskade_engine_fsync_duration_seconds", "node" => node_label);
+        let observer: FsyncObserver =
+            Arc::new(move |d: Duration| fsync_seconds.record(d.as_secs_f64()));
+        options.fsync_observer = Some(observer);
+        let data_dir = config.data_dir.clone();
+        let engine = tokio::task::spawn_blocking(move || Engine::open(&data_dir, options))
+            .await
+            .map_err(std::io::Error::other)??;
+        let map = ClusterMapStore::open(&config.data_dir)?;
+        let grpc = telemetry::bind(config.listen, "gRPC").await?;
+        let metrics = match config.metrics.listen {
+            Some(addr) => Some(telemetry::bind(addr, "metrics").await?),
+            None => None,
+        };
+        let core = Arc::new(NodeCore {
+            id: config.id,
+            engine: Arc::new(engine),
+            hlc: Hlc::new(config.id),
+            observer: Observer::new(config.id),
+        });
+        Ok(Node {
+            config,
+            core,
+            map: Arc::new(map),
+            tls,
+            grpc,
+            metrics,
+        })
+    }
+
+    /// The address the gRPC listener is bound to.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The address of the `/metrics` listener, if one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.config.data_dir.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops gracefully.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let Node {
+            config,
+            core,
+            map,
+            tls,
+            grpc,
+            metrics,
+        } = self;
+        let grpc_addr = grpc.local_addr()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+
+        let metrics_task = metrics.map(|listener| {
+            let refresh_core = Arc::clone(&core);
+            let refresh = Arc::new(move || publish_engine_gauges(&refresh_core));
+            tokio::spawn(serve_metrics(listener, refresh, stopped(stop_rx.clone())))
+        });
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<KvServer<KvService>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+
+        let max_message = config
+            .engine
+            .max_value_bytes
+            .saturating_add(MESSAGE_OVERHEAD)
+            .max(MIN_MESSAGE_BYTES);
+        let kv = KvServer::new(KvService::new(Arc::clone(&core)))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let admin = AdminServer::new(AdminService::new(
+            Arc::clone(&core),
+            map,
+            config.backup_dir(),
+        ));
+        let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let tls_config = tls.grpc_server().timeout(Duration::from_secs(
+            config.server.tls_handshake_timeout_secs,
+        ));
+        let server = Server::builder()
+            .tls_config(tls_config)?
+            .max_concurrent_streams(config.server.max_concurrent_streams)
+            .add_service(health_service)
+            .add_service(kv)
+            .add_service(admin);
+
+        tracing::info!(node = core.id, grpc = %grpc_addr, data_dir = %config.data_dir.display(), "serving");
+        let on_stop = {
+            let health = health.clone();
+            let stop_rx = stop_rx.clone();
+            async move {
+                stopped(stop_rx).await;
+                tracing::info!("shutting down: finishing in-flight requests");
+                health.set_not_serving::<KvServer<KvService>>().await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        };
+        let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let serving = server.serve_with_incoming_shutdown(incoming, on_stop);
+        tokio::select! {
+            result = serving => result?,
+            () = async { stopped(stop_rx).await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "grace period over; dropping open connections");
+            }
+        }
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
+        close_engine(core).await
+    }
+}
+
+/// Starts a node from `config` and serves until `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    Node::start(config).await?.serve(shutdown).await
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Syncs and closes the engine. Requests still running on the blocking pool
+/// (after an expired grace period) hold the engine; it is then synced and
+/// left to close when they finish.
+async fn close_engine(core: Arc<NodeCore>) -> Result<(), NodeError> {
+    let engine = Arc::clone(&core.engine);
+    drop(core);
+    tokio::task::spawn_blocking(move || match Arc::try_unwrap(engine) {
+        Ok(engine) => engine.close(),
+        Err(shared) => {
+            tracing::warn!("requests still running at shutdown; syncing without closing");
+            shared.sync()
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    tracing::info!("engine closed");
+    Ok(())
+}
+
+/// Publishes the engine's counters as gauges (called before each scrape).
+fn publish_engine_gauges(core: &NodeCore) {
+    let stats = stats_of(core);
+    let node = core.id.to_string();
+    let set =
+        |name: &'static str, value: u64| gauge!(name, "node" => node.clone()).set(value as f64);
+    set("caskade_engine_keys", stats.keys);
+    set("caskade_engine_tombstones", stats.tombstones);
+    set("caskade_engine_live_bytes", stats.live_bytes);
+    set("caskade_engine_dead_bytes", stats.dead_bytes);
+    set("caskade_engine_files", stats.files);
+    set("caskade_engine_last_seq", stats.last_seq);
+    counter!("caskade_engine_merges_total", "node" => node.clone()).absolute(stats.merges);
+}

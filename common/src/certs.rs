@@ -182,7 +182,10 @@ pub fn write_cluster_certs(
         path: out.to_path_buf(),
         source,
     })?;
-    let ca = ClusterCa::generate("caskade cluster CA")?;
+    // A unique name: a peer holding a certificate of another caskade CA is
+    // then refused as "unknown CA" rather than by a signature mismatch.
+    let ca_name = format!("caskade cluster CA {}", crate::telemetry::random_hex_id());
+    let ca = ClusterCa::generate(&ca_name)?;
     write_file(&ca_path, &ca.cert.cert_pem, false)?;
     write_file(&out.join("ca-key.pem"), &ca.cert.key_pem, true)?;
 

@@ -68,9 +68,14 @@ pub fn request_id(from_caller: Option<&str>) -> String {
     }
 }
 
-/// 64 random bits in hex. `RandomState` is seeded from the OS per instance,
-/// which is random enough for correlating log lines.
+/// A new request id: 64 random bits in hex.
 pub fn new_request_id() -> String {
+    random_hex_id()
+}
+
+/// 64 random bits in hex, for ids that must not collide (not for secrets).
+/// `RandomState` is seeded from the OS per instance.
+pub fn random_hex_id() -> String {
     let hasher = std::collections::hash_map::RandomState::new().build_hasher();
     format!("{:016x}", hasher.finish())
 }

@@ -69,6 +69,8 @@ pub struct Node {
 impl Node {
     /// Opens the engine and binds the listeners named by `config`.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        // Metric handles taken before the recorder exists would record nothing.
+        telemetry::metrics_handle();
         let tls = TlsMaterial::load(&config.tls)?;
         let node_label = config.id.to_string();
         let mut options = config.engine.options();

@@ -1,0 +1,503 @@
+//! The node's gRPC services end to end, in process, over real mutual TLS on
+//! loopback: the Kv contract, who may connect, bad input that must change
+//! nothing, the Admin calls, and the `/metrics` endpoint.
+
+mod support;
+
+use caskade_common::certs::{ClusterCertFiles, write_cluster_certs};
+use caskade_proto::kv_client::KvClient;
+use caskade_proto::{
+    BatchOp, BatchRequest, Condition, DeleteRequest, GetRequest, PutRequest, ScanRequest,
+    StatsRequest, batch_op, batch_result, condition,
+};
+use prost::bytes::Bytes;
+use support::{RunningNode, admin_client, certs, channel, kv_client, node_config};
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn put_request(key: &str, value: &str) -> PutRequest {
+    PutRequest {
+        key: Bytes::from(key.to_string()),
+        value: Bytes::from(value.to_string()),
+        ..PutRequest::default()
+    }
+}
+
+fn get_request(key: &str) -> GetRequest {
+    GetRequest {
+        key: Bytes::from(key.to_string()),
+        ..GetRequest::default()
+    }
+}
+
+async fn start(dir: &std::path::Path) -> (RunningNode, ClusterCertFiles) {
+    let certs = certs(dir);
+    let node = RunningNode::start(node_config(dir, &certs)).await;
+    (node, certs)
+}
+
+/// Every error in a `transport` failure's source chain, as one string.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        chain.push_str(" <- ");
+        chain.push_str(&e.to_string());
+        source = e.source();
+    }
+    chain
+}
+
+/// The outcome of one Get over `channel`, as an error chain if it failed.
+async fn try_get(channel: Result<Channel, tonic::transport::Error>) -> Result<(), String> {
+    let channel = channel.map_err(|e| error_chain(&e))?;
+    KvClient::new(channel)
+        .get(get_request("k"))
+        .await
+        .map(|_| ())
+        .map_err(|status| format!("{:?}: {}", status.code(), error_chain(&status)))
+}
+
+#[tokio::test]
+async fn a_cluster_client_can_put_get_delete_and_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, certs) = start(dir.path()).await;
+    let mut kv = kv_client(&node, &certs).await;
+
+    let first = kv
+        .put(put_request("fruit/apple", "red"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    assert_eq!(first.acks, 1);
+    let second = kv
+        .put(put_request("fruit/apple", "green"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!second.created);
+    let (v1, v2) = (first.version.unwrap(), second.version.unwrap());
+    assert!((v2.hlc, v2.origin) > (v1.hlc, v1.origin), "versions grow");
+    assert_eq!(v2.origin, 1, "the coordinating node is the origin");
+
+    let got = kv
+        .get(get_request("fruit/apple"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.found);
+    assert_eq!(got.value, "green");
+    assert_eq!(got.version, Some(v2));
+
+    for key in ["fruit/banana", "fruit/cherry", "veg/leek", "fruit/date"] {
+        kv.put(put_request(key, "x")).await.unwrap();
+    }
+    // Paged scan in byte order, restricted to the prefix.
+    let page = |after: &str| ScanRequest {
+        prefix: Bytes::from_static(b"fruit/"),
+        after: Bytes::from(after.to_string()),
+        limit: 2,
+        include_values: true,
+    };
+    let first_page = kv.scan(page("")).await.unwrap().into_inner();
+    let keys: Vec<_> = first_page.entries.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(keys, ["fruit/apple", "fruit/banana"]);
+    assert_eq!(first_page.entries[0].value, "green");
+    assert_eq!(first_page.next.as_deref(), Some(&b"fruit/banana"[..]));
+    let second_page = kv.scan(page("fruit/banana")).await.unwrap().into_inner();
+    let keys: Vec<_> = second_page.entries.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(keys, ["fruit/cherry", "fruit/date"]);
+    let last = kv.scan(page("fruit/date")).await.unwrap().into_inner();
+    assert!(last.entries.is_empty());
+    assert_eq!(last.next, None);
+
+    let deleted = kv
+        .delete(DeleteRequest {
+            key: Bytes::from_static(b"fruit/apple"),
+            ..DeleteRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.existed);
+    assert!(
+        !kv.get(get_request("fruit/apple"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn readiness_uses_the_standard_health_protocol() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (node, certs) = start(dir.path()).await;
+    let channel = channel(node.grpc, &certs.ca, Some(&certs.client))
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "caskade.v1.Kv"] {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let status = health.check(request).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn conditions_are_checked_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, certs) = start(dir.path()).await;
+    let mut kv = kv_client(&node, &certs).await;
+
+    let if_absent = Some(Condition {
+        kind: Some(condition::Kind::IfAbsent(true)),
+    });
+    let created = kv
+        .put(PutRequest {
+            condition: if_absent,
+            ..put_request("k", "one")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = kv
+        .put(PutRequest {
+            condition: if_absent,
+            ..put_request("k", "two")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let current = created.version.unwrap();
+    let sent = status.metadata().get("x-caskade-current-version").unwrap();
+    assert_eq!(
+        sent.to_str().unwrap(),
+        format!("{}-{}", current.hlc, current.origin)
+    );
+
+    let stale = caskade_proto::Version {
+        hlc: current.hlc - 1,
+        origin: current.origin,
+    };
+    let status = kv
+        .put(PutRequest {
+            condition: Some(Condition {
+                kind: Some(condition::Kind::IfVersion(stale)),
+            }),
+            ..put_request("k", "three")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    kv.put(PutRequest {
+        condition: Some(Condition {
+            kind: Some(condition::Kind::IfVersion(current)),
+        }),
+        ..put_request("k", "four")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        kv.get(get_request("k")).await.unwrap().into_inner().value,
+        "four"
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn only_certificates_of_the_cluster_ca_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, certs) = start(dir.path()).await;
+    let foreign = write_cluster_certs(&dir.path().join("foreign"), 1, &[], false).unwrap();
+
+    try_get(channel(node.grpc, &certs.ca, Some(&certs.client)).await)
+        .await
+        .expect("a cluster client gets in");
+
+    // No client certificate: the server demands one and aborts the handshake.
+    let refused = try_get(channel(node.grpc, &certs.ca, None).await)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("CertificateRequired") || refused.contains("certificate required"),
+        "{refused}"
+    );
+
+    // A certificate from another CA: the server does not trust its issuer.
+    let refused = try_get(channel(node.grpc, &certs.ca, Some(&foreign.client)).await)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("UnknownCA") || refused.contains("unknown ca"),
+        "{refused}"
+    );
+
+    // The client side checks too: a client of another cluster refuses this node.
+    let refused = try_get(channel(node.grpc, &foreign.ca, Some(&foreign.client)).await)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("UnknownIssuer"), "{refused}");
+
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, certs) = start(dir.path()).await;
+    let mut kv = kv_client(&node, &certs).await;
+    let mut admin = admin_client(&node, &certs).await;
+
+    let huge_key = "k".repeat(1025);
+    let huge_value = "v".repeat((1 << 20) + 1);
+    let bad_puts = [
+        put_request("", "value"),
+        put_request(&huge_key, "value"),
+        put_request("key", &huge_value),
+        PutRequest {
+            write_level: 99,
+            ..put_request("key", "value")
+        },
+    ];
+    for request in bad_puts {
+        let status = kv.put(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(!status.message().is_empty());
+    }
+    let status = kv
+        .delete(DeleteRequest {
+            key: Bytes::new(),
+            ..DeleteRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = kv.get(get_request("")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let bad_scans = [
+        ScanRequest {
+            limit: 1001,
+            ..ScanRequest::default()
+        },
+        ScanRequest {
+            prefix: Bytes::from(huge_key.clone()),
+            ..ScanRequest::default()
+        },
+    ];
+    for request in bad_scans {
+        let status = kv.scan(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+
+    // A batch over the op limit is refused whole: not even its valid ops run.
+    let op = BatchOp {
+        op: Some(batch_op::Op::Put(put_request("batched", "x"))),
+    };
+    let status = kv
+        .batch(BatchRequest {
+            ops: vec![op.clone(); 1001],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // Within the limit, a bad op fails alone.
+    let mixed = BatchRequest {
+        ops: vec![
+            op.clone(),
+            BatchOp {
+                op: Some(batch_op::Op::Put(put_request("", "x"))),
+            },
+        ],
+    };
+    let results = kv.batch(mixed).await.unwrap().into_inner().results;
+    assert!(matches!(
+        results[0].result,
+        Some(batch_result::Result::Put(_))
+    ));
+    match &results[1].result {
+        Some(batch_result::Result::Error(e)) => assert_eq!(e.code, Code::InvalidArgument as i32),
+        other => panic!("expected an error result, got {other:?}"),
+    }
+
+    // Only the one valid batched put was written.
+    let stats = admin.stats(StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!((stats.keys, stats.tombstones), (1, 0));
+    let all = kv.scan(ScanRequest::default()).await.unwrap().into_inner();
+    let keys: Vec<_> = all.entries.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(keys, ["batched"]);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_cluster_map_only_moves_to_higher_epochs_and_survives_restart() {
+    use caskade_proto::{
+        ClusterMap, ClusterNode, GetClusterMapRequest, NodeState, SetClusterMapRequest,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let node = RunningNode::start(node_config(dir.path(), &certs)).await;
+    let mut admin = admin_client(&node, &certs).await;
+    let map = |epoch: u64| ClusterMap {
+        epoch,
+        replication_factor: 1,
+        vnodes_per_node: 64,
+        nodes: vec![ClusterNode {
+            id: 1,
+            addr: node.grpc.to_string(),
+            state: NodeState::Active as i32,
+        }],
+    };
+    let set = |map: ClusterMap| SetClusterMapRequest { map: Some(map) };
+
+    assert_eq!(
+        admin
+            .get_cluster_map(GetClusterMapRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .map,
+        None
+    );
+    admin.set_cluster_map(set(map(2))).await.unwrap();
+    for stale in [1, 2] {
+        let status = admin.set_cluster_map(set(map(stale))).await.unwrap_err();
+        assert_eq!(status.code(), Code::Aborted, "epoch {stale}");
+    }
+    let invalid = ClusterMap {
+        replication_factor: 2,
+        ..map(3)
+    };
+    let status = admin.set_cluster_map(set(invalid)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    node.stop().await.unwrap();
+    let node = RunningNode::start(node_config(dir.path(), &certs)).await;
+    let mut admin = admin_client(&node, &certs).await;
+    let stored = admin
+        .get_cluster_map(GetClusterMapRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .map;
+    assert_eq!(stored.map(|m| m.epoch), Some(2));
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn backup_and_merge_through_admin() {
+    use caskade_node::engine::{Engine, Options};
+    use caskade_proto::{BackupRequest, MergeRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let mut config = node_config(dir.path(), &certs);
+    config.engine.max_file_size = 64 << 10;
+    let node = RunningNode::start(config).await;
+    let mut kv = kv_client(&node, &certs).await;
+    let mut admin = admin_client(&node, &certs).await;
+    let value = "v".repeat(1000);
+    for round in 0..3 {
+        for i in 0..100 {
+            kv.put(put_request(
+                &format!("key-{i:03}"),
+                &format!("{round}{value}"),
+            ))
+            .await
+            .unwrap();
+        }
+    }
+    let before = admin.stats(StatsRequest {}).await.unwrap().into_inner();
+    assert!(before.files > 2 && before.dead_bytes > 0, "{before:?}");
+
+    let merged = admin.merge(MergeRequest {}).await.unwrap().into_inner();
+    assert!(
+        merged.input_files > 0 && merged.bytes_reclaimed > 0,
+        "{merged:?}"
+    );
+    let after = admin.stats(StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(after.keys, 100);
+    assert!(after.dead_bytes < before.dead_bytes);
+
+    let backup = admin.backup(BackupRequest {}).await.unwrap().into_inner();
+    assert!(
+        backup
+            .path
+            .starts_with(&dir.path().join("backups").display().to_string())
+    );
+    assert_eq!(backup.last_seq, after.last_seq);
+    node.stop().await.unwrap();
+
+    let copy = Engine::open(&backup.path, Options::default()).unwrap();
+    assert_eq!(copy.stats().keys, 100);
+    let value = copy.get(b"key-042").unwrap().unwrap().value;
+    assert!(value.starts_with(b"2v"));
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_method_and_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    // The recorder is process-wide and other tests run beside this one: a
+    // node id of its own tells this node's series apart.
+    let mut config = node_config(dir.path(), &certs);
+    config.id = 77;
+    let node = RunningNode::start(config).await;
+    let mut kv = kv_client(&node, &certs).await;
+    for i in 0..3 {
+        kv.put(put_request(&format!("m{i}"), "x")).await.unwrap();
+    }
+    kv.get(get_request("m1")).await.unwrap();
+    kv.get(get_request("")).await.unwrap_err();
+
+    let url = format!("http://{}/metrics", node.metrics.unwrap());
+    let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let value = |name: &str, labels: &[&str]| {
+        body.lines()
+            .find(|l| {
+                l.starts_with(name)
+                    && l.contains(r#"node="77""#)
+                    && labels.iter().all(|x| l.contains(x))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+    };
+    let requests = "caskade_node_requests_total{";
+    assert_eq!(
+        value(requests, &[r#"method="Put""#, r#"code="OK""#]),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(requests, &[r#"method="Get""#, r#"code="OK""#]),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(requests, &[r#"method="Get""#, r#"code="INVALID_ARGUMENT""#]),
+        Some(1.0),
+        "{body}"
+    );
+    let put_latency = value(
+        "caskade_node_request_duration_seconds_count",
+        &[r#"method="Put""#],
+    );
+    assert_eq!(put_latency, Some(3.0), "{body}");
+    assert_eq!(value("caskade_engine_keys", &[]), Some(3.0), "{body}");
+    assert_eq!(
+        value("caskade_node_requests_in_flight", &[]),
+        Some(0.0),
+        "{body}"
+    );
+    node.stop().await.unwrap();
+}

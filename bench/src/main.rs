@@ -11,18 +11,17 @@
 
 mod alloc;
 mod caskade;
-mod measure;
 mod naive;
 #[cfg(feature = "peers")]
 mod peers;
 mod report;
-mod workload;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use caskade_bench::{measure, workload};
 use clap::Parser;
 
 use crate::naive::{Flush, NaiveLog};

@@ -66,6 +66,11 @@ impl Workload {
         self.keys.len()
     }
 
+    /// True if there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
     /// The `i`th key.
     pub fn key(&self, i: usize) -> &[u8] {
         &self.keys[i]

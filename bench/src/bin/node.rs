@@ -1,0 +1,256 @@
+//! caskade-bench-node: puts and gets per second, with latency percentiles,
+//! against one storage node over mutual-TLS gRPC, next to the same engine
+//! called in process, in one run.
+//!
+//! The node runs in this process on its own tokio runtime (`--server-threads`
+//! workers); the load generator runs on another (`--client-threads`), with
+//! `--streams` tasks each issuing one request at a time, spread over
+//! `--connections` HTTP/2 connections. Every get is checked against the value
+//! written. All data goes to a temporary directory deleted at exit.
+//!
+//! Run: `cargo run --release -p caskade-bench --bin caskade-bench-node -- [--keys N] [--streams 64]`
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use caskade_bench::measure::{self, Throughput};
+use caskade_bench::workload::{VALUE_LEN, Workload};
+use caskade_common::Version;
+use caskade_common::certs::write_cluster_certs;
+use caskade_common::tls::{TlsMaterial, install_crypto_provider};
+use caskade_node::config::{DurabilityMode, EngineConfig, MetricsConfig, ServerConfig};
+use caskade_node::engine::{Durability, Engine, Options, PutOptions};
+use caskade_node::{Node, NodeConfig};
+use caskade_proto::kv_client::KvClient;
+use caskade_proto::{GetRequest, PutRequest};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use prost::bytes::Bytes;
+use tonic::transport::{Channel, Endpoint};
+
+/// Benchmark one caskade storage node over mutual-TLS gRPC.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Number of keys (16 B keys, 100 B values), each put once and read once.
+    #[arg(long, default_value_t = 200_000)]
+    keys: usize,
+    /// Concurrent requests in flight (one task each).
+    #[arg(long, default_value_t = 64)]
+    streams: usize,
+    /// HTTP/2 connections the streams are spread over.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Worker threads of the node's runtime.
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
+    /// Worker threads of the load generator's runtime.
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
+    /// Seed of the keys, values and read order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+/// Latencies of one phase, in microseconds.
+struct Phase {
+    throughput: Throughput,
+    latency: Histogram<u64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(
+        args.keys > 0 && args.streams > 0 && args.connections > 0,
+        "counts must be positive"
+    );
+    install_crypto_provider();
+    let workload = Arc::new(Workload::new(args.keys, args.seed));
+    let order = Arc::new(workload.read_order());
+    let root = tempfile::tempdir().context("creating the temporary directory")?;
+
+    eprintln!("engine in process ({} keys)…", args.keys);
+    let (engine_puts, engine_gets) = in_process(&root.path().join("engine"), &workload, &order)?;
+
+    eprintln!(
+        "node over mTLS gRPC ({} streams, {} connection(s))…",
+        args.streams, args.connections
+    );
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.server_threads)
+        .thread_name("node")
+        .enable_all()
+        .build()?;
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads)
+        .thread_name("load")
+        .enable_all()
+        .build()?;
+    let certs = write_cluster_certs(&root.path().join("certs"), 1, &[], false)?;
+    let config = NodeConfig {
+        id: 1,
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: root.path().join("node"),
+        backup_dir: None,
+        tls: certs.nodes[0].clone(),
+        engine: EngineConfig {
+            durability: DurabilityMode::Never,
+            ..EngineConfig::default()
+        },
+        server: ServerConfig::default(),
+        metrics: MetricsConfig::default(),
+        log: Default::default(),
+    };
+    let node = server.block_on(Node::start(config))?;
+    let addr = node.grpc_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = server.spawn(node.serve(async move {
+        let _ = stopped.await;
+    }));
+
+    let tls = TlsMaterial::load(&certs.client)?;
+    let (grpc_puts, grpc_gets) = client.block_on(async {
+        let mut channels = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections {
+            let channel = Endpoint::from_shared(format!("https://{addr}"))?
+                .tls_config(tls.grpc_client("localhost"))?
+                .connect()
+                .await?;
+            channels.push(channel);
+        }
+        let puts = load(&channels, args.streams, &workload, None).await?;
+        let gets = load(&channels, args.streams, &workload, Some(&order)).await?;
+        anyhow::Ok((puts, gets))
+    })?;
+    let _ = stop.send(());
+    server.block_on(serving)??;
+
+    print_report(&args, &engine_puts, &engine_gets, &grpc_puts, &grpc_gets);
+    Ok(())
+}
+
+/// The engine alone, `never` durability: one thread putting every key, then
+/// two threads reading every key.
+fn in_process(
+    dir: &Path,
+    workload: &Workload,
+    order: &[u32],
+) -> anyhow::Result<(Throughput, Throughput)> {
+    let options = Options {
+        durability: Durability::Never,
+        ..Options::default()
+    };
+    let engine = Engine::open(dir, options)?;
+    let puts = measure::sequential_puts(workload, |i, key, value| {
+        let opts = PutOptions {
+            version: Version::new(i as u64 + 1, 1),
+            ..PutOptions::default()
+        };
+        engine.put(key, value, opts)?;
+        Ok(())
+    })?;
+    let gets = measure::parallel_gets(2, order, || {
+        Ok(|i: usize| workload.check(i, engine.get(workload.key(i))?.map(|v| v.value).as_deref()))
+    })?;
+    engine.close()?;
+    Ok((puts, gets))
+}
+
+/// `streams` tasks share one cursor over the keys: puts in workload order,
+/// or gets in `read_order`. Each request is timed on its own.
+async fn load(
+    channels: &[Channel],
+    streams: usize,
+    workload: &Arc<Workload>,
+    read_order: Option<&Arc<Vec<u32>>>,
+) -> anyhow::Result<Phase> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(streams);
+    for s in 0..streams {
+        let mut kv = KvClient::new(channels[s % channels.len()].clone());
+        let (next, workload) = (Arc::clone(&next), Arc::clone(workload));
+        let order = read_order.map(Arc::clone);
+        tasks.push(tokio::spawn(async move {
+            let mut latency = Histogram::<u64>::new(3)?;
+            let mut value = [0u8; VALUE_LEN];
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= workload.len() {
+                    break;
+                }
+                let sent = Instant::now();
+                match &order {
+                    None => {
+                        workload.value_into(n, &mut value);
+                        let request = PutRequest {
+                            key: Bytes::copy_from_slice(workload.key(n)),
+                            value: Bytes::copy_from_slice(&value),
+                            ..PutRequest::default()
+                        };
+                        kv.put(request).await?;
+                    }
+                    Some(order) => {
+                        let i = order[n] as usize;
+                        let request = GetRequest {
+                            key: Bytes::copy_from_slice(workload.key(i)),
+                            ..GetRequest::default()
+                        };
+                        let got = kv.get(request).await?.into_inner();
+                        if !got.found {
+                            bail!("key #{i} is missing");
+                        }
+                        workload.check(i, Some(&got.value))?;
+                    }
+                }
+                latency.record(sent.elapsed().as_micros() as u64)?;
+            }
+            anyhow::Ok(latency)
+        }));
+    }
+    let mut latency = Histogram::<u64>::new(3)?;
+    for task in tasks {
+        latency.add(task.await??)?;
+    }
+    Ok(Phase {
+        throughput: Throughput {
+            ops: workload.len() as u64,
+            elapsed: started.elapsed(),
+        },
+        latency,
+    })
+}
+
+fn print_report(
+    args: &Args,
+    engine_puts: &Throughput,
+    engine_gets: &Throughput,
+    puts: &Phase,
+    gets: &Phase,
+) {
+    let micros = |h: &Histogram<u64>, q: f64| Duration::from_micros(h.value_at_quantile(q));
+    println!(
+        "{} keys, 16 B keys, 100 B values; node: `never` durability, {} server / {} client threads; {} streams over {} connection(s)",
+        args.keys, args.server_threads, args.client_threads, args.streams, args.connections
+    );
+    println!();
+    println!("| operation | engine in process | node over mTLS gRPC | share | p50 | p99 | p99.9 |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, engine, grpc, engine_threads) in [
+        ("puts", engine_puts, puts, "1 thread"),
+        ("gets", engine_gets, gets, "2 threads"),
+    ] {
+        println!(
+            "| {name} | {:.0}/s ({engine_threads}) | {:.0}/s | {:.0} % | {:?} | {:?} | {:?} |",
+            engine.per_sec(),
+            grpc.throughput.per_sec(),
+            100.0 * grpc.throughput.per_sec() / engine.per_sec(),
+            micros(&grpc.latency, 0.5),
+            micros(&grpc.latency, 0.99),
+            micros(&grpc.latency, 0.999),
+        );
+    }
+}

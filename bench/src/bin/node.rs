@@ -30,6 +30,8 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use prost::bytes::Bytes;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Benchmark one caskade storage node over mutual-TLS gRPC.
 #[derive(Debug, Parser)]
@@ -112,7 +114,7 @@ fn main() -> anyhow::Result<()> {
     }));
 
     let tls = TlsMaterial::load(&certs.client)?;
-    let (grpc_puts, grpc_gets) = client.block_on(async {
+    let (ceiling, grpc_puts, grpc_gets) = client.block_on(async {
         let mut channels = Vec::with_capacity(args.connections);
         for _ in 0..args.connections {
             let channel = Endpoint::from_shared(format!("https://{addr}"))?
@@ -121,14 +123,22 @@ fn main() -> anyhow::Result<()> {
                 .await?;
             channels.push(channel);
         }
+        let ceiling = health_checks(&channels, args.streams, workload.len()).await?;
         let puts = load(&channels, args.streams, &workload, None).await?;
         let gets = load(&channels, args.streams, &workload, Some(&order)).await?;
-        anyhow::Ok((puts, gets))
+        anyhow::Ok((ceiling, puts, gets))
     })?;
     let _ = stop.send(());
     server.block_on(serving)??;
 
-    print_report(&args, &engine_puts, &engine_gets, &grpc_puts, &grpc_gets);
+    print_report(
+        &args,
+        &engine_puts,
+        &engine_gets,
+        &ceiling,
+        &grpc_puts,
+        &grpc_gets,
+    );
     Ok(())
 }
 
@@ -157,6 +167,42 @@ fn in_process(
     })?;
     engine.close()?;
     Ok((puts, gets))
+}
+
+/// The transport's own ceiling: the same number of requests and streams, each
+/// a `grpc.health.v1` check, which touches no storage and does no work.
+async fn health_checks(
+    channels: &[Channel],
+    streams: usize,
+    requests: usize,
+) -> anyhow::Result<Phase> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(streams);
+    for s in 0..streams {
+        let mut health = HealthClient::new(channels[s % channels.len()].clone());
+        let next = Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            let mut latency = Histogram::<u64>::new(3)?;
+            while next.fetch_add(1, Ordering::Relaxed) < requests {
+                let sent = Instant::now();
+                health.check(HealthCheckRequest::default()).await?;
+                latency.record(sent.elapsed().as_micros() as u64)?;
+            }
+            anyhow::Ok(latency)
+        }));
+    }
+    let mut latency = Histogram::<u64>::new(3)?;
+    for task in tasks {
+        latency.add(task.await??)?;
+    }
+    Ok(Phase {
+        throughput: Throughput {
+            ops: requests as u64,
+            elapsed: started.elapsed(),
+        },
+        latency,
+    })
 }
 
 /// `streams` tasks share one cursor over the keys: puts in workload order,
@@ -228,6 +274,7 @@ fn print_report(
     args: &Args,
     engine_puts: &Throughput,
     engine_gets: &Throughput,
+    ceiling: &Phase,
     puts: &Phase,
     gets: &Phase,
 ) {
@@ -237,17 +284,27 @@ fn print_report(
         args.keys, args.server_threads, args.client_threads, args.streams, args.connections
     );
     println!();
-    println!("| operation | engine in process | node over mTLS gRPC | share | p50 | p99 | p99.9 |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| operation | engine in process | node over mTLS gRPC | share of engine | share of transport ceiling | p50 | p99 | p99.9 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| health check (transport ceiling) | — | {:.0}/s | — | 100 % | {:?} | {:?} | {:?} |",
+        ceiling.throughput.per_sec(),
+        micros(&ceiling.latency, 0.5),
+        micros(&ceiling.latency, 0.99),
+        micros(&ceiling.latency, 0.999),
+    );
     for (name, engine, grpc, engine_threads) in [
         ("puts", engine_puts, puts, "1 thread"),
         ("gets", engine_gets, gets, "2 threads"),
     ] {
         println!(
-            "| {name} | {:.0}/s ({engine_threads}) | {:.0}/s | {:.0} % | {:?} | {:?} | {:?} |",
+            "| {name} | {:.0}/s ({engine_threads}) | {:.0}/s | {:.1} % | {:.0} % | {:?} | {:?} | {:?} |",
             engine.per_sec(),
             grpc.throughput.per_sec(),
             100.0 * grpc.throughput.per_sec() / engine.per_sec(),
+            100.0 * grpc.throughput.per_sec() / ceiling.throughput.per_sec(),
             micros(&grpc.latency, 0.5),
             micros(&grpc.latency, 0.99),
             micros(&grpc.latency, 0.999),

@@ -3,7 +3,8 @@
 //!
 //! The node coordinating a write assigns its version from its hybrid logical
 //! clock. Every engine call blocks (file I/O, and fsync under `always`), so it
-//! runs on tokio's blocking pool, never on a runtime worker. Requests are
+//! runs on the node's engine threads or, for writes that wait for a group
+//! commit, on tokio's blocking pool; never on a runtime worker. Requests are
 //! validated before anything is written: a refused request changes nothing.
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::engine::{Condition, DeleteOptions, Engine, EngineError, PutOptions, WriteOutcome};
+use crate::engine_threads::EngineThreads;
 use crate::observe::Observer;
 use crate::status::engine_status;
 
@@ -48,6 +50,11 @@ pub struct NodeCore {
     pub hlc: Hlc,
     /// Request metrics and spans.
     pub observer: Observer,
+    /// Where engine calls run.
+    pub threads: EngineThreads,
+    /// Writes wait for an fsync (`always` durability): run them where any
+    /// number can wait at once, so that they commit in groups.
+    pub writes_wait_for_fsync: bool,
 }
 
 /// The `Kv` service.
@@ -62,13 +69,26 @@ impl KvService {
         KvService { core }
     }
 
-    /// Runs `work` against the core on the blocking pool.
-    async fn blocking<T: Send + 'static>(
+    /// Runs `work`, which only reads, on the engine threads.
+    async fn read<T: Send + 'static>(
         &self,
         work: impl FnOnce(&NodeCore) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let core = Arc::clone(&self.core);
-        run_blocking(move || work(&core)).await
+        self.core.threads.run(move || work(&core)).await
+    }
+
+    /// Runs `work`, which may write, where writes run (see [`NodeCore::writes_wait_for_fsync`]).
+    async fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&NodeCore) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let core = Arc::clone(&self.core);
+        if self.core.writes_wait_for_fsync {
+            run_blocking(move || work(&core)).await
+        } else {
+            self.core.threads.run(move || work(&core)).await
+        }
     }
 }
 
@@ -91,7 +111,7 @@ impl Kv for KvService {
         let call = self.core.observer.start("Get", request.metadata());
         let request = request.into_inner();
         let result = self
-            .blocking(move |core| core.get(&request))
+            .read(move |core| core.get(&request))
             .instrument(call.span())
             .await;
         call.finish(result.map(Response::new))
@@ -101,7 +121,7 @@ impl Kv for KvService {
         let call = self.core.observer.start("Put", request.metadata());
         let request = request.into_inner();
         let result = self
-            .blocking(move |core| core.put(&request))
+            .write(move |core| core.put(&request))
             .instrument(call.span())
             .await;
         call.finish(result.map(Response::new))
@@ -114,7 +134,7 @@ impl Kv for KvService {
         let call = self.core.observer.start("Delete", request.metadata());
         let request = request.into_inner();
         let result = self
-            .blocking(move |core| core.delete(&request))
+            .write(move |core| core.delete(&request))
             .instrument(call.span())
             .await;
         call.finish(result.map(Response::new))
@@ -124,7 +144,7 @@ impl Kv for KvService {
         let call = self.core.observer.start("Scan", request.metadata());
         let request = request.into_inner();
         let result = self
-            .blocking(move |core| core.scan(&request))
+            .read(move |core| core.scan(&request))
             .instrument(call.span())
             .await;
         call.finish(result.map(Response::new))
@@ -138,7 +158,7 @@ impl Kv for KvService {
         let request = request.into_inner();
         let result = match validate_batch(&request) {
             Ok(()) => {
-                self.blocking(move |core| Ok(core.batch(request)))
+                self.write(move |core| Ok(core.batch(request)))
                     .instrument(call.span())
                     .await
             }

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod config;
 pub mod engine;
+pub mod engine_threads;
 pub mod kv;
 pub mod observe;
 pub mod server;

@@ -25,8 +25,9 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, ClusterMapStore, stats_of};
-use crate::config::NodeConfig;
+use crate::config::{DurabilityMode, NodeConfig};
 use crate::engine::{Engine, EngineError, FsyncObserver};
+use crate::engine_threads::EngineThreads;
 use crate::kv::{KvService, NodeCore};
 use crate::observe::Observer;
 
@@ -89,11 +90,14 @@ impl Node {
             Some(addr) => Some(telemetry::bind(addr, "metrics").await?),
             None => None,
         };
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
         let core = Arc::new(NodeCore {
             id: config.id,
             engine: Arc::new(engine),
             hlc: Hlc::new(config.id),
             observer: Observer::new(config.id),
+            threads: EngineThreads::start(threads)?,
+            writes_wait_for_fsync: config.engine.durability == DurabilityMode::Always,
         });
         Ok(Node {
             config,

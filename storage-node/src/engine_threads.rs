@@ -65,3 +65,30 @@ fn work(jobs: &Receiver<Job>) {
         let _ = catch_unwind(AssertUnwindSafe(job));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_call_fails_alone_and_the_threads_go_on() {
+        let threads = EngineThreads::start(1).expect("start");
+        let failed = threads
+            .run(|| -> Result<(), Status> { panic!("engine call panics") })
+            .await
+            .expect_err("the panic is an error");
+        assert_eq!(failed.code(), tonic::Code::Internal);
+        // The one thread survived the panic and serves the next call.
+        assert_eq!(threads.run(|| Ok(7)).await.expect("next call"), 7);
+    }
+
+    #[tokio::test]
+    async fn calls_run_off_the_runtime_threads() {
+        let threads = EngineThreads::start(2).expect("start");
+        let name = threads
+            .run(|| Ok(std::thread::current().name().map(str::to_owned)))
+            .await
+            .expect("call");
+        assert!(name.is_some_and(|n| n.starts_with("engine-")));
+    }
+}

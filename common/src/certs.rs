@@ -178,19 +178,29 @@ pub fn write_cluster_certs(
     if ca_path.exists() && !force {
         return Err(CertError::CaExists(ca_path));
     }
-    fs::create_dir_all(out).map_err(|source| CertError::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    for host in hosts {
+        validate_host(host)?;
+    }
+    // Everything is generated before anything is written, so a failure
+    // leaves `out` as it was.
     // A unique name: a peer holding a certificate of another caskade CA is
     // then refused as "unknown CA" rather than by a signature mismatch.
     let ca_name = format!("caskade cluster CA {}", crate::telemetry::random_hex_id());
     let ca = ClusterCa::generate(&ca_name)?;
-    write_file(&ca_path, &ca.cert.cert_pem, false)?;
-    write_file(&out.join("ca-key.pem"), &ca.cert.key_pem, true)?;
+    let mut stems: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
+    stems.extend(["router".to_string(), "client".to_string()]);
+    let issued = stems
+        .iter()
+        .map(|stem| Ok((stem, ca.issue(&format!("caskade {stem}"), hosts)?)))
+        .collect::<Result<Vec<_>, CertError>>()?;
 
-    let issue = |stem: &str| -> Result<TlsFiles, CertError> {
-        let cert = ca.issue(&format!("caskade {stem}"), hosts)?;
+    fs::create_dir_all(out).map_err(|source| CertError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    write_file(&out.join("ca-key.pem"), &ca.cert.key_pem, true)?;
+    let mut written = Vec::with_capacity(issued.len());
+    for (stem, cert) in issued {
         let files = TlsFiles {
             ca: ca_path.clone(),
             cert: out.join(format!("{stem}.pem")),
@@ -198,19 +208,28 @@ pub fn write_cluster_certs(
         };
         write_file(&files.cert, &cert.cert_pem, false)?;
         write_file(&files.key, &cert.key_pem, true)?;
-        Ok(files)
-    };
-    let nodes = (1..=nodes)
-        .map(|i| issue(&format!("node-{i}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let router = issue("router")?;
-    let client = issue("client")?;
+        written.push(files);
+    }
+    // The CA certificate last: its presence marks a complete set.
+    write_file(&ca_path, &ca.cert.cert_pem, false)?;
+    let client = written.pop().expect("client was issued last");
+    let router = written.pop().expect("router was issued before the client");
     Ok(ClusterCertFiles {
-        ca: ca_path.clone(),
-        nodes,
+        ca: ca_path,
+        nodes: written,
         router,
         client,
     })
+}
+
+/// A host must be a DNS name or an IP address, as a TLS peer would name it.
+fn validate_host(host: &str) -> Result<(), CertError> {
+    rustls_pki_types::ServerName::try_from(host)
+        .map(|_| ())
+        .map_err(|e| CertError::InvalidHost {
+            host: host.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 fn distinguished_name(common_name: &str) -> DistinguishedName {
@@ -248,4 +267,57 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertErro
     let mut file = options.open(path).map_err(io_error)?;
     file.write_all(contents.as_bytes()).map_err(io_error)?;
     file.sync_all().map_err(io_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::TlsMaterial;
+
+    #[test]
+    fn writes_a_usable_set_and_refuses_to_replace_the_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("certs");
+        let files =
+            write_cluster_certs(&out, 2, &["node-a.example".into()], false).expect("first run");
+        assert_eq!(files.nodes.len(), 2);
+        // Each pair loads and its key matches its certificate.
+        for tls in files.nodes.iter().chain([&files.router, &files.client]) {
+            TlsMaterial::load(tls).expect("usable certificate");
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&files.client.key)
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+
+        let ca_before = fs::read(&files.ca).expect("ca");
+        let err = write_cluster_certs(&out, 2, &[], false).expect_err("existing CA");
+        assert!(matches!(err, CertError::CaExists(_)), "{err}");
+        assert_eq!(
+            fs::read(&files.ca).expect("ca"),
+            ca_before,
+            "nothing was replaced"
+        );
+
+        write_cluster_certs(&out, 1, &[], true).expect("forced");
+        assert_ne!(fs::read(&files.ca).expect("ca"), ca_before);
+    }
+
+    #[test]
+    fn a_bad_host_name_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = write_cluster_certs(dir.path(), 1, &["not a host!".into()], false)
+            .expect_err("invalid host");
+        assert!(matches!(err, CertError::InvalidHost { .. }), "{err}");
+        assert_eq!(
+            fs::read_dir(dir.path()).expect("dir").count(),
+            0,
+            "nothing written"
+        );
+    }
 }

@@ -108,6 +108,23 @@ impl ClusterCa {
         })
     }
 
+    /// The CA stored as `cert_pem` and `key_pem`.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, CertError> {
+        let failed = |reason: rcgen::Error| CertError::Generate {
+            what: "the stored CA".into(),
+            reason: reason.to_string(),
+        };
+        let key = KeyPair::from_pem(key_pem).map_err(failed)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(failed)?;
+        Ok(ClusterCa {
+            issuer,
+            cert: IssuedCert {
+                cert_pem: cert_pem.to_string(),
+                key_pem: key_pem.to_string(),
+            },
+        })
+    }
+
     /// The CA's certificate and key.
     pub fn cert(&self) -> &IssuedCert {
         &self.cert
@@ -222,6 +239,51 @@ pub fn write_cluster_certs(
     })
 }
 
+/// Like [`write_cluster_certs`], but keeps an existing CA and every file
+/// already there, issuing only the missing ones (`caskade local` on a data
+/// directory it created before, perhaps with more nodes now).
+pub fn ensure_cluster_certs(
+    out: &Path,
+    nodes: u32,
+    hosts: &[String],
+) -> Result<ClusterCertFiles, CertError> {
+    let ca_path = out.join("ca.pem");
+    if !ca_path.exists() {
+        return write_cluster_certs(out, nodes, hosts, false);
+    }
+    let read = |path: &Path| {
+        fs::read_to_string(path).map_err(|source| CertError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let ca = ClusterCa::from_pem(&read(&ca_path)?, &read(&out.join("ca-key.pem"))?)?;
+    let mut stems: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
+    stems.extend(["router".to_string(), "client".to_string()]);
+    let mut files = Vec::with_capacity(stems.len());
+    for stem in &stems {
+        let tls = TlsFiles {
+            ca: ca_path.clone(),
+            cert: out.join(format!("{stem}.pem")),
+            key: out.join(format!("{stem}-key.pem")),
+        };
+        if !(tls.cert.exists() && tls.key.exists()) {
+            let cert = ca.issue(&format!("caskade {stem}"), hosts)?;
+            write_file(&tls.key, &cert.key_pem, true)?;
+            write_file(&tls.cert, &cert.cert_pem, false)?;
+        }
+        files.push(tls);
+    }
+    let client = files.pop().expect("client is the last stem");
+    let router = files.pop().expect("router comes before the client");
+    Ok(ClusterCertFiles {
+        ca: ca_path,
+        nodes: files,
+        router,
+        client,
+    })
+}
+
 /// A host must be a DNS name or an IP address, as a TLS peer would name it.
 fn validate_host(host: &str) -> Result<(), CertError> {
     rustls_pki_types::ServerName::try_from(host)
@@ -306,6 +368,19 @@ mod tests {
 
         write_cluster_certs(&out, 1, &[], true).expect("forced");
         assert_ne!(fs::read(&files.ca).expect("ca"), ca_before);
+    }
+
+    #[test]
+    fn ensure_keeps_the_ca_and_adds_missing_certificates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = ensure_cluster_certs(dir.path(), 1, &[]).expect("first");
+        let ca = fs::read(&first.ca).expect("ca");
+        let node_1 = fs::read(&first.nodes[0].cert).expect("node 1");
+        let second = ensure_cluster_certs(dir.path(), 2, &[]).expect("second");
+        assert_eq!(fs::read(&second.ca).expect("ca"), ca);
+        assert_eq!(fs::read(&second.nodes[0].cert).expect("node 1"), node_1);
+        // The new node's certificate is signed by the kept CA.
+        TlsMaterial::load(&second.nodes[1]).expect("node 2 loads");
     }
 
     #[test]

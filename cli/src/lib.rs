@@ -1,0 +1,6 @@
+//! caskade-cli: the `caskade` command's subcommands, as a library so that
+//! tests can start a local cluster the way `caskade local` does.
+
+pub mod certs;
+pub mod local;
+pub mod token;

@@ -1,0 +1,252 @@
+//! `caskade local`: three storage nodes and a router in one process, talking
+//! real mutual-TLS gRPC on loopback, with everything a user needs written
+//! under the data directory.
+//!
+//! Layout of `<data-dir>`: `certs/` (CA and certificates, reused on the next
+//! run), `jwt-secret` (the router's HS256 secret, reused), `admin.token` (an
+//! admin JWT valid 24 h, rewritten on every start), `node-<i>/` (each node's
+//! data) and `node-<i>-backups/`. Nodes listen on ports the OS picks, so
+//! every start writes the cluster map with a new epoch to every node before
+//! the router is started.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use caskade_common::certs::{ClusterCertFiles, ensure_cluster_certs};
+use caskade_common::config::LogConfig;
+use caskade_common::tls::TlsMaterial;
+use caskade_node::config::{EngineConfig, MetricsConfig, ServerConfig};
+use caskade_node::{Node, NodeConfig, NodeError};
+use caskade_proto::admin_client::AdminClient;
+use caskade_proto::{
+    ClusterMap, ClusterNode, GetClusterMapRequest, NodeState, SetClusterMapRequest,
+};
+use caskade_router::auth::{
+    AuthConfig, Role, SecretKeyFile, TokenRequest, issue_hs256, load_hs256_secret,
+};
+use caskade_router::config::{HttpsFiles, IdempotencyConfig, LimitsConfig, NodePolicy};
+use caskade_router::{Router, RouterConfig, RouterError};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Endpoint;
+
+/// Ring points per node of the map `caskade local` writes.
+const VNODES_PER_NODE: u32 = 64;
+/// How long the printed admin token is valid.
+const ADMIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// Where everything is kept.
+    pub data_dir: PathBuf,
+    /// The router's address.
+    pub listen: SocketAddr,
+    /// Number of storage nodes.
+    pub nodes: u32,
+    /// Storage engine settings of every node.
+    pub engine: EngineConfig,
+    /// Per-node policy of the router.
+    pub node_policy: NodePolicy,
+}
+
+/// A running local cluster.
+#[derive(Debug)]
+pub struct LocalCluster {
+    /// The router's base URL (`https://127.0.0.1:8443`).
+    pub url: String,
+    /// An admin token.
+    pub admin_token: String,
+    /// The certificates.
+    pub certs: ClusterCertFiles,
+    /// The HS256 secret file.
+    pub secret_file: PathBuf,
+    /// Each node's gRPC address, by node id (1-based).
+    pub node_addrs: Vec<SocketAddr>,
+    stop: watch::Sender<bool>,
+    nodes: Vec<JoinHandle<Result<(), NodeError>>>,
+    router: JoinHandle<Result<(), RouterError>>,
+}
+
+impl LocalCluster {
+    /// Starts the nodes, writes the cluster map, starts the router.
+    pub async fn start(options: LocalOptions) -> anyhow::Result<LocalCluster> {
+        if options.nodes == 0 {
+            bail!("--nodes must be at least 1");
+        }
+        let dir = &options.data_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let certs = ensure_cluster_certs(&dir.join("certs"), options.nodes, &[])?;
+        let secret_file = dir.join("jwt-secret");
+        ensure_secret(&secret_file)?;
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        };
+
+        let mut node_addrs = Vec::new();
+        let mut nodes = Vec::new();
+        for id in 1..=options.nodes {
+            let config = NodeConfig {
+                id,
+                listen: "127.0.0.1:0".parse()?,
+                data_dir: dir.join(format!("node-{id}")),
+                backup_dir: Some(dir.join(format!("node-{id}-backups"))),
+                tls: certs.nodes[id as usize - 1].clone(),
+                engine: options.engine.clone(),
+                server: ServerConfig::default(),
+                metrics: MetricsConfig::default(),
+                log: LogConfig::default(),
+            };
+            let node = Node::start(config)
+                .await
+                .with_context(|| format!("starting node {id}"))?;
+            node_addrs.push(node.grpc_addr());
+            nodes.push(tokio::spawn(node.serve(until_stopped())));
+        }
+        write_cluster_map(&certs, &node_addrs).await?;
+
+        let config = RouterConfig {
+            listen: options.listen,
+            https: Some(HttpsFiles {
+                cert: certs.router.cert.clone(),
+                key: certs.router.key.clone(),
+            }),
+            insecure_http: false,
+            node_tls: certs.router.clone(),
+            seeds: node_addrs.iter().map(ToString::to_string).collect(),
+            auth: AuthConfig {
+                hs256: vec![SecretKeyFile {
+                    kid: None,
+                    path: secret_file.clone(),
+                }],
+                ..AuthConfig::default()
+            },
+            limits: LimitsConfig::default(),
+            nodes: options.node_policy.clone(),
+            idempotency: IdempotencyConfig::default(),
+            log: LogConfig::default(),
+        };
+        let router = Router::start(config).await.context("starting the router")?;
+        let url = format!("https://{}", router.local_addr());
+        let router = tokio::spawn(router.serve(until_stopped()));
+
+        let secret = load_hs256_secret(&secret_file)?;
+        let admin_token = issue_hs256(
+            &secret,
+            &TokenRequest {
+                subject: "admin",
+                role: Role::Admin,
+                prefix: None,
+                ttl: ADMIN_TOKEN_TTL,
+                issuer: None,
+                audience: None,
+                kid: None,
+            },
+        )?;
+        write_private(
+            &dir.join("admin.token"),
+            format!("{admin_token}\n").as_bytes(),
+        )?;
+        Ok(LocalCluster {
+            url,
+            admin_token,
+            certs,
+            secret_file,
+            node_addrs,
+            stop,
+            nodes,
+            router,
+        })
+    }
+
+    /// Stops the router, then the nodes, each gracefully.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.router.await??;
+        for node in self.nodes {
+            node.await??;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a map with a higher epoch than any node holds, to every node.
+async fn write_cluster_map(certs: &ClusterCertFiles, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+    let tls = TlsMaterial::load(&certs.client)?;
+    let mut clients = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let channel = Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls.grpc_client("127.0.0.1"))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to node at {addr}"))?;
+        clients.push(AdminClient::new(channel));
+    }
+    let mut epoch = 0;
+    for client in &mut clients {
+        let stored = client
+            .get_cluster_map(GetClusterMapRequest {})
+            .await?
+            .into_inner()
+            .map;
+        epoch = epoch.max(stored.map_or(0, |m| m.epoch));
+    }
+    let count = u32::try_from(addrs.len())?;
+    let map = ClusterMap {
+        epoch: epoch + 1,
+        replication_factor: count.min(3),
+        vnodes_per_node: VNODES_PER_NODE,
+        nodes: addrs
+            .iter()
+            .zip(1..)
+            .map(|(addr, id)| ClusterNode {
+                id,
+                addr: addr.to_string(),
+                state: NodeState::Active as i32,
+            })
+            .collect(),
+    };
+    for client in &mut clients {
+        client
+            .set_cluster_map(SetClusterMapRequest {
+                map: Some(map.clone()),
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Creates the HS256 secret (32 random bytes, hex) unless it exists.
+fn ensure_secret(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(path, format!("{hex}\n").as_bytes())
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! The router's view of the cluster: the cluster map it last adopted, the
+//! ring built from it, and a [`NodeHandle`] per node.
+//!
+//! The router stores nothing: it fetches the map from any seed node at
+//! start-up (retrying until one answers) and adopts any higher epoch it sees
+//! later. Views are immutable and swapped whole, so a request routes on one
+//! consistent map even while a new one arrives. Active health checks run
+//! here, one round per `health_interval_ms`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use caskade_common::ring::Ring;
+use caskade_common::tls::TlsMaterial;
+use caskade_proto::admin_client::AdminClient;
+use caskade_proto::{ClusterMap, GetClusterMapRequest, NodeState};
+use tonic::transport::Endpoint;
+
+use crate::config::NodePolicy;
+use crate::nodes::NodeHandle;
+
+/// One adopted cluster map, with everything derived from it.
+#[derive(Debug)]
+pub struct ClusterView {
+    /// The map.
+    pub map: ClusterMap,
+    /// The ring over the map's active nodes.
+    pub ring: Ring,
+    /// Every node of the map, by id.
+    pub nodes: BTreeMap<u32, Arc<NodeHandle>>,
+}
+
+impl ClusterView {
+    /// The nodes of `key`'s preference list, in order.
+    pub fn preference_list(&self, key: &[u8]) -> Vec<Arc<NodeHandle>> {
+        self.ring
+            .preference_list(key)
+            .into_iter()
+            .filter_map(|id| self.nodes.get(&id).cloned())
+            .collect()
+    }
+}
+
+/// The cluster as the router knows it.
+#[derive(Debug)]
+pub struct Cluster {
+    seeds: Vec<String>,
+    tls: TlsMaterial,
+    policy: NodePolicy,
+    /// The current view; replaced whole, never modified in place.
+    view: RwLock<Option<Arc<ClusterView>>>,
+}
+
+impl Cluster {
+    /// A cluster with no map yet.
+    pub fn new(seeds: Vec<String>, tls: TlsMaterial, policy: NodePolicy) -> Cluster {
+        Cluster {
+            seeds,
+            tls,
+            policy,
+            view: RwLock::new(None),
+        }
+    }
+
+    /// The current view, if a map has been adopted.
+    pub fn view(&self) -> Option<Arc<ClusterView>> {
+        self.view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Adopts `map` if its epoch is higher than the current one (or there is
+    /// none). Nodes whose id and address are unchanged keep their handle, so
+    /// their breaker and readiness survive.
+    pub fn adopt(&self, map: ClusterMap) -> Result<bool, tonic::transport::Error> {
+        let current = self.view();
+        if current
+            .as_ref()
+            .is_some_and(|view| view.map.epoch >= map.epoch)
+        {
+            return Ok(false);
+        }
+        let mut nodes = BTreeMap::new();
+        for node in &map.nodes {
+            let kept = current
+                .as_ref()
+                .and_then(|view| view.nodes.get(&node.id))
+                .filter(|handle| handle.addr == node.addr)
+                .cloned();
+            let handle = match kept {
+                Some(handle) => handle,
+                None => Arc::new(NodeHandle::new(
+                    node.id,
+                    &node.addr,
+                    &self.tls,
+                    &self.policy,
+                )?),
+            };
+            nodes.insert(node.id, handle);
+        }
+        let serving: Vec<u32> = map
+            .nodes
+            .iter()
+            .filter(|n| n.state() != NodeState::Joining)
+            .map(|n| n.id)
+            .collect();
+        let ring = Ring::new(&serving, map.vnodes_per_node, map.replication_factor);
+        tracing::info!(
+            epoch = map.epoch,
+            nodes = map.nodes.len(),
+            "adopted cluster map"
+        );
+        let view = Arc::new(ClusterView { map, ring, nodes });
+        *self
+            .view
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(view);
+        Ok(true)
+    }
+
+    /// Asks the seeds, then the known nodes, for their map and adopts the
+    /// highest epoch found. Returns whether any map was adopted.
+    pub async fn refresh(&self) -> bool {
+        let mut addrs = self.seeds.clone();
+        if let Some(view) = self.view() {
+            addrs.extend(view.nodes.values().map(|n| n.addr.clone()));
+        }
+        addrs.sort();
+        addrs.dedup();
+        let mut best: Option<ClusterMap> = None;
+        for addr in addrs {
+            match self.fetch_map(&addr).await {
+                Ok(Some(map)) if best.as_ref().is_none_or(|b| map.epoch > b.epoch) => {
+                    best = Some(map)
+                }
+                Ok(_) => {}
+                Err(reason) => tracing::debug!(%addr, %reason, "could not fetch the cluster map"),
+            }
+        }
+        match best.map(|map| self.adopt(map)) {
+            Some(Ok(adopted)) => adopted,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "could not adopt the cluster map");
+                false
+            }
+            None => false,
+        }
+    }
+
+    async fn fetch_map(&self, addr: &str) -> Result<Option<ClusterMap>, String> {
+        let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+        let timeout = Duration::from_millis(self.policy.timeout_ms);
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .map_err(|e| e.to_string())?
+            .tls_config(
+                self.tls
+                    .grpc_client(host.trim_start_matches('[').trim_end_matches(']')),
+            )
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let response = AdminClient::new(channel)
+            .get_cluster_map(GetClusterMapRequest {})
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response.into_inner().map)
+    }
+
+    /// Health-checks every node of the current view once, concurrently.
+    pub async fn check_health(&self) {
+        let Some(view) = self.view() else { return };
+        let mut checks = tokio::task::JoinSet::new();
+        for node in view.nodes.values() {
+            let node = Arc::clone(node);
+            checks.spawn(async move { node.check_health().await });
+        }
+        while checks.join_next().await.is_some() {}
+    }
+
+    /// Refreshes the map and the nodes' readiness forever (run as a task):
+    /// every interval, or every 200 ms while no map is known yet.
+    pub async fn maintain(self: Arc<Self>) {
+        let interval = Duration::from_millis(self.policy.health_interval_ms);
+        let mut rounds: u64 = 0;
+        loop {
+            // The map rarely changes; look for a newer epoch every 10 rounds.
+            if self.view().is_none() || rounds.is_multiple_of(10) {
+                self.refresh().await;
+            }
+            self.check_health().await;
+            rounds += 1;
+            let pause = if self.view().is_none() {
+                Duration::from_millis(200)
+            } else {
+                interval
+            };
+            tokio::time::sleep(pause).await;
+        }
+    }
+}

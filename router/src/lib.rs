@@ -1,0 +1,151 @@
+//! caskade-router: the stateless HTTPS front of a caskade cluster.
+//!
+//! A request passes, in order: [`server`] (TLS, HTTP/1.1 or HTTP/2, connection
+//! limit) → [`app`] (request id, metrics, route table) → a handler in [`kv`]
+//! that authenticates with [`auth`], validates with [`params`], and sends the
+//! request with [`forward`] to the key's replicas, found on the ring of the
+//! [`cluster`] view, each behind its [`nodes`] stack of timeout,
+//! [`breaker`] and concurrency limit. [`error`] is the one table from
+//! failures to HTTP statuses.
+
+pub mod app;
+pub mod auth;
+pub mod breaker;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod kv;
+pub mod nodes;
+pub mod params;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use caskade_common::telemetry;
+use caskade_common::tls::{TlsError, TlsMaterial, install_crypto_provider};
+use tokio::net::TcpListener;
+
+use crate::app::{AppState, Shared};
+use crate::auth::{AuthConfigError, Authenticator};
+use crate::cluster::Cluster;
+pub use crate::config::RouterConfig;
+
+/// Why a router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// TLS files missing, unreadable or not matching.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// JWT keys missing or unusable.
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
+    /// A listener could not be bound.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How long open connections may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A started router: listener bound, not yet serving.
+#[derive(Debug)]
+pub struct Router {
+    config: RouterConfig,
+    listener: TcpListener,
+    https: Option<Arc<rustls::ServerConfig>>,
+    state: AppState,
+    cluster: Arc<Cluster>,
+}
+
+impl Router {
+    /// Loads keys and certificates and binds the listener.
+    pub async fn start(config: RouterConfig) -> Result<Router, RouterError> {
+        install_crypto_provider();
+        telemetry::metrics_handle();
+        let node_tls = TlsMaterial::load(&config.node_tls)?;
+        let https = match &config.https {
+            Some(files) => {
+                let material = TlsMaterial::load(&caskade_common::config::TlsFiles {
+                    ca: config.node_tls.ca.clone(),
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                })?;
+                let mut server = material.server_config(false)?;
+                server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                Some(Arc::new(server))
+            }
+            None => None,
+        };
+        let auth = Authenticator::new(&config.auth)?;
+        let cluster = Arc::new(Cluster::new(
+            config.seeds.clone(),
+            node_tls,
+            config.nodes.clone(),
+        ));
+        let state = AppState::new(Shared {
+            cluster: Arc::clone(&cluster),
+            auth,
+            limits: config.limits.clone(),
+        });
+        let listener = telemetry::bind(config.listen, "HTTPS").await?;
+        Ok(Router {
+            config,
+            listener,
+            https,
+            state,
+            cluster,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// Serves until `shutdown` resolves, then stops gracefully.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RouterError> {
+        let Router {
+            config,
+            listener,
+            https,
+            state,
+            cluster,
+        } = self;
+        if https.is_none() {
+            tracing::warn!(
+                "serving plain HTTP (insecure_http = true): tokens and values travel unencrypted"
+            );
+        }
+        let maintenance = tokio::spawn(Arc::clone(&cluster).maintain());
+        let addr = listener.local_addr()?;
+        let scheme = if https.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, "router serving");
+        server::serve(
+            listener,
+            https,
+            app::routes(state),
+            config.limits.max_connections,
+            config.limits.max_header_bytes,
+            SHUTDOWN_GRACE,
+            shutdown,
+        )
+        .await;
+        maintenance.abort();
+        tracing::info!("router stopped");
+        Ok(())
+    }
+}
+
+/// Starts a router from `config` and serves until `shutdown` resolves.
+pub async fn run(
+    config: RouterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    Router::start(config).await?.serve(shutdown).await
+}

@@ -1,0 +1,178 @@
+//! One storage node as the router sees it: its gRPC clients behind the
+//! per-node tower stack, its readiness from active health checks, and its
+//! breaker.
+//!
+//! The stack is composed here and only here, outermost first:
+//! load shedding (a full node answers at once instead of queueing),
+//! a concurrency limit (`max_in_flight`), the circuit breaker
+//! ([`crate::breaker`]), and a timeout per call. Timeouts therefore count as
+//! breaker failures, and shed calls never reach the breaker's window.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use caskade_common::tls::TlsMaterial;
+use caskade_proto::admin_client::AdminClient;
+use caskade_proto::kv_client::KvClient;
+use metrics::gauge;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tower::ServiceBuilder;
+use tower::limit::ConcurrencyLimit;
+use tower::load_shed::LoadShed;
+use tower::timeout::Timeout;
+
+use crate::breaker::{Breaker, BreakerConfig, BreakerLayer, BreakerPhase, BreakerService};
+use crate::config::NodePolicy;
+
+/// A node's gRPC channel behind the router's resilience layers.
+pub type NodeService = LoadShed<ConcurrencyLimit<BreakerService<Timeout<Channel>>>>;
+
+/// The health check asks about the `Kv` service: a node catching up reports
+/// it not serving while still answering.
+const READINESS_SERVICE: &str = "caskade.v1.Kv";
+
+/// One storage node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// The node's id in the cluster map.
+    pub id: u32,
+    /// Its gRPC address.
+    pub addr: String,
+    kv: KvClient<NodeService>,
+    admin: AdminClient<NodeService>,
+    health: HealthClient<Channel>,
+    breaker: Breaker,
+    ready: AtomicBool,
+    in_flight: Arc<AtomicI64>,
+    policy: NodePolicy,
+}
+
+impl NodeHandle {
+    /// Clients for node `id` at `addr` (`host:port`); connects lazily.
+    pub fn new(
+        id: u32,
+        addr: &str,
+        tls: &TlsMaterial,
+        policy: &NodePolicy,
+    ) -> Result<NodeHandle, tonic::transport::Error> {
+        let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let channel = Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls.grpc_client(host))?
+            .connect_timeout(Duration::from_millis(policy.timeout_ms))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let node_label = id.to_string();
+        let breaker = Breaker::new(
+            BreakerConfig {
+                failure_ratio: policy.breaker_failure_ratio,
+                min_calls: policy.breaker_min_calls,
+                window: Duration::from_millis(policy.breaker_window_ms),
+                open_for: Duration::from_millis(policy.breaker_open_ms),
+            },
+            move |phase| {
+                tracing::warn!(node = %node_label, breaker = phase.as_str(), "breaker changed");
+                gauge!("caskade_router_breaker_state", "node" => node_label.clone())
+                    .set(breaker_gauge(phase));
+            },
+        );
+        gauge!("caskade_router_breaker_state", "node" => id.to_string()).set(0.0);
+        let stack = ServiceBuilder::new()
+            .load_shed()
+            .concurrency_limit(policy.max_in_flight)
+            .layer(BreakerLayer::new(breaker.clone()))
+            .timeout(Duration::from_millis(policy.timeout_ms))
+            .service(channel.clone());
+        Ok(NodeHandle {
+            id,
+            addr: addr.to_string(),
+            kv: KvClient::new(stack.clone()),
+            admin: AdminClient::new(stack),
+            health: HealthClient::new(channel),
+            breaker,
+            ready: AtomicBool::new(false),
+            in_flight: Arc::new(AtomicI64::new(0)),
+            policy: policy.clone(),
+        })
+    }
+
+    /// A `Kv` client for one call (cheap: clones share the stack).
+    pub fn kv(&self) -> KvClient<NodeService> {
+        self.kv.clone()
+    }
+
+    /// An `Admin` client.
+    pub fn admin(&self) -> AdminClient<NodeService> {
+        self.admin.clone()
+    }
+
+    /// Whether the last health check found the node serving.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The breaker's phase.
+    pub fn breaker(&self) -> BreakerPhase {
+        self.breaker.phase()
+    }
+
+    /// Worth sending a request to: ready and its breaker not open.
+    pub fn is_healthy(&self) -> bool {
+        self.is_ready() && self.breaker() != BreakerPhase::Open
+    }
+
+    /// Requests the router has in flight to this node.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a call in flight until the guard drops.
+    pub fn track(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(&self.in_flight))
+    }
+
+    /// Asks the node whether it serves `Kv`, and remembers the answer.
+    pub async fn check_health(&self) -> bool {
+        let mut health = self.health.clone();
+        let request = HealthCheckRequest {
+            service: READINESS_SERVICE.into(),
+        };
+        let timeout = Duration::from_millis(self.policy.timeout_ms);
+        let serving = matches!(
+            tokio::time::timeout(timeout, health.check(request)).await,
+            Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
+        );
+        let was = self.ready.swap(serving, Ordering::Relaxed);
+        if was != serving {
+            tracing::info!(node = self.id, addr = %self.addr, ready = serving, "node readiness changed");
+        }
+        gauge!("caskade_router_node_ready", "node" => self.id.to_string())
+            .set(f64::from(u8::from(serving)));
+        serving
+    }
+}
+
+/// Decrements a node's in-flight count on drop.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicI64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn breaker_gauge(phase: BreakerPhase) -> f64 {
+    match phase {
+        BreakerPhase::Closed => 0.0,
+        BreakerPhase::HalfOpen => 1.0,
+        BreakerPhase::Open => 2.0,
+    }
+}

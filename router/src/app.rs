@@ -25,7 +25,8 @@ use crate::auth::{Authenticator, Principal, Role};
 use crate::cluster::{Cluster, ClusterView};
 use crate::config::LimitsConfig;
 use crate::error::ApiError;
-use crate::kv;
+use crate::idempotency::{self, IdempotencyStore};
+use crate::{admin, kv};
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct Shared {
     pub auth: Authenticator,
     /// Request limits.
     pub limits: LimitsConfig,
+    /// Answers remembered by `Idempotency-Key`.
+    pub idempotency: IdempotencyStore,
 }
 
 impl std::ops::Deref for AppState {
@@ -140,8 +143,23 @@ pub fn routes(state: AppState) -> Router {
     Router::new()
         .route("/v1/kv", get(kv::list))
         .route("/v1/kv/", any(kv::empty_key))
-        .route("/v1/kv/{*key}", any(kv::single_key))
-        .route("/v1/batch", post(kv::batch))
+        .route(
+            "/v1/kv/{*key}",
+            any(kv::single_key).layer(middleware::from_fn_with_state(
+                state.clone(),
+                idempotency::middleware,
+            )),
+        )
+        .route(
+            "/v1/batch",
+            post(kv::batch).layer(middleware::from_fn_with_state(
+                state.clone(),
+                idempotency::middleware,
+            )),
+        )
+        .route("/admin/v1/cluster", get(admin::cluster))
+        .route("/admin/v1/nodes/{id}/merge", post(admin::merge))
+        .route("/admin/v1/nodes/{id}/backup", post(admin::backup))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -8,6 +8,7 @@
 //! [`breaker`] and concurrency limit. [`error`] is the one table from
 //! failures to HTTP statuses.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod breaker;
@@ -15,6 +16,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod idempotency;
 pub mod kv;
 pub mod nodes;
 pub mod params;
@@ -89,6 +91,7 @@ impl Router {
             cluster: Arc::clone(&cluster),
             auth,
             limits: config.limits.clone(),
+            idempotency: idempotency::IdempotencyStore::new(&config.idempotency),
         });
         let listener = telemetry::bind(config.listen, "HTTPS").await?;
         Ok(Router {

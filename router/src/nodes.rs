@@ -44,6 +44,9 @@ pub struct NodeHandle {
     pub addr: String,
     kv: KvClient<NodeService>,
     admin: AdminClient<NodeService>,
+    /// For long operator calls (merge, backup): no per-call timeout or
+    /// breaker, which are sized for key-value requests.
+    operator: AdminClient<Channel>,
     health: HealthClient<Channel>,
     breaker: Breaker,
     ready: AtomicBool,
@@ -94,6 +97,7 @@ impl NodeHandle {
             addr: addr.to_string(),
             kv: KvClient::new(stack.clone()),
             admin: AdminClient::new(stack),
+            operator: AdminClient::new(channel.clone()),
             health: HealthClient::new(channel),
             breaker,
             ready: AtomicBool::new(false),
@@ -110,6 +114,12 @@ impl NodeHandle {
     /// An `Admin` client.
     pub fn admin(&self) -> AdminClient<NodeService> {
         self.admin.clone()
+    }
+
+    /// An `Admin` client for long operator calls (merge, backup), outside
+    /// the per-node stack: bound them with a timeout of their own.
+    pub fn operator(&self) -> AdminClient<Channel> {
+        self.operator.clone()
     }
 
     /// Whether the last health check found the node serving.

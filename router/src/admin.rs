@@ -1,0 +1,180 @@
+//! The admin API (`/admin/v1`, admin role): the cluster as the router sees
+//! it, and operator calls forwarded to one node (merge, backup).
+//!
+//! Node statistics are fetched live, concurrently and with the normal
+//! per-node timeout; a node that does not answer is shown with its error
+//! instead of failing the whole page.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use caskade_proto::{BackupRequest, MergeRequest, NodeState, StatsRequest};
+use serde_json::{Value, json};
+
+use crate::app::{AppState, RequestId};
+use crate::auth::Role;
+use crate::error::ApiError;
+
+/// Merge and backup copy whole data files; give them this long.
+const OPERATOR_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `GET /admin/v1/cluster`.
+pub async fn cluster(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let principal = state.authenticate(&headers)?;
+    state.authorize(&principal, Role::Admin, None)?;
+    let view = state.view()?;
+    let mut stats = tokio::task::JoinSet::new();
+    for node in view.nodes.values() {
+        let node = std::sync::Arc::clone(node);
+        stats.spawn(async move {
+            let answer = node.admin().stats(StatsRequest {}).await;
+            (node.id, answer.map(tonic::Response::into_inner))
+        });
+    }
+    let mut by_node = std::collections::BTreeMap::new();
+    while let Some(joined) = stats.join_next().await {
+        if let Ok((id, answer)) = joined {
+            by_node.insert(id, answer);
+        }
+    }
+    let nodes: Vec<Value> = view
+        .map
+        .nodes
+        .iter()
+        .map(|entry| {
+            let handle = view.nodes.get(&entry.id);
+            let stats = match by_node.get(&entry.id) {
+                Some(Ok(s)) => json!({
+                    "keys": s.keys,
+                    "tombstones": s.tombstones,
+                    "live_bytes": s.live_bytes,
+                    "dead_bytes": s.dead_bytes,
+                    "files": s.files,
+                    "merges": s.merges,
+                    "last_seq": s.last_seq,
+                }),
+                Some(Err(status)) => json!({ "error": status.code().description() }),
+                None => Value::Null,
+            };
+            json!({
+                "id": entry.id,
+                "addr": entry.addr,
+                "state": state_name(entry.state()),
+                "ready": handle.is_some_and(|h| h.is_ready()),
+                "breaker": handle.map(|h| h.breaker().as_str()),
+                "in_flight": handle.map(|h| h.in_flight()),
+                "stats": stats,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "epoch": view.map.epoch,
+        "replication_factor": view.map.replication_factor,
+        "vnodes_per_node": view.map.vnodes_per_node,
+        "nodes": nodes,
+    })))
+}
+
+/// `POST /admin/v1/nodes/{id}/merge`.
+pub async fn merge(
+    State(state): State<AppState>,
+    RequestId(request_id): RequestId,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let principal = state.authenticate(&headers)?;
+    state.authorize(&principal, Role::Admin, None)?;
+    let node = node(&state, &id)?;
+    let report = operator_call(
+        &request_id,
+        node.operator().merge(with_id(MergeRequest {}, &request_id)),
+    )
+    .await?;
+    Ok(Json(json!({
+        "node": node.id,
+        "input_files": report.input_files,
+        "output_files": report.output_files,
+        "records_kept": report.records_kept,
+        "records_dropped": report.records_dropped,
+        "bytes_reclaimed": report.bytes_reclaimed,
+    })))
+}
+
+/// `POST /admin/v1/nodes/{id}/backup`.
+pub async fn backup(
+    State(state): State<AppState>,
+    RequestId(request_id): RequestId,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let principal = state.authenticate(&headers)?;
+    state.authorize(&principal, Role::Admin, None)?;
+    let node = node(&state, &id)?;
+    let report = operator_call(
+        &request_id,
+        node.operator()
+            .backup(with_id(BackupRequest {}, &request_id)),
+    )
+    .await?;
+    Ok(Json(json!({
+        "node": node.id,
+        "path": report.path,
+        "files": report.files,
+        "bytes": report.bytes,
+        "last_seq": report.last_seq,
+    })))
+}
+
+fn node(state: &AppState, id: &str) -> Result<std::sync::Arc<crate::nodes::NodeHandle>, ApiError> {
+    let id: u32 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_argument", "node id must be a number"))?;
+    state
+        .view()?
+        .nodes
+        .get(&id)
+        .cloned()
+        .ok_or(ApiError::NotFound("no such node"))
+}
+
+fn with_id<T>(message: T, request_id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(id) = tonic::metadata::MetadataValue::try_from(request_id) {
+        request
+            .metadata_mut()
+            .insert(caskade_common::telemetry::REQUEST_ID_HEADER, id);
+    }
+    request
+}
+
+async fn operator_call<T>(
+    request_id: &str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(OPERATOR_TIMEOUT, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => {
+            tracing::warn!(request_id, code = ?status.code(), message = status.message(), "operator call failed");
+            Err(match status.code() {
+                tonic::Code::Unavailable => ApiError::Unavailable,
+                tonic::Code::ResourceExhausted => ApiError::InsufficientStorage,
+                _ => ApiError::Internal,
+            })
+        }
+        Err(_) => Err(ApiError::Timeout),
+    }
+}
+
+fn state_name(state: NodeState) -> &'static str {
+    match state {
+        NodeState::Unspecified => "unspecified",
+        NodeState::Active => "active",
+        NodeState::Joining => "joining",
+        NodeState::Leaving => "leaving",
+    }
+}

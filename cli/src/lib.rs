@@ -2,5 +2,6 @@
 //! tests can start a local cluster the way `caskade local` does.
 
 pub mod certs;
+pub mod client;
 pub mod local;
 pub mod token;

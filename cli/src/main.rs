@@ -1,7 +1,8 @@
 //! `caskade`: the command-line tool for caskade clusters.
 //!
 //! Subcommands: `local` (a whole cluster in this process), `token` (sign a
-//! JWT), `certs` (a cluster CA and certificates). Each lives in its own
+//! JWT), `certs` (a cluster CA and certificates), and the client commands
+//! `put`, `get`, `del`, `ls`. Each lives in its own
 //! module of the library; this file only parses and dispatches.
 
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use caskade_cli::local::{LocalCluster, LocalOptions};
-use caskade_cli::{certs, token};
+use caskade_cli::{certs, client, token};
 use caskade_common::config::LogConfig;
 use caskade_common::telemetry;
 use caskade_node::config::EngineConfig;
@@ -22,6 +23,9 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Router connection of the client commands.
+    #[command(flatten)]
+    connection: client::Connection,
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +36,8 @@ enum Command {
     Token(token::TokenArgs),
     /// Generate a cluster CA and certificates for nodes, the router and a client.
     Certs(certs::CertsArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 #[derive(Debug, Args)]
@@ -53,6 +59,9 @@ fn main() -> ExitCode {
         Command::Local(args) => local(args),
         Command::Token(args) => token::run(&args),
         Command::Certs(args) => certs::run(&args),
+        Command::Client(command) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(client::run(&cli.connection, command))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

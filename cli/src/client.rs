@@ -1,0 +1,231 @@
+//! The client commands: `caskade put`, `get`, `del` and `ls` against a router.
+//!
+//! The router's URL, a token and the CA certificate come from flags or from
+//! `CASKADE_URL`, `CASKADE_TOKEN` and `CASKADE_CA`. Keys are percent-encoded
+//! here, byte by byte, except `/` and unreserved characters, so any key can
+//! be addressed. Errors print the router's `error.code` and message.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Deserialize;
+
+/// Where the router is and how to talk to it.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// The router's base URL.
+    #[arg(long, global = true, env = "CASKADE_URL", default_value = "https://127.0.0.1:8443")]
+    url: String,
+    /// A bearer token (see `caskade token`; `caskade local` writes one to `<data-dir>/admin.token`).
+    #[arg(long, global = true, env = "CASKADE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The CA certificate that signed the router's certificate (PEM).
+    #[arg(long, global = true, env = "CASKADE_CA")]
+    ca: Option<PathBuf>,
+}
+
+/// A client command.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClientCommand {
+    /// Store a value: `caskade put KEY VALUE`, or `-` (or nothing) to read it from stdin.
+    Put {
+        /// The key.
+        key: String,
+        /// The value, or `-` for stdin.
+        value: Option<String>,
+        /// Expire after this many seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Print a value to stdout.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Delete a key.
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// List keys under a prefix, one per line.
+    Ls {
+        /// The prefix (empty: every key).
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    keys: Vec<String>,
+    next: Option<String>,
+}
+
+/// Runs one client command.
+pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Result<()> {
+    let client = http_client(connection)?;
+    let base = connection.url.trim_end_matches('/');
+    let token = connection
+        .token
+        .as_deref()
+        .context("no token: pass --token or set CASKADE_TOKEN")?;
+    let auth = format!("Bearer {}", token.trim());
+    match command {
+        ClientCommand::Put { key, value, ttl } => {
+            let value = match value.as_deref() {
+                None | Some("-") => {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .context("reading the value from stdin")?;
+                    buf
+                }
+                Some(text) => text.as_bytes().to_vec(),
+            };
+            let mut url = format!("{base}/v1/kv/{}", encode_key(&key));
+            if let Some(ttl) = ttl {
+                url.push_str(&format!("?ttl={ttl}"));
+            }
+            let response = checked(
+                client
+                    .put(url)
+                    .header("authorization", &auth)
+                    .body(value)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            let etag = response
+                .headers()
+                .get("etag")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            println!("{etag}");
+        }
+        ClientCommand::Get { key } => {
+            let url = format!("{base}/v1/kv/{}", encode_key(&key));
+            let response = checked(
+                client
+                    .get(url)
+                    .header("authorization", &auth)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            let value = response.bytes().await?;
+            std::io::stdout().write_all(&value)?;
+        }
+        ClientCommand::Del { key } => {
+            let url = format!("{base}/v1/kv/{}", encode_key(&key));
+            checked(
+                client
+                    .delete(url)
+                    .header("authorization", &auth)
+                    .send()
+                    .await?,
+            )
+            .await?;
+        }
+        ClientCommand::Ls { prefix } => {
+            let mut after: Option<String> = None;
+            let mut out = std::io::stdout().lock();
+            loop {
+                let mut url = format!("{base}/v1/kv?limit=1000&prefix={}", encode_key(&prefix));
+                if let Some(after) = &after {
+                    url.push_str(&format!("&after={}", encode_key(after)));
+                }
+                let response = checked(
+                    client
+                        .get(url)
+                        .header("authorization", &auth)
+                        .send()
+                        .await?,
+                )
+                .await?;
+                let page: Page = response.json().await.context("reading the key list")?;
+                for key in &page.keys {
+                    writeln!(out, "{key}")?;
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn http_client(connection: &Connection) -> anyhow::Result<reqwest::Client> {
+    caskade_common::tls::install_crypto_provider();
+    let mut builder = reqwest::Client::builder();
+    match &connection.ca {
+        Some(ca) => {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+            builder = builder.tls_certs_only([reqwest::Certificate::from_pem(&pem)?]);
+        }
+        None if connection.url.starts_with("https://") => {
+            bail!(
+                "no CA certificate: pass --ca or set CASKADE_CA (caskade local writes <data-dir>/certs/ca.pem)"
+            )
+        }
+        None => {}
+    }
+    Ok(builder.build()?)
+}
+
+/// Returns the response if it is a success, else the router's error as an error.
+async fn checked(response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+    if response.status().is_success() {
+        return Ok(response);
+    }
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => bail!(
+            "{} {}: {}",
+            status.as_u16(),
+            body.error.code,
+            body.error.message
+        ),
+        Err(_) => bail!("{status}: {text}"),
+    }
+}
+
+/// Percent-encodes every byte except unreserved characters and `/`.
+pub fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for &byte in key.as_bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_encoded_byte_by_byte() {
+        assert_eq!(encode_key("a/b c"), "a/b%20c");
+        assert_eq!(encode_key("é%+?"), "%C3%A9%25%2B%3F");
+    }
+}

@@ -76,6 +76,8 @@ struct Inner {
     state: State,
     /// Outcomes of recent calls while closed: (when, failed).
     window: VecDeque<(Instant, bool)>,
+    /// Failed calls in `window`, kept in step with it.
+    failures: usize,
 }
 
 /// One node's breaker; clones share the state.
@@ -113,6 +115,7 @@ impl Breaker {
             inner: Arc::new(Mutex::new(Inner {
                 state: State::Closed,
                 window: VecDeque::new(),
+                failures: 0,
             })),
             on_change: Arc::new(on_change),
         }
@@ -160,10 +163,12 @@ impl Breaker {
             (Pass::Probe, _) => {
                 inner.state = State::Closed;
                 inner.window.clear();
+                inner.failures = 0;
                 Some(BreakerPhase::Closed)
             }
             (Pass::Normal, State::Closed) => {
                 inner.window.push_back((now, failed));
+                inner.failures += usize::from(failed);
                 let horizon = now.checked_sub(self.config.window);
                 while inner.window.len() > MAX_WINDOW_CALLS
                     || inner
@@ -171,17 +176,19 @@ impl Breaker {
                         .front()
                         .is_some_and(|&(at, _)| Some(at) < horizon)
                 {
-                    inner.window.pop_front();
+                    if let Some((_, dropped_failure)) = inner.window.pop_front() {
+                        inner.failures -= usize::from(dropped_failure);
+                    }
                 }
                 let calls = inner.window.len();
-                let failures = inner.window.iter().filter(|&&(_, f)| f).count();
                 let trips = calls >= self.config.min_calls as usize
-                    && failures as f64 >= self.config.failure_ratio * calls as f64;
+                    && inner.failures as f64 >= self.config.failure_ratio * calls as f64;
                 trips.then(|| {
                     inner.state = State::Open {
                         until: now + self.config.open_for,
                     };
                     inner.window.clear();
+                    inner.failures = 0;
                     BreakerPhase::Open
                 })
             }

@@ -12,10 +12,9 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use caskade_bench::drive::{Phase, drive};
 use caskade_bench::measure::{self, Throughput};
 use caskade_bench::workload::{VALUE_LEN, Workload};
 use caskade_common::Version;
@@ -27,7 +26,6 @@ use caskade_node::{Node, NodeConfig};
 use caskade_proto::kv_client::KvClient;
 use caskade_proto::{GetRequest, PutRequest};
 use clap::Parser;
-use hdrhistogram::Histogram;
 use prost::bytes::Bytes;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -55,12 +53,6 @@ struct Args {
     /// Seed of the keys, values and read order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-}
-
-/// Latencies of one phase, in microseconds.
-struct Phase {
-    throughput: Throughput,
-    latency: Histogram<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -176,98 +168,59 @@ async fn health_checks(
     streams: usize,
     requests: usize,
 ) -> anyhow::Result<Phase> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(streams);
-    for s in 0..streams {
-        let mut health = HealthClient::new(channels[s % channels.len()].clone());
-        let next = Arc::clone(&next);
-        tasks.push(tokio::spawn(async move {
-            let mut latency = Histogram::<u64>::new(3)?;
-            while next.fetch_add(1, Ordering::Relaxed) < requests {
-                let sent = Instant::now();
-                health.check(HealthCheckRequest::default()).await?;
-                latency.record(sent.elapsed().as_micros() as u64)?;
-            }
-            anyhow::Ok(latency)
-        }));
-    }
-    let mut latency = Histogram::<u64>::new(3)?;
-    for task in tasks {
-        latency.add(task.await??)?;
-    }
-    Ok(Phase {
-        throughput: Throughput {
-            ops: requests as u64,
-            elapsed: started.elapsed(),
-        },
-        latency,
+    let clients: Arc<Vec<_>> = Arc::new(channels.iter().cloned().map(HealthClient::new).collect());
+    drive(streams, requests, move |n| {
+        let mut health = clients[n % clients.len()].clone();
+        async move {
+            health.check(HealthCheckRequest::default()).await?;
+            Ok(())
+        }
     })
+    .await
 }
 
-/// `streams` tasks share one cursor over the keys: puts in workload order,
-/// or gets in `read_order`. Each request is timed on its own.
+/// Puts in workload order, or gets in `read_order` (every value checked).
 async fn load(
     channels: &[Channel],
     streams: usize,
     workload: &Arc<Workload>,
     read_order: Option<&Arc<Vec<u32>>>,
 ) -> anyhow::Result<Phase> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(streams);
-    for s in 0..streams {
-        let mut kv = KvClient::new(channels[s % channels.len()].clone());
-        let (next, workload) = (Arc::clone(&next), Arc::clone(workload));
-        let order = read_order.map(Arc::clone);
-        tasks.push(tokio::spawn(async move {
-            let mut latency = Histogram::<u64>::new(3)?;
-            let mut value = [0u8; VALUE_LEN];
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= workload.len() {
-                    break;
+    let clients: Arc<Vec<_>> = Arc::new(channels.iter().cloned().map(KvClient::new).collect());
+    let (workload, order) = (Arc::clone(workload), read_order.map(Arc::clone));
+    let total = workload.len();
+    drive(streams, total, move |n| {
+        let mut kv = clients[n % clients.len()].clone();
+        let (workload, order) = (Arc::clone(&workload), order.clone());
+        async move {
+            match order {
+                None => {
+                    let mut value = [0u8; VALUE_LEN];
+                    workload.value_into(n, &mut value);
+                    let request = PutRequest {
+                        key: Bytes::copy_from_slice(workload.key(n)),
+                        value: Bytes::copy_from_slice(&value),
+                        ..PutRequest::default()
+                    };
+                    kv.put(request).await?;
                 }
-                let sent = Instant::now();
-                match &order {
-                    None => {
-                        workload.value_into(n, &mut value);
-                        let request = PutRequest {
-                            key: Bytes::copy_from_slice(workload.key(n)),
-                            value: Bytes::copy_from_slice(&value),
-                            ..PutRequest::default()
-                        };
-                        kv.put(request).await?;
+                Some(order) => {
+                    let i = order[n] as usize;
+                    let request = GetRequest {
+                        key: Bytes::copy_from_slice(workload.key(i)),
+                        ..GetRequest::default()
+                    };
+                    let got = kv.get(request).await?.into_inner();
+                    if !got.found {
+                        bail!("key #{i} is missing");
                     }
-                    Some(order) => {
-                        let i = order[n] as usize;
-                        let request = GetRequest {
-                            key: Bytes::copy_from_slice(workload.key(i)),
-                            ..GetRequest::default()
-                        };
-                        let got = kv.get(request).await?.into_inner();
-                        if !got.found {
-                            bail!("key #{i} is missing");
-                        }
-                        workload.check(i, Some(&got.value))?;
-                    }
+                    workload.check(i, Some(&got.value))?;
                 }
-                latency.record(sent.elapsed().as_micros() as u64)?;
             }
-            anyhow::Ok(latency)
-        }));
-    }
-    let mut latency = Histogram::<u64>::new(3)?;
-    for task in tasks {
-        latency.add(task.await??)?;
-    }
-    Ok(Phase {
-        throughput: Throughput {
-            ops: workload.len() as u64,
-            elapsed: started.elapsed(),
-        },
-        latency,
+            Ok(())
+        }
     })
+    .await
 }
 
 fn print_report(
@@ -278,7 +231,6 @@ fn print_report(
     puts: &Phase,
     gets: &Phase,
 ) {
-    let micros = |h: &Histogram<u64>, q: f64| Duration::from_micros(h.value_at_quantile(q));
     println!(
         "{} keys, 16 B keys, 100 B values; node: `never` durability, {} server / {} client threads; {} streams over {} connection(s)",
         args.keys, args.server_threads, args.client_threads, args.streams, args.connections
@@ -291,9 +243,9 @@ fn print_report(
     println!(
         "| health check (transport ceiling) | — | {:.0}/s | — | 100 % | {:?} | {:?} | {:?} |",
         ceiling.throughput.per_sec(),
-        micros(&ceiling.latency, 0.5),
-        micros(&ceiling.latency, 0.99),
-        micros(&ceiling.latency, 0.999),
+        ceiling.at(0.5),
+        ceiling.at(0.99),
+        ceiling.at(0.999),
     );
     for (name, engine, grpc, engine_threads) in [
         ("puts", engine_puts, puts, "1 thread"),
@@ -305,9 +257,9 @@ fn print_report(
             grpc.throughput.per_sec(),
             100.0 * grpc.throughput.per_sec() / engine.per_sec(),
             100.0 * grpc.throughput.per_sec() / ceiling.throughput.per_sec(),
-            micros(&grpc.latency, 0.5),
-            micros(&grpc.latency, 0.99),
-            micros(&grpc.latency, 0.999),
+            grpc.at(0.5),
+            grpc.at(0.99),
+            grpc.at(0.999),
         );
     }
 }

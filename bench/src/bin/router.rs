@@ -1,0 +1,229 @@
+//! caskade-bench-router: puts and gets per second, with latency percentiles,
+//! through the router over HTTPS (HTTP/2), next to the same operations sent
+//! straight to a storage node over mutual-TLS gRPC, in one run against one
+//! `caskade local`-style cluster in this process.
+//!
+//! The direct phase sends every key to one node (node 1); the router phase
+//! sends the same number of keys through the router, which spreads them over
+//! the ring. Both use `--streams` concurrent requests, one HTTP/2 connection
+//! each for the client, and check every value read back.
+//!
+//! Run: `cargo run --release -p caskade-bench --bin caskade-bench-router -- [--keys N] [--streams 64]`
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail, ensure};
+use caskade_bench::drive::{Phase, drive};
+use caskade_bench::workload::{VALUE_LEN, Workload};
+use caskade_cli::local::{LocalCluster, LocalOptions};
+use caskade_common::tls::{TlsMaterial, install_crypto_provider};
+use caskade_node::config::{DurabilityMode, EngineConfig};
+use caskade_proto::kv_client::KvClient;
+use caskade_proto::{GetRequest, PutRequest};
+use caskade_router::config::NodePolicy;
+use clap::Parser;
+use prost::bytes::Bytes;
+use tonic::transport::Endpoint;
+
+/// Benchmark the router against direct gRPC to a node.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Keys (16 B keys, 100 B values) per phase, each put once and read once.
+    #[arg(long, default_value_t = 100_000)]
+    keys: usize,
+    /// Concurrent requests in flight.
+    #[arg(long, default_value_t = 64)]
+    streams: usize,
+    /// Seed of the keys, values and read order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(args.keys > 0 && args.streams > 0, "counts must be positive");
+    install_crypto_provider();
+    let root = tempfile::tempdir().context("creating the temporary directory")?;
+    let cluster = LocalCluster::start(LocalOptions {
+        data_dir: root.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse()?,
+        nodes: 3,
+        engine: EngineConfig {
+            durability: DurabilityMode::Never,
+            ..EngineConfig::default()
+        },
+        node_policy: NodePolicy::default(),
+    })
+    .await?;
+    // Two disjoint key sets, so that no phase overwrites the other's keys.
+    let direct_keys = Arc::new(Workload::new(args.keys, args.seed));
+    let router_keys = Arc::new(Workload::new(args.keys, args.seed ^ 0x5eed));
+
+    eprintln!(
+        "direct gRPC to node 1 ({} keys, {} streams)…",
+        args.keys, args.streams
+    );
+    let tls = TlsMaterial::load(&cluster.certs.client)?;
+    let channel = Endpoint::from_shared(format!("https://{}", cluster.node_addrs[0]))?
+        .tls_config(tls.grpc_client("127.0.0.1"))?
+        .connect()
+        .await?;
+    let kv = KvClient::new(channel);
+    let direct_puts = grpc_phase(&kv, args.streams, &direct_keys, false).await?;
+    let direct_gets = grpc_phase(&kv, args.streams, &direct_keys, true).await?;
+
+    eprintln!(
+        "router over HTTPS/2 ({} keys, {} streams)…",
+        args.keys, args.streams
+    );
+    wait_ready(&cluster).await?;
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(
+            &cluster.certs.ca,
+        )?)?])
+        .build()?;
+    let base = Arc::new((
+        client,
+        cluster.url.clone(),
+        format!("Bearer {}", cluster.admin_token),
+    ));
+    let router_puts = http_phase(&base, args.streams, &router_keys, false).await?;
+    let router_gets = http_phase(&base, args.streams, &router_keys, true).await?;
+    cluster.stop().await?;
+
+    println!(
+        "{} keys per phase, 16 B keys, 100 B values; 3 nodes (`never` durability) and the router in one process; {} streams",
+        args.keys, args.streams
+    );
+    println!();
+    println!(
+        "| operation | direct gRPC to a node | through the router (HTTPS, HTTP/2) | router share | p50 direct / router | p99 direct / router |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, direct, router) in [
+        ("puts", &direct_puts, &router_puts),
+        ("gets", &direct_gets, &router_gets),
+    ] {
+        println!(
+            "| {name} | {:.0}/s | {:.0}/s | {:.0} % | {:?} / {:?} | {:?} / {:?} |",
+            direct.throughput.per_sec(),
+            router.throughput.per_sec(),
+            100.0 * router.throughput.per_sec() / direct.throughput.per_sec(),
+            direct.at(0.5),
+            router.at(0.5),
+            direct.at(0.99),
+            router.at(0.99),
+        );
+    }
+    Ok(())
+}
+
+async fn grpc_phase(
+    kv: &KvClient<tonic::transport::Channel>,
+    streams: usize,
+    workload: &Arc<Workload>,
+    gets: bool,
+) -> anyhow::Result<Phase> {
+    let (kv, workload) = (kv.clone(), Arc::clone(workload));
+    let order = Arc::new(workload.read_order());
+    drive(streams, workload.len(), move |n| {
+        let (mut kv, workload, order) = (kv.clone(), Arc::clone(&workload), Arc::clone(&order));
+        async move {
+            if gets {
+                let i = order[n] as usize;
+                let request = GetRequest {
+                    key: Bytes::copy_from_slice(workload.key(i)),
+                    ..GetRequest::default()
+                };
+                let got = kv.get(request).await?.into_inner();
+                if !got.found {
+                    bail!("key #{i} is missing");
+                }
+                workload.check(i, Some(&got.value))?;
+            } else {
+                let mut value = [0u8; VALUE_LEN];
+                workload.value_into(n, &mut value);
+                let request = PutRequest {
+                    key: Bytes::copy_from_slice(workload.key(n)),
+                    value: Bytes::copy_from_slice(&value),
+                    ..PutRequest::default()
+                };
+                kv.put(request).await?;
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn http_phase(
+    base: &Arc<(reqwest::Client, String, String)>,
+    streams: usize,
+    workload: &Arc<Workload>,
+    gets: bool,
+) -> anyhow::Result<Phase> {
+    let (base, workload) = (Arc::clone(base), Arc::clone(workload));
+    let order = Arc::new(workload.read_order());
+    drive(streams, workload.len(), move |n| {
+        let (base, workload, order) =
+            (Arc::clone(&base), Arc::clone(&workload), Arc::clone(&order));
+        async move {
+            let (client, url, auth) = &*base;
+            let i = if gets { order[n] as usize } else { n };
+            let key: String = workload
+                .key(i)
+                .iter()
+                .map(|b| format!("%{b:02X}"))
+                .collect();
+            let url = format!("{url}/v1/kv/{key}");
+            if gets {
+                let response = client.get(url).header("authorization", auth).send().await?;
+                ensure!(
+                    response.status().is_success(),
+                    "get #{i}: {}",
+                    response.status()
+                );
+                workload.check(i, Some(&response.bytes().await?))?;
+            } else {
+                let mut value = [0u8; VALUE_LEN];
+                workload.value_into(i, &mut value);
+                let response = client
+                    .put(url)
+                    .header("authorization", auth)
+                    .body(value.to_vec())
+                    .send()
+                    .await?;
+                ensure!(
+                    response.status().is_success(),
+                    "put #{i}: {}",
+                    response.status()
+                );
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Waits (bounded) until the router has a map and ready nodes.
+async fn wait_ready(cluster: &LocalCluster) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(
+            &cluster.certs.ca,
+        )?)?])
+        .build()?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ready = client.get(format!("{}/readyz", cluster.url)).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the router did not become ready in 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -147,6 +147,7 @@ fn judge(status: &Status, access: Access) -> Verdict {
         return Verdict::Next(ApiError::Unavailable);
     }
     if is(|e| e.is::<tower::load_shed::error::Overloaded>()) {
+        counter!("caskade_router_shed_total").increment(1);
         return Verdict::Next(ApiError::Overloaded);
     }
     if is(|e| e.is::<tower::timeout::error::Elapsed>()) || status.code() == Code::DeadlineExceeded {

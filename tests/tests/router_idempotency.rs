@@ -1,0 +1,154 @@
+//! `Idempotency-Key` end to end through a real router: a write retried ten
+//! times is applied once and answered the same way each time; the same key
+//! with a different request is refused and changes nothing.
+
+use std::time::Duration;
+
+use caskade_cli::local::{LocalCluster, LocalOptions};
+use caskade_node::config::{DurabilityMode, EngineConfig};
+use caskade_router::config::NodePolicy;
+use serde_json::Value;
+
+async fn cluster(dir: &std::path::Path) -> (LocalCluster, reqwest::Client) {
+    caskade_common::tls::install_crypto_provider();
+    let cluster = LocalCluster::start(LocalOptions {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        nodes: 3,
+        engine: EngineConfig {
+            durability: DurabilityMode::Never,
+            ..EngineConfig::default()
+        },
+        node_policy: NodePolicy::default(),
+    })
+    .await
+    .unwrap();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cluster.certs.ca).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = client.get(format!("{}/readyz", cluster.url)).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "router not ready in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (cluster, client)
+}
+
+/// Records written on all nodes so far (the engines' sequence numbers).
+async fn writes_applied(client: &reqwest::Client, cluster: &LocalCluster) -> u64 {
+    let page: Value = client
+        .get(format!("{}/admin/v1/cluster", cluster.url))
+        .bearer_auth(&cluster.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            n["stats"]["last_seq"]
+                .as_u64()
+                .expect("stats of every node")
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_retried_ten_times_is_applied_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = cluster(dir.path()).await;
+    let url = format!("{}/v1/kv/orders/1001", cluster.url);
+    let before = writes_applied(&client, &cluster).await;
+
+    let mut etags = Vec::new();
+    for attempt in 0..10 {
+        let response = client
+            .put(&url)
+            .bearer_auth(&cluster.admin_token)
+            .header("idempotency-key", "order-1001-create")
+            .body("paid")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "attempt {attempt}");
+        let replayed = response.headers().get("idempotent-replayed").is_some();
+        assert_eq!(replayed, attempt > 0, "attempt {attempt}");
+        etags.push(response.headers()["etag"].to_str().unwrap().to_string());
+    }
+    assert!(etags.iter().all(|e| *e == etags[0]), "{etags:?}");
+    assert_eq!(writes_applied(&client, &cluster).await - before, 1);
+
+    // The same key for a different request: refused, nothing written.
+    let response = client
+        .put(&url)
+        .bearer_auth(&cluster.admin_token)
+        .header("idempotency-key", "order-1001-create")
+        .body("refunded")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "idempotency_key_reused");
+    let value = client
+        .get(&url)
+        .bearer_auth(&cluster.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(value.text().await.unwrap(), "paid");
+    assert_eq!(writes_applied(&client, &cluster).await - before, 1);
+
+    // Without the header, every request is applied.
+    for _ in 0..2 {
+        let response = client
+            .put(&url)
+            .bearer_auth(&cluster.admin_token)
+            .body("paid")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(writes_applied(&client, &cluster).await - before, 3);
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_is_applied_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = cluster(dir.path()).await;
+    let before = writes_applied(&client, &cluster).await;
+    let batch =
+        r#"{"ops":[{"op":"put","key":"a","value":"1"},{"op":"put","key":"b","value":"2"}]}"#;
+    let mut bodies = Vec::new();
+    for _ in 0..10 {
+        let response = client
+            .post(format!("{}/v1/batch", cluster.url))
+            .bearer_auth(&cluster.admin_token)
+            .header("idempotency-key", "batch-7")
+            .header("content-type", "application/json")
+            .body(batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        bodies.push(response.text().await.unwrap());
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    assert_eq!(writes_applied(&client, &cluster).await - before, 2);
+    cluster.stop().await.unwrap();
+}

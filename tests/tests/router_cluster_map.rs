@@ -1,6 +1,9 @@
 //! The router holds no state of its own: it takes the cluster map from the
 //! nodes and adopts a newer epoch without a restart.
 
+// Helpers outside #[test] fns unwrap too: a failed setup should fail loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use caskade_cli::local::{LocalCluster, LocalOptions};

@@ -2,6 +2,9 @@
 //! times is applied once and answered the same way each time; the same key
 //! with a different request is refused and changes nothing.
 
+// Helpers outside #[test] fns unwrap too: a failed setup should fail loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use caskade_cli::local::{LocalCluster, LocalOptions};

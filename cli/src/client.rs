@@ -9,6 +9,8 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64;
 use clap::Args;
 use serde::Deserialize;
 
@@ -16,7 +18,12 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
     /// The router's base URL.
-    #[arg(long, global = true, env = "CASKADE_URL", default_value = "https://127.0.0.1:8443")]
+    #[arg(
+        long,
+        global = true,
+        env = "CASKADE_URL",
+        default_value = "https://127.0.0.1:8443"
+    )]
     url: String,
     /// A bearer token (see `caskade token`; `caskade local` writes one to `<data-dir>/admin.token`).
     #[arg(long, global = true, env = "CASKADE_TOKEN", hide_env_values = true)]
@@ -140,12 +147,16 @@ pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Res
             .await?;
         }
         ClientCommand::Ls { prefix } => {
+            // base64 lists every key, UTF-8 or not; each is printed as its bytes.
             let mut after: Option<String> = None;
             let mut out = std::io::stdout().lock();
             loop {
-                let mut url = format!("{base}/v1/kv?limit=1000&prefix={}", encode_key(&prefix));
+                let mut url = format!(
+                    "{base}/v1/kv?limit=1000&encoding=base64&prefix={}",
+                    encode_key(&prefix)
+                );
                 if let Some(after) = &after {
-                    url.push_str(&format!("&after={}", encode_key(after)));
+                    url.push_str(&format!("&after={after}"));
                 }
                 let response = checked(
                     client
@@ -157,7 +168,8 @@ pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Res
                 .await?;
                 let page: Page = response.json().await.context("reading the key list")?;
                 for key in &page.keys {
-                    writeln!(out, "{key}")?;
+                    out.write_all(&BASE64.decode(key).context("a listed key is not base64")?)?;
+                    out.write_all(b"\n")?;
                 }
                 match page.next {
                     Some(next) => after = Some(next),

@@ -19,6 +19,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::config::TlsFiles;
 
+/// Longest TLS handshake a gRPC client waits for.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// TLS material that could not be loaded or does not fit together.
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -136,12 +139,15 @@ impl TlsMaterial {
     }
 
     /// The gRPC client side: trust only the cluster CA, present this identity,
-    /// and expect `server_name` in the server's certificate.
+    /// and expect `server_name` in the server's certificate. The handshake
+    /// must finish within [`HANDSHAKE_TIMEOUT`]: a peer that accepts the
+    /// connection and then says nothing must not hold a caller forever.
     pub fn grpc_client(&self, server_name: &str) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(server_name)
+            .timeout(HANDSHAKE_TIMEOUT)
     }
 
     fn root_store(&self) -> Result<RootCertStore, TlsError> {

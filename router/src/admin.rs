@@ -31,9 +31,16 @@ pub async fn cluster(
     let mut stats = tokio::task::JoinSet::new();
     for node in view.nodes.values() {
         let node = std::sync::Arc::clone(node);
+        // Outside the per-node stack: an operator polling this page must
+        // not count against a node's breaker or take its request slots.
         stats.spawn(async move {
-            let answer = node.admin().stats(StatsRequest {}).await;
-            (node.id, answer.map(tonic::Response::into_inner))
+            let answer =
+                tokio::time::timeout(node.timeout(), node.operator().stats(StatsRequest {})).await;
+            let answer = match answer {
+                Ok(answer) => answer.map(tonic::Response::into_inner),
+                Err(_) => Err(tonic::Status::deadline_exceeded("no answer in time")),
+            };
+            (node.id, answer)
         });
     }
     let mut by_node = std::collections::BTreeMap::new();

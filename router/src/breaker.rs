@@ -150,6 +150,34 @@ impl Breaker {
         }
     }
 
+    /// An active health check found the node serving. Once the open wait is
+    /// over, that counts as a successful probe: a node that gets no traffic
+    /// (its keys are served by other replicas meanwhile) still closes its
+    /// breaker when it returns. Before the wait is over it changes nothing.
+    pub fn health_check_passed(&self) {
+        let mut inner = self.lock();
+        let closes = match inner.state {
+            State::Open { until } => Instant::now() >= until,
+            State::HalfOpen { probing } => !probing,
+            State::Closed => false,
+        };
+        if closes {
+            inner.state = State::Closed;
+            inner.window.clear();
+            inner.failures = 0;
+            drop(inner);
+            (self.on_change)(BreakerPhase::Closed);
+        }
+    }
+
+    /// A probe ended without an outcome: let another call probe.
+    fn release_probe(&self) {
+        let mut inner = self.lock();
+        if let State::HalfOpen { probing: true } = inner.state {
+            inner.state = State::HalfOpen { probing: false };
+        }
+    }
+
     fn record(&self, pass: Pass, failed: bool) {
         let now = Instant::now();
         let mut inner = self.lock();
@@ -262,7 +290,11 @@ where
             Ok(pass) => pass,
             Err(open) => return Box::pin(std::future::ready(Err(open.into()))),
         };
-        let breaker = self.breaker.clone();
+        let outcome = Outcome {
+            breaker: self.breaker.clone(),
+            pass,
+            recorded: false,
+        };
         let call = self.inner.call(request);
         Box::pin(async move {
             let result = call.await.map_err(Into::into);
@@ -272,9 +304,33 @@ where
                 Ok(response) => node_is_unwell(response.headers().get("grpc-status")),
                 Err(_) => true,
             };
-            breaker.record(pass, failed);
+            outcome.record(failed);
             result
         })
+    }
+}
+
+/// Records a call's outcome, or, if the call is dropped unfinished (its
+/// client went away), releases a probe so that the next call can probe:
+/// a cancelled probe must not leave the breaker half-open forever.
+struct Outcome {
+    breaker: Breaker,
+    pass: Pass,
+    recorded: bool,
+}
+
+impl Outcome {
+    fn record(mut self, failed: bool) {
+        self.recorded = true;
+        self.breaker.record(self.pass, failed);
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.recorded && self.pass == Pass::Probe {
+            self.breaker.release_probe();
+        }
     }
 }
 
@@ -328,6 +384,43 @@ mod tests {
         assert_eq!(breaker.phase(), BreakerPhase::Closed);
         // open, half-open, open, half-open, closed
         assert_eq!(changes.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_lets_the_next_call_probe() {
+        let breaker = Breaker::new(config(), |_| {});
+        for _ in 0..4 {
+            let pass = breaker.admit().unwrap();
+            breaker.record(pass, true);
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let probe = Outcome {
+            breaker: breaker.clone(),
+            pass: breaker.admit().unwrap(),
+            recorded: false,
+        };
+        assert!(breaker.admit().is_err());
+        drop(probe);
+        let next = breaker.admit().expect("the probe slot is free again");
+        assert_eq!(next, Pass::Probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passed_health_check_closes_only_after_the_wait() {
+        let breaker = Breaker::new(config(), |_| {});
+        for _ in 0..4 {
+            let pass = breaker.admit().unwrap();
+            breaker.record(pass, true);
+        }
+        breaker.health_check_passed();
+        assert_eq!(
+            breaker.phase(),
+            BreakerPhase::Open,
+            "the open wait is respected"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        breaker.health_check_passed();
+        assert_eq!(breaker.phase(), BreakerPhase::Closed);
     }
 
     #[tokio::test(start_paused = true)]

@@ -120,20 +120,35 @@ impl Cluster {
         Ok(true)
     }
 
-    /// Asks the seeds, then the known nodes, for their map and adopts the
-    /// highest epoch found. Returns whether any map was adopted.
-    pub async fn refresh(&self) -> bool {
+    /// Asks the seeds and the known nodes, concurrently, for their map and
+    /// adopts the highest epoch found. Returns whether a map was adopted.
+    /// Each node gets one timeout; a node that hangs cannot stall it.
+    pub async fn refresh(self: &Arc<Self>) -> bool {
         let mut addrs = self.seeds.clone();
         if let Some(view) = self.view() {
             addrs.extend(view.nodes.values().map(|n| n.addr.clone()));
         }
         addrs.sort();
         addrs.dedup();
-        let mut best: Option<ClusterMap> = None;
+        let timeout = Duration::from_millis(self.policy.timeout_ms);
+        let mut fetches = tokio::task::JoinSet::new();
         for addr in addrs {
-            match self.fetch_map(&addr).await {
+            let cluster = Arc::clone(self);
+            fetches.spawn(async move {
+                let fetched = tokio::time::timeout(timeout, cluster.fetch_map(&addr))
+                    .await
+                    .unwrap_or_else(|_| Err("no answer in time".into()));
+                (addr, fetched)
+            });
+        }
+        let mut best: Option<ClusterMap> = None;
+        while let Some(joined) = fetches.join_next().await {
+            let Ok((addr, fetched)) = joined else {
+                continue;
+            };
+            match fetched {
                 Ok(Some(map)) if best.as_ref().is_none_or(|b| map.epoch > b.epoch) => {
-                    best = Some(map)
+                    best = Some(map);
                 }
                 Ok(_) => {}
                 Err(reason) => tracing::debug!(%addr, %reason, "could not fetch the cluster map"),
@@ -182,24 +197,45 @@ impl Cluster {
         while checks.join_next().await.is_some() {}
     }
 
-    /// Refreshes the map and the nodes' readiness forever (run as a task):
-    /// every interval, or every 200 ms while no map is known yet.
+    /// Keeps the map and the nodes' readiness fresh (run as a task): health
+    /// checks every interval, and, in a loop of its own so that neither can
+    /// hold the other up, a look for a newer map every ten intervals (every
+    /// 200 ms while no map is known).
     pub async fn maintain(self: Arc<Self>) {
         let interval = Duration::from_millis(self.policy.health_interval_ms);
-        let mut rounds: u64 = 0;
+        let maps = {
+            let cluster = Arc::clone(&self);
+            tokio::spawn(async move {
+                loop {
+                    cluster.refresh().await;
+                    let pause = if cluster.view().is_none() {
+                        Duration::from_millis(200)
+                    } else {
+                        interval * 10
+                    };
+                    tokio::time::sleep(pause).await;
+                }
+            })
+        };
+        // Aborts the map loop when this task is aborted (router shutdown).
+        let _maps = AbortOnDrop(maps);
         loop {
-            // The map rarely changes; look for a newer epoch every 10 rounds.
-            if self.view().is_none() || rounds.is_multiple_of(10) {
-                self.refresh().await;
-            }
             self.check_health().await;
-            rounds += 1;
             let pause = if self.view().is_none() {
-                Duration::from_millis(200)
+                Duration::from_millis(50)
             } else {
                 interval
             };
             tokio::time::sleep(pause).await;
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

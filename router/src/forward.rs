@@ -20,7 +20,7 @@ use tonic::{Code, Status};
 use crate::breaker::BreakerOpen;
 use crate::cluster::ClusterView;
 use crate::error::ApiError;
-use crate::nodes::{NodeHandle, NodeService};
+use crate::nodes::{NodeHandle, NodeService, Shed};
 
 /// Metadata key of the current version in a failed-condition status (set by the node).
 const CURRENT_VERSION_METADATA: &str = "x-caskade-current-version";
@@ -146,7 +146,7 @@ fn judge(status: &Status, access: Access) -> Verdict {
     if is(|e| e.is::<BreakerOpen>()) {
         return Verdict::Next(ApiError::Unavailable);
     }
-    if is(|e| e.is::<tower::load_shed::error::Overloaded>()) {
+    if is(|e| e.is::<Shed>()) {
         counter!("caskade_router_shed_total").increment(1);
         return Verdict::Next(ApiError::Overloaded);
     }

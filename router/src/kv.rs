@@ -6,6 +6,10 @@
 //! nothing. Values are raw bytes in and out; versions travel as ETags.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -44,7 +48,7 @@ pub async fn single_key(
     let principal = state.authenticate(&headers)?;
     let key = key_from_path(uri.path(), KV_PREFIX)?;
     match method {
-        Method::GET => {
+        Method::GET | Method::HEAD => {
             state.authorize(&principal, Role::Reader, Some(&key))?;
             let query = Query::parse(uri.query(), &["r"])?;
             let read_level = read_level(query.text("r")?)?;
@@ -91,13 +95,23 @@ pub async fn single_key(
             delete(&state, &request_id, key, condition, write_level).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
-        _ => Err(ApiError::MethodNotAllowed),
+        _ => {
+            let mut response = ApiError::MethodNotAllowed.into_response();
+            response.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, PUT, DELETE"),
+            );
+            Ok(response)
+        }
     }
 }
 
 /// `/v1/kv/` with no key.
-pub async fn empty_key() -> ApiError {
-    ApiError::bad_request("invalid_key", "key is empty")
+pub async fn empty_key(State(state): State<AppState>, headers: HeaderMap) -> ApiError {
+    match state.authenticate(&headers) {
+        Ok(_) => ApiError::bad_request("invalid_key", "key is empty"),
+        Err(unauthenticated) => unauthenticated,
+    }
 }
 
 async fn get(
@@ -195,8 +209,14 @@ async fn delete(
     Ok(done.existed)
 }
 
-/// `GET /v1/kv?prefix=&limit=&after=`: a page of keys in byte order, from
-/// every node that holds some, merged and deduplicated.
+/// `GET /v1/kv?prefix=&limit=&after=[&encoding=base64]`: a page of keys in
+/// byte order, from every node that holds some, merged and deduplicated.
+///
+/// Keys are bytes but JSON strings are text: by default keys are listed as
+/// UTF-8 text, and a page that would hold a key that is not UTF-8 is refused
+/// (400) rather than shown lossily, since a lossy `next` could never be
+/// passed back as `after`. With `encoding=base64` keys, `next` and `after`
+/// are base64url (no padding) and any key can be listed.
 pub async fn list(
     State(state): State<AppState>,
     RequestId(request_id): RequestId,
@@ -204,9 +224,28 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = state.authenticate(&headers)?;
-    let query = Query::parse(uri.query(), &["prefix", "limit", "after"])?;
+    let query = Query::parse(uri.query(), &["prefix", "limit", "after", "encoding"])?;
+    let base64 = match query.text("encoding")? {
+        None | Some("text") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("encoding must be text or base64, not {other:?}"),
+            ));
+        }
+    };
     let prefix = query.key_bytes("prefix")?;
-    let after = query.key_bytes("after")?;
+    let after = if base64 {
+        let text = query.text("after")?.unwrap_or_default();
+        let after = BASE64.decode(text).map_err(|_| {
+            ApiError::bad_request("invalid_query", "after must be base64url without padding")
+        })?;
+        crate::params::check_cursor(&after)?;
+        after
+    } else {
+        query.key_bytes("after")?
+    };
     let limit = query
         .number("limit", 1..=MAX_LIST_LIMIT)?
         .unwrap_or(DEFAULT_LIST_LIMIT);
@@ -216,30 +255,36 @@ pub async fn list(
     let message = ScanRequest {
         prefix: prefix.into(),
         after: after.into(),
-        // One more than asked: a node holding more tells us a next page exists.
+        // The node reads one more itself to tell whether a next page exists.
         limit: u32::try_from(limit).unwrap_or(1000),
         include_values: false,
     };
+    let mut scans = tokio::task::JoinSet::new();
+    for node in view.nodes.values() {
+        let (node, message, request_id) = (Arc::clone(node), message.clone(), request_id.clone());
+        scans.spawn(async move {
+            let answer =
+                forward::to_one_node(&node, &request_id, message, |mut kv, req| async move {
+                    kv.scan(req).await
+                })
+                .await;
+            (node.id, answer)
+        });
+    }
     let mut keys = BTreeSet::new();
     let mut more = false;
     let mut failed = 0usize;
-    for node in view.nodes.values() {
-        let answer = forward::to_one_node(
-            node,
-            &request_id,
-            message.clone(),
-            |mut kv, req| async move { kv.scan(req).await },
-        )
-        .await;
-        match answer {
-            Ok(page) => {
+    while let Some(joined) = scans.join_next().await {
+        match joined {
+            Ok((_, Ok(page))) => {
                 more |= page.next.is_some();
                 keys.extend(page.entries.into_iter().map(|e| e.key.to_vec()));
             }
-            Err(error) => {
-                tracing::debug!(node = node.id, %error, "a node did not answer the listing");
+            Ok((node, Err(error))) => {
+                tracing::debug!(node, %error, "a node did not answer the listing");
                 failed += 1;
             }
+            Err(_) => failed += 1,
         }
     }
     // With fewer failed nodes than replicas, every key range still had a
@@ -250,18 +295,26 @@ pub async fn list(
     let limit = limit as usize;
     more |= keys.len() > limit;
     let page: Vec<Vec<u8>> = keys.into_iter().take(limit).collect();
-    let next = if more {
-        page.last().map(|k| key_text(k))
-    } else {
-        None
+    let encode = |key: &[u8]| -> Result<String, ApiError> {
+        if base64 {
+            return Ok(BASE64.encode(key));
+        }
+        String::from_utf8(key.to_vec()).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_query",
+                "this page holds keys that are not UTF-8; list them with encoding=base64",
+            )
+        })
     };
-    let keys: Vec<String> = page.iter().map(|k| key_text(k)).collect();
+    let next = match page.last() {
+        Some(last) if more => Some(encode(last)?),
+        _ => None,
+    };
+    let keys = page
+        .iter()
+        .map(|k| encode(k))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(axum::Json(json!({ "keys": keys, "next": next })).into_response())
-}
-
-/// A key as JSON text (keys that are not UTF-8 are shown lossily).
-fn key_text(key: &[u8]) -> String {
-    String::from_utf8_lossy(key).into_owned()
 }
 
 /// `POST /v1/batch`.
@@ -305,10 +358,12 @@ struct OpResult {
 pub async fn batch(
     State(state): State<AppState>,
     RequestId(request_id): RequestId,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let principal = state.authenticate(&headers)?;
+    Query::parse(uri.query(), &[])?;
     let body = read_body(body, state.limits.max_body_bytes, "request body").await?;
     let batch: BatchBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("batch body: {e}")))?;

@@ -8,8 +8,10 @@
 //! ([`crate::breaker`]), and a timeout per call. Timeouts therefore count as
 //! breaker failures, and shed calls never reach the breaker's window.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use caskade_common::tls::TlsMaterial;
@@ -20,16 +22,55 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tower::ServiceBuilder;
+
 use tower::limit::ConcurrencyLimit;
 use tower::load_shed::LoadShed;
 use tower::timeout::Timeout;
+use tower::{BoxError, Service, ServiceBuilder};
 
 use crate::breaker::{Breaker, BreakerConfig, BreakerLayer, BreakerPhase, BreakerService};
 use crate::config::NodePolicy;
 
 /// A node's gRPC channel behind the router's resilience layers.
-pub type NodeService = LoadShed<ConcurrencyLimit<BreakerService<Timeout<Channel>>>>;
+pub type NodeService = NameShed<LoadShed<ConcurrencyLimit<BreakerService<Timeout<Channel>>>>>;
+
+/// The error of a call shed because the node's in-flight limit was reached.
+/// (tonic would turn tower's own `Overloaded` into `RESOURCE_EXHAUSTED`,
+/// indistinguishable from a full disk; this type reaches `forward` intact.)
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("too many requests in flight to the node")]
+pub struct Shed;
+
+/// Replaces tower's `Overloaded` with [`Shed`] in a service's errors.
+#[derive(Debug, Clone)]
+pub struct NameShed<S>(S);
+
+impl<S, R> Service<R> for NameShed<S>
+where
+    S: Service<R, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(name_shed)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let call = self.0.call(request);
+        Box::pin(async move { call.await.map_err(name_shed) })
+    }
+}
+
+fn name_shed(error: BoxError) -> BoxError {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        Box::new(Shed)
+    } else {
+        error
+    }
+}
 
 /// The health check asks about the `Kv` service: a node catching up reports
 /// it not serving while still answering.
@@ -87,6 +128,7 @@ impl NodeHandle {
         );
         gauge!("caskade_router_breaker_state", "node" => id.to_string()).set(0.0);
         let stack = ServiceBuilder::new()
+            .layer_fn(NameShed)
             .load_shed()
             .concurrency_limit(policy.max_in_flight)
             .layer(BreakerLayer::new(breaker.clone()))
@@ -120,6 +162,11 @@ impl NodeHandle {
     /// the per-node stack: bound them with a timeout of their own.
     pub fn operator(&self) -> AdminClient<Channel> {
         self.operator.clone()
+    }
+
+    /// The deadline of one call to this node.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.policy.timeout_ms)
     }
 
     /// Whether the last health check found the node serving.
@@ -159,6 +206,9 @@ impl NodeHandle {
             tokio::time::timeout(timeout, health.check(request)).await,
             Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
         );
+        if serving {
+            self.breaker.health_check_passed();
+        }
         let was = self.ready.swap(serving, Ordering::Relaxed);
         if was != serving {
             tracing::info!(node = self.id, addr = %self.addr, ready = serving, "node readiness changed");

@@ -60,6 +60,17 @@ pub fn validate_key(key: &[u8]) -> Result<(), ApiError> {
     }
 }
 
+/// A listing cursor may be any bytes up to the key length limit.
+pub fn check_cursor(after: &[u8]) -> Result<(), ApiError> {
+    if after.len() > MAX_KEY_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("after is longer than the maximum key length of {MAX_KEY_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
 /// A query string's parameters, each allowed name at most once.
 #[derive(Debug, Default)]
 pub struct Query {

@@ -38,8 +38,9 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper refuses header blocks over these sizes (431 for HTTP/1.1,
-    // a stream error for HTTP/2).
+    // hyper refuses header blocks over these sizes: 431 for HTTP/1.1; for
+    // HTTP/2 a header list far over the limit ends the whole connection
+    // (GOAWAY), so other requests on it fail too.
     builder.http1().max_buf_size(max_header_bytes.max(8192));
     builder
         .http2()

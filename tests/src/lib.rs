@@ -1,6 +1,8 @@
 //! caskade-tests: suites that drive caskade from the outside, with real
 //! processes. The library part holds what several suites share.
 
+pub mod cluster;
+
 /// Name of key number `n` written by the `crash-writer` binary.
 pub fn crash_key(n: u64) -> String {
     format!("crash-{n:010}")

@@ -1,0 +1,705 @@
+//! A cluster for resilience tests: storage nodes, each of which can be
+//! stopped and restarted on the same address or replaced by a listener that
+//! accepts connections and never answers, a router in front of them with the
+//! [`NodePolicy`] the test chooses, an HTTPS client trusting only the
+//! cluster CA, and tokens. Everything runs in the test's process on loopback
+//! ports the OS picks, over real mutual TLS and real HTTPS.
+//!
+//! It must never reach past the public interfaces: the map is written with
+//! `Admin/SetClusterMap` like an operator would, and what the router
+//! believes is read from `/readyz`, `/admin/v1/cluster` and `/metrics`.
+//!
+//! Node ids are unique within the test process (each cluster takes its own
+//! block of 100): the router's metrics recorder is process-global, so two
+//! clusters both calling their first node `1` would write the same
+//! `caskade_router_breaker_state{node="1"}` gauge.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use caskade_common::certs::{ClusterCertFiles, ensure_cluster_certs};
+use caskade_common::config::LogConfig;
+use caskade_common::ring::Ring;
+use caskade_common::tls::TlsMaterial;
+use caskade_node::config::{DurabilityMode, EngineConfig, MetricsConfig, ServerConfig};
+use caskade_node::{Node, NodeConfig, NodeError};
+use caskade_proto::admin_client::AdminClient;
+use caskade_proto::{ClusterMap, ClusterNode, NodeState, SetClusterMapRequest};
+use caskade_router::auth::{AuthConfig, Role, SecretKeyFile, TokenRequest, issue_hs256};
+use caskade_router::config::{HttpsFiles, IdempotencyConfig, LimitsConfig, NodePolicy};
+use caskade_router::{Router, RouterConfig, RouterError};
+use reqwest::{Client, Response, StatusCode};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Endpoint;
+
+/// How long the router may take to adopt the map and see the nodes ready.
+const READY_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a node or the router may take to stop gracefully.
+const STOP_DEADLINE: Duration = Duration::from_secs(15);
+/// Pause between two checks of a polled condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Ceiling of any one HTTP request, so a hung router fails the test instead of hanging it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lifetime of the tokens.
+const TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// How long a stopping node lets in-flight requests finish.
+const NODE_SHUTDOWN_GRACE_SECS: u64 = 2;
+/// The router's HS256 secret. Test clusters live in a temporary directory
+/// for one test; a fixed secret keeps failures reproducible.
+const JWT_SECRET: &[u8] = b"caskade-tests-cluster-secret-0123456789abcdef";
+/// Most keys tried when looking for keys with a given preference list.
+const MAX_KEY_CANDIDATES: u64 = 1_000_000;
+
+/// Next block of node ids; see the module documentation.
+static NEXT_ID_BLOCK: AtomicU32 = AtomicU32::new(1);
+
+/// What occupies a slot of the cluster map when the cluster starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    /// A storage node.
+    Node,
+    /// A TCP listener that accepts connections and never reads or writes:
+    /// a node that hangs (a stopped process, a dead disk under a blocked thread).
+    Hanging,
+}
+
+/// The cluster to start.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// One entry per node of the map, in id order.
+    pub members: Vec<Member>,
+    /// The map's replication factor.
+    pub replication_factor: u32,
+    /// The map's ring points per node.
+    pub vnodes_per_node: u32,
+    /// How the router treats each node.
+    pub policy: NodePolicy,
+}
+
+impl ClusterSpec {
+    /// `nodes` storage nodes with replication factor `replication_factor`.
+    pub fn nodes(nodes: usize, replication_factor: u32, policy: NodePolicy) -> ClusterSpec {
+        ClusterSpec {
+            members: vec![Member::Node; nodes],
+            replication_factor,
+            vnodes_per_node: 64,
+            policy,
+        }
+    }
+}
+
+/// A listener that accepts connections and holds them without a word.
+#[derive(Debug)]
+struct HangingListener {
+    task: JoinHandle<()>,
+}
+
+impl HangingListener {
+    /// Binds `addr` and starts accepting.
+    async fn bind(addr: SocketAddr) -> anyhow::Result<(HangingListener, SocketAddr)> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding a hanging listener on {addr}"))?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            // Dropping a socket would tell the peer; holding it says nothing.
+            let mut held: Vec<TcpStream> = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        Ok((HangingListener { task }, addr))
+    }
+
+    /// Closes the listener and every connection it holds, and waits until
+    /// they are closed, so that the address can be bound again.
+    async fn close(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for HangingListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a slot runs now.
+#[derive(Debug)]
+enum Occupant {
+    Node {
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<Result<(), NodeError>>,
+    },
+    Hanging(HangingListener),
+    Nothing,
+}
+
+/// One node of the map: its id, fixed address and configuration.
+#[derive(Debug)]
+struct Slot {
+    id: u32,
+    addr: SocketAddr,
+    config: NodeConfig,
+    /// Whether the node's data directory holds the cluster map.
+    has_map: bool,
+    occupant: Occupant,
+}
+
+/// A running test cluster.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The router's base URL, `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// A token with the admin role.
+    pub admin_token: String,
+    /// A token with the writer role.
+    pub writer_token: String,
+    client: Client,
+    ca_pem: Vec<u8>,
+    certs: ClusterCertFiles,
+    map: ClusterMap,
+    ring: Ring,
+    slots: Vec<Slot>,
+    router_stop: oneshot::Sender<()>,
+    router: JoinHandle<Result<(), RouterError>>,
+    _dir: TempDir,
+}
+
+impl TestCluster {
+    /// Starts the members, writes the map to the storage nodes, starts the
+    /// router seeded with them, and waits until it sees every storage node ready.
+    pub async fn start(spec: ClusterSpec) -> anyhow::Result<TestCluster> {
+        caskade_common::tls::install_crypto_provider();
+        if spec.members.is_empty() || spec.members.len() >= 100 {
+            bail!("a test cluster has 1 to 99 members");
+        }
+        let dir = tempfile::tempdir()?;
+        let count = u32::try_from(spec.members.len())?;
+        let certs = ensure_cluster_certs(&dir.path().join("certs"), count, &[])?;
+        let block = NEXT_ID_BLOCK.fetch_add(1, Ordering::Relaxed) * 100;
+
+        let mut slots = Vec::with_capacity(spec.members.len());
+        for (index, member) in spec.members.iter().enumerate() {
+            let id = block + u32::try_from(index)? + 1;
+            let mut config = NodeConfig {
+                id,
+                listen: "127.0.0.1:0".parse()?,
+                data_dir: dir.path().join(format!("node-{id}")),
+                backup_dir: Some(dir.path().join(format!("node-{id}-backups"))),
+                tls: certs.nodes[index].clone(),
+                engine: EngineConfig {
+                    durability: DurabilityMode::Never,
+                    ..EngineConfig::default()
+                },
+                server: ServerConfig {
+                    shutdown_grace_secs: NODE_SHUTDOWN_GRACE_SECS,
+                    ..ServerConfig::default()
+                },
+                metrics: MetricsConfig::default(),
+                log: LogConfig::default(),
+            };
+            let (addr, occupant) = match member {
+                Member::Node => {
+                    let node = Node::start(config.clone())
+                        .await
+                        .with_context(|| format!("starting node {id}"))?;
+                    let addr = node.grpc_addr();
+                    (addr, serve_node(node))
+                }
+                Member::Hanging => {
+                    let (hanging, addr) = HangingListener::bind(config.listen).await?;
+                    (addr, Occupant::Hanging(hanging))
+                }
+            };
+            // Restarts must come back where the map says the node is.
+            config.listen = addr;
+            slots.push(Slot {
+                id,
+                addr,
+                config,
+                has_map: false,
+                occupant,
+            });
+        }
+
+        let map = ClusterMap {
+            epoch: 1,
+            replication_factor: spec.replication_factor,
+            vnodes_per_node: spec.vnodes_per_node,
+            nodes: slots
+                .iter()
+                .map(|slot| ClusterNode {
+                    id: slot.id,
+                    addr: slot.addr.to_string(),
+                    state: NodeState::Active as i32,
+                })
+                .collect(),
+        };
+        let ids: Vec<u32> = slots.iter().map(|s| s.id).collect();
+        let ring = Ring::new(&ids, spec.vnodes_per_node, spec.replication_factor);
+        for slot in &mut slots {
+            if matches!(slot.occupant, Occupant::Node { .. }) {
+                write_map(&certs, slot.addr, &map).await?;
+                slot.has_map = true;
+            }
+        }
+
+        let secret_file = dir.path().join("jwt-secret");
+        std::fs::write(&secret_file, JWT_SECRET)?;
+        let config = RouterConfig {
+            listen: "127.0.0.1:0".parse()?,
+            https: Some(HttpsFiles {
+                cert: certs.router.cert.clone(),
+                key: certs.router.key.clone(),
+            }),
+            insecure_http: false,
+            node_tls: certs.router.clone(),
+            seeds: slots
+                .iter()
+                .filter(|s| s.has_map)
+                .map(|s| s.addr.to_string())
+                .collect(),
+            auth: AuthConfig {
+                hs256: vec![SecretKeyFile {
+                    kid: None,
+                    path: secret_file,
+                }],
+                ..AuthConfig::default()
+            },
+            limits: LimitsConfig::default(),
+            nodes: spec.policy.clone(),
+            idempotency: IdempotencyConfig::default(),
+            log: LogConfig::default(),
+        };
+        config.validate()?;
+        let router = Router::start(config).await?;
+        let url = format!("https://{}", router.local_addr());
+        let (router_stop, stopped) = oneshot::channel::<()>();
+        let router = tokio::spawn(router.serve(async {
+            let _ = stopped.await;
+        }));
+
+        let ca_pem = std::fs::read(&certs.ca)?;
+        let ca = reqwest::Certificate::from_pem(&ca_pem)?;
+        let client = Client::builder()
+            .tls_certs_only([ca])
+            .no_proxy()
+            .timeout(REQUEST_TIMEOUT)
+            .build()?;
+        let cluster = TestCluster {
+            url,
+            admin_token: token(Role::Admin)?,
+            writer_token: token(Role::Writer)?,
+            client,
+            ca_pem,
+            certs,
+            map,
+            ring,
+            slots,
+            router_stop,
+            router,
+            _dir: dir,
+        };
+        let nodes = cluster.slots.iter().filter(|s| s.has_map).count();
+        poll_until(
+            "the router to see every storage node ready",
+            READY_DEADLINE,
+            || async { cluster.nodes_ready().await == Some(nodes) },
+        )
+        .await;
+        Ok(cluster)
+    }
+
+    /// Stops the router, then the nodes, each gracefully; closes hanging listeners.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let TestCluster {
+            client,
+            slots,
+            router_stop,
+            router,
+            ..
+        } = self;
+        // Idle keep-alive connections would hold the router's graceful
+        // shutdown for its whole grace period.
+        drop(client);
+        let _ = router_stop.send(());
+        tokio::time::timeout(STOP_DEADLINE, router)
+            .await
+            .context("the router did not stop in time")???;
+        for slot in slots {
+            stop_occupant(slot.occupant).await?;
+        }
+        Ok(())
+    }
+
+    /// The node ids of the map, in slot order.
+    pub fn node_ids(&self) -> Vec<u32> {
+        self.slots.iter().map(|s| s.id).collect()
+    }
+
+    /// The address of node `id`.
+    pub fn addr(&self, id: u32) -> SocketAddr {
+        self.slot(id).addr
+    }
+
+    /// The map the cluster was started with.
+    pub fn map(&self) -> &ClusterMap {
+        &self.map
+    }
+
+    /// `key`'s preference list, computed as the router does.
+    pub fn preference_list(&self, key: &[u8]) -> Vec<u32> {
+        self.ring.preference_list(key)
+    }
+
+    /// `count` keys `{prefix}-{n}` whose preference list satisfies `wanted`.
+    pub fn keys_where(
+        &self,
+        prefix: &str,
+        count: usize,
+        wanted: impl Fn(&[u32]) -> bool,
+    ) -> Vec<String> {
+        let keys: Vec<String> = (0..MAX_KEY_CANDIDATES)
+            .map(|n| format!("{prefix}-{n}"))
+            .filter(|key| wanted(&self.preference_list(key.as_bytes())))
+            .take(count)
+            .collect();
+        assert_eq!(
+            keys.len(),
+            count,
+            "no {count} keys with the wanted preference list among {MAX_KEY_CANDIDATES}"
+        );
+        keys
+    }
+
+    /// `count` keys whose preference list starts with node `id`.
+    pub fn keys_with_primary(&self, id: u32, prefix: &str, count: usize) -> Vec<String> {
+        self.keys_where(prefix, count, |list| list.first() == Some(&id))
+    }
+
+    /// Stops node `id` gracefully and waits until it has closed its listener.
+    pub async fn stop_node(&mut self, id: u32) -> anyhow::Result<()> {
+        let slot = self.slot_mut(id);
+        if !matches!(slot.occupant, Occupant::Node { .. }) {
+            bail!("node {id} is not running");
+        }
+        let occupant = std::mem::replace(&mut slot.occupant, Occupant::Nothing);
+        stop_occupant(occupant).await
+    }
+
+    /// Starts node `id` on its address (its data directory kept) after it
+    /// was stopped, or in place of a hanging listener, which is closed
+    /// first. A node that never held the map is given it.
+    pub async fn start_node(&mut self, id: u32) -> anyhow::Result<()> {
+        let slot = self.slot_mut(id);
+        let previous = std::mem::replace(&mut slot.occupant, Occupant::Nothing);
+        match previous {
+            Occupant::Node { .. } => {
+                slot.occupant = previous;
+                bail!("node {id} is already running");
+            }
+            Occupant::Hanging(hanging) => hanging.close().await,
+            Occupant::Nothing => {}
+        }
+        let node = Node::start(slot.config.clone())
+            .await
+            .with_context(|| format!("restarting node {id} on {}", slot.addr))?;
+        slot.occupant = serve_node(node);
+        if !slot.has_map {
+            let addr = slot.addr;
+            write_map(&self.certs, addr, &self.map).await?;
+            self.slot_mut(id).has_map = true;
+        }
+        Ok(())
+    }
+
+    /// Stops node `id` and puts a hanging listener on its address: from
+    /// now on connections to it are accepted and never answered.
+    pub async fn hang_node(&mut self, id: u32) -> anyhow::Result<()> {
+        self.stop_node(id).await?;
+        let slot = self.slot_mut(id);
+        let (hanging, _) = HangingListener::bind(slot.addr).await?;
+        slot.occupant = Occupant::Hanging(hanging);
+        Ok(())
+    }
+
+    fn slot(&self, id: u32) -> &Slot {
+        self.slots
+            .iter()
+            .find(|s| s.id == id)
+            .unwrap_or_else(|| panic!("node {id} is not in this cluster"))
+    }
+
+    fn slot_mut(&mut self, id: u32) -> &mut Slot {
+        self.slots
+            .iter_mut()
+            .find(|s| s.id == id)
+            .unwrap_or_else(|| panic!("node {id} is not in this cluster"))
+    }
+
+    // ------------------------------------------------------------ HTTP
+
+    /// The shared HTTPS client (HTTP/2 by ALPN), trusting only the cluster CA.
+    /// Drop every clone before [`TestCluster::shutdown`].
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// A new client with connections of its own.
+    pub fn new_client(&self) -> anyhow::Result<Client> {
+        Ok(Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&self.ca_pem)?])
+            .no_proxy()
+            .timeout(REQUEST_TIMEOUT)
+            .build()?)
+    }
+
+    /// `url` + `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// The URL of `key` (test keys are unreserved characters only).
+    pub fn kv_url(&self, key: &str) -> String {
+        assert!(
+            key.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)),
+            "test keys need no percent-encoding: {key}"
+        );
+        self.at(&format!("/v1/kv/{key}"))
+    }
+
+    /// `PUT key = value` with the writer token.
+    pub async fn put(&self, key: &str, value: &str) -> reqwest::Result<Response> {
+        self.client
+            .put(self.kv_url(key))
+            .bearer_auth(&self.writer_token)
+            .body(value.to_string())
+            .send()
+            .await
+    }
+
+    /// `GET key` with the writer token.
+    pub async fn get(&self, key: &str) -> reqwest::Result<Response> {
+        self.client
+            .get(self.kv_url(key))
+            .bearer_auth(&self.writer_token)
+            .send()
+            .await
+    }
+
+    /// `GET /admin/v1/cluster`: what the router believes, node by node.
+    /// Note that the page asks every node for its statistics through the
+    /// router's per-node stack, so it is itself a call to each node.
+    pub async fn admin_cluster(&self) -> anyhow::Result<Value> {
+        let response = self
+            .client
+            .get(self.at("/admin/v1/cluster"))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await?;
+        if response.status() != StatusCode::OK {
+            bail!("/admin/v1/cluster answered {}", response.status());
+        }
+        Ok(response.json().await?)
+    }
+
+    /// Node `id`'s entry of `/admin/v1/cluster`.
+    pub async fn admin_node(&self, id: u32) -> anyhow::Result<Value> {
+        let page = self.admin_cluster().await?;
+        page["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["id"] == id))
+            .cloned()
+            .with_context(|| format!("node {id} missing from {page}"))
+    }
+
+    /// `nodes_ready` of `/readyz` (which, unlike the admin page, calls no node).
+    pub async fn nodes_ready(&self) -> Option<usize> {
+        let response = self.client.get(self.at("/readyz")).send().await.ok()?;
+        let body: Value = response.json().await.ok()?;
+        body["nodes_ready"]
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+    }
+
+    /// The Prometheus text of `/metrics` (calls no node).
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let response = self.client.get(self.at("/metrics")).send().await?;
+        if response.status() != StatusCode::OK {
+            bail!("/metrics answered {}", response.status());
+        }
+        Ok(Metrics(response.text().await?))
+    }
+
+    /// `caskade_router_breaker_state{node="id"}`: 0 closed, 1 half-open, 2 open.
+    pub async fn breaker_gauge(&self, id: u32) -> anyhow::Result<Option<f64>> {
+        Ok(self
+            .metrics()
+            .await?
+            .value("caskade_router_breaker_state", &[("node", &id.to_string())]))
+    }
+
+    /// `caskade_router_retries_total` summed over this cluster's nodes.
+    pub async fn retries(&self) -> anyhow::Result<f64> {
+        let metrics = self.metrics().await?;
+        Ok(self
+            .node_ids()
+            .iter()
+            .filter_map(|id| {
+                metrics.value("caskade_router_retries_total", &[("node", &id.to_string())])
+            })
+            .sum())
+    }
+}
+
+/// A Prometheus text page.
+#[derive(Debug, Clone)]
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of the sample of `name` whose labels include `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0.lines().find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let label_text = match rest {
+                "" => "",
+                _ => rest.strip_prefix('{')?.strip_suffix('}')?,
+            };
+            let found: BTreeMap<&str, &str> = label_text
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            labels
+                .iter()
+                .all(|(k, v)| found.get(k) == Some(v))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+    }
+}
+
+/// Checks `condition` every [`POLL_INTERVAL`] until it holds; panics naming
+/// `what` if it does not within `deadline`.
+pub async fn poll_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn token(role: Role) -> anyhow::Result<String> {
+    Ok(issue_hs256(
+        JWT_SECRET,
+        &TokenRequest {
+            subject: "caskade-tests",
+            role,
+            prefix: None,
+            ttl: TOKEN_TTL,
+            issuer: None,
+            audience: None,
+            kid: None,
+        },
+    )?)
+}
+
+fn serve_node(node: Node) -> Occupant {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(node.serve(async {
+        let _ = stopped.await;
+    }));
+    Occupant::Node { stop, task }
+}
+
+async fn stop_occupant(occupant: Occupant) -> anyhow::Result<()> {
+    match occupant {
+        Occupant::Node { stop, task } => {
+            let _ = stop.send(());
+            tokio::time::timeout(STOP_DEADLINE, task)
+                .await
+                .context("a node did not stop in time")???;
+        }
+        Occupant::Hanging(hanging) => hanging.close().await,
+        Occupant::Nothing => {}
+    }
+    Ok(())
+}
+
+/// `Admin/SetClusterMap` on the node at `addr`, as the operator's client.
+async fn write_map(
+    certs: &ClusterCertFiles,
+    addr: SocketAddr,
+    map: &ClusterMap,
+) -> anyhow::Result<()> {
+    let tls = TlsMaterial::load(&certs.client)?;
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.grpc_client("127.0.0.1"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the node at {addr}"))?;
+    AdminClient::new(channel)
+        .set_cluster_map(SetClusterMapRequest {
+            map: Some(map.clone()),
+        })
+        .await
+        .with_context(|| format!("writing the cluster map to {addr}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_values_are_found_by_name_and_labels() {
+        let page = Metrics(
+            "# TYPE caskade_router_breaker_state gauge\n\
+             caskade_router_breaker_state{node=\"101\"} 2\n\
+             caskade_router_breaker_state{node=\"10\"} 0\n\
+             caskade_router_retries_total{node=\"10\"} 7\n\
+             caskade_up 1\n"
+                .to_string(),
+        );
+        let node = |id: &'static str| [("node", id)];
+        assert_eq!(
+            page.value("caskade_router_breaker_state", &node("101")),
+            Some(2.0)
+        );
+        assert_eq!(
+            page.value("caskade_router_breaker_state", &node("10")),
+            Some(0.0)
+        );
+        assert_eq!(page.value("caskade_router_breaker_state", &node("1")), None);
+        assert_eq!(
+            page.value("caskade_router_retries_total", &node("10")),
+            Some(7.0)
+        );
+        assert_eq!(page.value("caskade_up", &[]), Some(1.0));
+        assert_eq!(page.value("caskade_router_breaker", &node("10")), None);
+    }
+}

@@ -125,6 +125,12 @@ impl Router {
                 "serving plain HTTP (insecure_http = true): tokens and values travel unencrypted"
             );
         }
+        // One round before the first request: without it, requests in the
+        // first health interval would see every node as not ready and
+        // could be sent to a secondary while the primary is fine (and,
+        // until replication exists, not be found there afterwards).
+        cluster.refresh().await;
+        cluster.check_health().await;
         let maintenance = tokio::spawn(Arc::clone(&cluster).maintain());
         let addr = listener.local_addr()?;
         let scheme = if https.is_some() { "https" } else { "http" };

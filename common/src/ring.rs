@@ -66,6 +66,11 @@ impl Ring {
         self.nodes.len()
     }
 
+    /// Whether `node` has points on the ring.
+    pub fn contains(&self, node: u32) -> bool {
+        self.nodes.binary_search(&node).is_ok()
+    }
+
     /// Replication factor the ring was built with (lists may be shorter when there are fewer nodes).
     pub fn replication_factor(&self) -> usize {
         self.replication_factor

@@ -48,17 +48,24 @@ pub struct Cluster {
     seeds: Vec<String>,
     tls: TlsMaterial,
     policy: NodePolicy,
+    max_value_bytes: usize,
     /// The current view; replaced whole, never modified in place.
     view: RwLock<Option<Arc<ClusterView>>>,
 }
 
 impl Cluster {
     /// A cluster with no map yet.
-    pub fn new(seeds: Vec<String>, tls: TlsMaterial, policy: NodePolicy) -> Cluster {
+    pub fn new(
+        seeds: Vec<String>,
+        tls: TlsMaterial,
+        policy: NodePolicy,
+        max_value_bytes: usize,
+    ) -> Cluster {
         Cluster {
             seeds,
             tls,
             policy,
+            max_value_bytes,
             view: RwLock::new(None),
         }
     }
@@ -96,6 +103,7 @@ impl Cluster {
                     &node.addr,
                     &self.tls,
                     &self.policy,
+                    self.max_value_bytes,
                 )?),
             };
             nodes.insert(node.id, handle);

@@ -125,7 +125,7 @@ pub struct NodePolicy {
     /// Deadline of one request to a node (default 2,000 ms); past it the
     /// router answers 504 (or tries the next replica for a read).
     pub timeout_ms: u64,
-    /// Requests in flight to one node before the router sheds load with 503 (default 256).
+    /// Requests in flight to one node before the router sheds load with 429 (default 256).
     pub max_in_flight: usize,
     /// Circuit breaker: failure ratio over the window that opens it (default 0.5)…
     pub breaker_failure_ratio: f64,

@@ -42,12 +42,15 @@ enum Verdict {
     Next(ApiError),
 }
 
-/// The replicas of `key` to try, in order: healthy ones in preference-list
-/// order, then the others (a node marked unhealthy may have recovered).
+/// The replicas of `key` to try, in order: healthy ones (ready, breaker not
+/// open) in preference-list order, then the others, which may have
+/// recovered since the last check. A node that answered its health check
+/// with NOT_SERVING (shutting down, catching up) is never tried.
 pub fn replicas(view: &ClusterView, key: &[u8]) -> Vec<Arc<NodeHandle>> {
     let (mut healthy, others): (Vec<_>, Vec<_>) = view
         .preference_list(key)
         .into_iter()
+        .filter(|n| !n.declined())
         .partition(|n| n.is_healthy());
     healthy.extend(others);
     healthy
@@ -148,7 +151,13 @@ fn judge(status: &Status, access: Access) -> Verdict {
     }
     if is(|e| e.is::<Shed>()) {
         counter!("caskade_router_shed_total").increment(1);
-        return Verdict::Next(ApiError::Overloaded);
+        // A busy node is not a failed one: a write shed by the primary must
+        // not be coordinated elsewhere (a condition checked on another node
+        // could then hold twice).
+        return match access {
+            Access::Read => Verdict::Next(ApiError::Overloaded),
+            Access::Write => Verdict::Fail(ApiError::Overloaded),
+        };
     }
     if is(|e| e.is::<tower::timeout::error::Elapsed>()) || status.code() == Code::DeadlineExceeded {
         return match access {

@@ -1,13 +1,17 @@
 //! `Idempotency-Key`: a write retried with the same key and the same request
 //! is answered with the first answer instead of being applied again.
 //!
-//! Keys are scoped by the token's subject, remembered for `window_secs`, and
-//! at most `max_keys` of them (the oldest are forgotten first). A request is
-//! identified by a hash of its method, path, query, condition headers and
-//! body: the same key with a different request is a 422. While the first
-//! request is still running, a retry gets 409 and may try again. Answers
-//! with a 5xx status are not remembered, so a retry of a failed write really
-//! retries. The lock is never held across an `.await`.
+//! Keys are scoped by the token's subject, role and prefix (a token with
+//! other rights never sees another's remembered answer), remembered for
+//! `window_secs`, and at most `max_keys` of them (the oldest finished ones
+//! are forgotten first). A request is identified by a hash of its method,
+//! path, query, condition headers and body: the same key with a different
+//! request is a 422. While the first request is still running, a retry gets
+//! 409 and may try again. The first request runs to completion even if its
+//! client goes away, so its outcome is always recorded. Only answers that
+//! prove nothing was applied (429, 503, 507) are forgotten, so that a retry
+//! really retries; a 500 or 504 (outcome unknown) is replayed rather than
+//! risk applying the write twice. The lock is never held across an `.await`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
@@ -30,6 +34,8 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// Longest accepted key.
 const MAX_KEY_LEN: usize = 255;
+/// Largest answer remembered (a batch answer is bounded well below this).
+const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// The first answer to a key, as remembered.
 #[derive(Debug, Clone)]
@@ -123,7 +129,13 @@ impl IdempotencyStore {
     fn expire(&self, entries: &mut Entries, now: Instant) {
         while let Some((at, scope)) = entries.order.front() {
             let expired = now.duration_since(*at) >= self.window;
-            if !expired && entries.order.len() <= self.max_keys {
+            let running = matches!(
+                entries.slots.get(scope),
+                Some((created, Slot::Running { .. })) if created == at
+            );
+            // A running request is never forgotten for room, only when its
+            // window is over: forgetting it would let a retry run it twice.
+            if !expired && (entries.order.len() <= self.max_keys || running) {
                 break;
             }
             let scope = scope.clone();
@@ -172,7 +184,11 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
         Err(error) => return error.into_response(),
     };
     let fingerprint = fingerprint(&parts.method, &parts.uri, &parts.headers, &body);
-    let scope = (principal.subject.clone(), key);
+    let rights = format!(
+        "{}\0{}\0{:?}",
+        principal.subject, principal.role, principal.prefix
+    );
+    let scope = (rights, key);
     match state.idempotency.claim(&scope, fingerprint) {
         Claim::Replay(answer) => {
             metrics::counter!("caskade_router_idempotent_replays_total").increment(1);
@@ -187,26 +203,48 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
         Claim::Reused => return ApiError::IdempotencyKeyReused.into_response(),
         Claim::Run => {}
     }
-    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
-    let (parts, body) = response.into_parts();
-    let body = match axum::body::to_bytes(body, usize::MAX).await {
-        Ok(body) => body,
+    // In a task of its own: if the client goes away, the request still
+    // finishes and its outcome is recorded for the retry.
+    let task_state = state.clone();
+    let task_scope = scope.clone();
+    let run = tokio::spawn(async move {
+        let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+        let (parts, body) = response.into_parts();
+        let Ok(body) = axum::body::to_bytes(body, MAX_ANSWER_BYTES).await else {
+            task_state
+                .idempotency
+                .finish(&task_scope, fingerprint, None);
+            return ApiError::Internal.into_response();
+        };
+        let answer = Answer {
+            status: parts.status,
+            etag: parts.headers.get(header::ETAG).cloned(),
+            content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+            body: body.clone(),
+        };
+        let keep = !never_applied(parts.status);
+        task_state
+            .idempotency
+            .finish(&task_scope, fingerprint, keep.then_some(answer));
+        Response::from_parts(parts, Body::from(body))
+    });
+    match run.await {
+        Ok(response) => response,
         Err(_) => {
             state.idempotency.finish(&scope, fingerprint, None);
-            return ApiError::Internal.into_response();
+            ApiError::Internal.into_response()
         }
-    };
-    let answer = Answer {
-        status: parts.status,
-        etag: parts.headers.get(header::ETAG).cloned(),
-        content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
-        body: body.clone(),
-    };
-    let keep = !parts.status.is_server_error();
-    state
-        .idempotency
-        .finish(&scope, fingerprint, keep.then_some(answer));
-    Response::from_parts(parts, Body::from(body))
+    }
+}
+
+/// Statuses that prove the write was not applied: forgotten, so a retry runs.
+fn never_applied(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::INSUFFICIENT_STORAGE
+    )
 }
 
 fn replay(answer: Answer) -> Response {

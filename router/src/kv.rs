@@ -260,7 +260,8 @@ pub async fn list(
         include_values: false,
     };
     let mut scans = tokio::task::JoinSet::new();
-    for node in view.nodes.values() {
+    // Nodes still joining hold no range yet; the ring's nodes hold them all.
+    for node in view.nodes.values().filter(|n| view.ring.contains(n.id)) {
         let (node, message, request_id) = (Arc::clone(node), message.clone(), request_id.clone());
         scans.spawn(async move {
             let answer =
@@ -289,7 +290,8 @@ pub async fn list(
     }
     // With fewer failed nodes than replicas, every key range still had a
     // replica answering; otherwise the page could silently miss keys.
-    if failed >= view.ring.replication_factor().max(1) {
+    let replicas = view.ring.replication_factor().min(view.ring.node_count());
+    if failed >= replicas.max(1) {
         return Err(ApiError::Unavailable);
     }
     let limit = limit as usize;
@@ -350,6 +352,9 @@ struct OpResult {
     etag: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     value: Option<String>,
+    /// A value that is not UTF-8, base64url without padding, instead of `value`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<serde_json::Value>,
 }
@@ -429,11 +434,28 @@ pub async fn batch(
     }
 
     let mut results = Vec::with_capacity(batch.ops.len());
+    // The answer is bounded like the request: values read past this budget
+    // are refused op by op instead of building a huge response.
+    let mut answer_budget = state.limits.max_body_bytes;
     for op in batch.ops {
         let key = op.key.into_bytes();
         let result = match op.op {
             OpKind::Get => match get_value(&state, &request_id, key).await {
-                Ok(Some((value, etag))) => ok_result(StatusCode::OK, Some(etag), Some(value)),
+                Ok(Some((value, _))) if value.len() > answer_budget => {
+                    error_result(&ApiError::TooLarge(
+                        "the batch answer would exceed the body limit; read this key on its own"
+                            .into(),
+                    ))
+                }
+                Ok(Some((value, etag))) => {
+                    answer_budget -= value.len();
+                    let mut result = ok_result(StatusCode::OK, Some(etag), None);
+                    match String::from_utf8(value.to_vec()) {
+                        Ok(text) => result.value = Some(text),
+                        Err(_) => result.value_base64 = Some(BASE64.encode(&value)),
+                    }
+                    result
+                }
                 Ok(None) => error_result(&ApiError::NotFound("key not found")),
                 Err(error) => error_result(&error),
             },
@@ -473,7 +495,7 @@ async fn get_value(
     state: &AppState,
     request_id: &str,
     key: Vec<u8>,
-) -> Result<Option<(String, String)>, ApiError> {
+) -> Result<Option<(Bytes, String)>, ApiError> {
     let view = state.view()?;
     let message = GetRequest {
         key: key.clone().into(),
@@ -495,10 +517,7 @@ async fn get_value(
         .to_str()
         .unwrap_or_default()
         .to_string();
-    Ok(Some((
-        String::from_utf8_lossy(&found.value).into_owned(),
-        etag,
-    )))
+    Ok(Some((found.value, etag)))
 }
 
 fn ok_result(status: StatusCode, etag: Option<String>, value: Option<String>) -> OpResult {
@@ -506,6 +525,7 @@ fn ok_result(status: StatusCode, etag: Option<String>, value: Option<String>) ->
         status: status.as_u16(),
         etag,
         value,
+        value_base64: None,
         error: None,
     }
 }
@@ -515,6 +535,7 @@ fn error_result(error: &ApiError) -> OpResult {
         status: error.status().as_u16(),
         etag: None,
         value: None,
+        value_base64: None,
         error: Some(error.body()["error"].clone()),
     }
 }

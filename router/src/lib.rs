@@ -86,6 +86,7 @@ impl Router {
             config.seeds.clone(),
             node_tls,
             config.nodes.clone(),
+            config.limits.max_value_bytes,
         ));
         let state = AppState::new(Shared {
             cluster: Arc::clone(&cluster),

@@ -72,6 +72,11 @@ fn name_shed(error: BoxError) -> BoxError {
     }
 }
 
+/// Room in a gRPC message beyond the value: key and fields.
+const MESSAGE_OVERHEAD: usize = 64 << 10;
+/// Smallest message limit (tonic's default is 4 MiB).
+const MIN_MESSAGE_BYTES: usize = 16 << 20;
+
 /// The health check asks about the `Kv` service: a node catching up reports
 /// it not serving while still answering.
 const READINESS_SERVICE: &str = "caskade.v1.Kv";
@@ -91,23 +96,35 @@ pub struct NodeHandle {
     health: HealthClient<Channel>,
     breaker: Breaker,
     ready: AtomicBool,
+    /// The node answered the last health check with NOT_SERVING (shutting
+    /// down, or catching up): it must not be sent requests. A node that did
+    /// not answer at all is only not ready, and is still tried last.
+    declined: AtomicBool,
     in_flight: Arc<AtomicI64>,
     policy: NodePolicy,
 }
 
 impl NodeHandle {
     /// Clients for node `id` at `addr` (`host:port`); connects lazily.
+    /// Answers up to `max_value_bytes` (plus framing) are accepted.
     pub fn new(
         id: u32,
         addr: &str,
         tls: &TlsMaterial,
         policy: &NodePolicy,
+        max_value_bytes: usize,
     ) -> Result<NodeHandle, tonic::transport::Error> {
         let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let channel = Endpoint::from_shared(format!("https://{addr}"))?
             .tls_config(tls.grpc_client(host))?
-            .connect_timeout(Duration::from_millis(policy.timeout_ms))
+            // Well inside the call timeout: a host that drops packets fails
+            // as "could not connect" (the write was never sent, so it may go
+            // to the next replica), not as a call timeout (which might
+            // have been applied, so it may not).
+            .connect_timeout(Duration::from_millis(
+                (policy.timeout_ms / 2).clamp(1, 1000),
+            ))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
@@ -137,12 +154,23 @@ impl NodeHandle {
         Ok(NodeHandle {
             id,
             addr: addr.to_string(),
-            kv: KvClient::new(stack.clone()),
+            kv: KvClient::new(stack.clone())
+                .max_decoding_message_size(
+                    max_value_bytes
+                        .saturating_add(MESSAGE_OVERHEAD)
+                        .max(MIN_MESSAGE_BYTES),
+                )
+                .max_encoding_message_size(
+                    max_value_bytes
+                        .saturating_add(MESSAGE_OVERHEAD)
+                        .max(MIN_MESSAGE_BYTES),
+                ),
             admin: AdminClient::new(stack),
             operator: AdminClient::new(channel.clone()),
             health: HealthClient::new(channel),
             breaker,
             ready: AtomicBool::new(false),
+            declined: AtomicBool::new(false),
             in_flight: Arc::new(AtomicI64::new(0)),
             policy: policy.clone(),
         })
@@ -179,6 +207,11 @@ impl NodeHandle {
         self.breaker.phase()
     }
 
+    /// Whether the node said it is not serving (as opposed to not answering).
+    pub fn declined(&self) -> bool {
+        self.declined.load(Ordering::Relaxed)
+    }
+
     /// Worth sending a request to: ready and its breaker not open.
     pub fn is_healthy(&self) -> bool {
         self.is_ready() && self.breaker() != BreakerPhase::Open
@@ -202,10 +235,14 @@ impl NodeHandle {
             service: READINESS_SERVICE.into(),
         };
         let timeout = Duration::from_millis(self.policy.timeout_ms);
-        let serving = matches!(
-            tokio::time::timeout(timeout, health.check(request)).await,
-            Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
-        );
+        let (serving, declined) = match tokio::time::timeout(timeout, health.check(request)).await {
+            Ok(Ok(response)) => {
+                let serving = response.get_ref().status == ServingStatus::Serving as i32;
+                (serving, !serving)
+            }
+            _ => (false, false),
+        };
+        self.declined.store(declined, Ordering::Relaxed);
         if serving {
             self.breaker.health_check_passed();
         }

@@ -19,6 +19,7 @@ pub fn percent_decode(input: &str, what: &str) -> Result<Vec<u8>, ApiError> {
         if bytes[i] == b'%' {
             let hex = bytes
                 .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| {
@@ -178,7 +179,7 @@ mod tests {
             key_from_path("/v1/kv/%ff%00", "/v1/kv/").unwrap(),
             [0xff, 0]
         );
-        for bad in ["/v1/kv/a%zz", "/v1/kv/a%2", "/v1/kv/%"] {
+        for bad in ["/v1/kv/a%zz", "/v1/kv/a%2", "/v1/kv/%", "/v1/kv/%+a"] {
             let err = key_from_path(bad, "/v1/kv/").unwrap_err();
             assert_eq!(err.code(), "invalid_key", "{bad}");
         }

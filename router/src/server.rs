@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -22,6 +22,12 @@ use tokio_rustls::TlsAcceptor;
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an HTTP/1.1 client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings on idle connections, and how long an answer may take:
+/// a peer that has gone away frees its connection slot.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits up to
 /// `grace` for open connections.
@@ -38,6 +44,17 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper enforces no timeouts at all: a client that
+    // connects and then sends nothing would hold a connection slot forever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
     // hyper refuses header blocks over these sizes: 431 for HTTP/1.1; for
     // HTTP/2 a header list far over the limit ends the whole connection
     // (GOAWAY), so other requests on it fail too.
@@ -46,8 +63,12 @@ pub async fn serve(
         .http2()
         .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
+    // Every connection's task, so that the ones still open after the grace
+    // period can be ended.
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
             () = &mut shutdown => break,
             permit = Arc::clone(&permits).acquire_owned() => match permit {
@@ -72,7 +93,7 @@ pub async fn serve(
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             let result =
                 match acceptor {
@@ -113,5 +134,6 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(?grace, "grace period over; dropping open connections");
+        connections.abort_all();
     }
 }

@@ -1047,3 +1047,32 @@ async fn unknown_routes_and_methods_get_json_errors() {
     assert_eq!(rc.read(b"x").await, None, "a refused method writes nothing");
     rc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_gets_return_binary_values_in_base64() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64;
+
+    let rc = RestCluster::start().await;
+    let binary = [0u8, 0xff, 0xfe, b'x'];
+    rc.write(b"bin/value", &binary).await;
+    rc.write(b"bin/text", "värde".as_bytes()).await;
+    let api = rc.api(Protocol::Http2, &rc.token(Role::Reader, None));
+    let ops = json!({"ops": [
+        {"op": "get", "key": "bin/value"},
+        {"op": "get", "key": "bin/text"},
+    ]});
+    let response = api.batch(&ops).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    // Lossless: bytes that are not UTF-8 come back in base64, never altered.
+    assert_eq!(results[0]["value"], Value::Null);
+    let value = BASE64
+        .decode(results[0]["value_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(value, binary);
+    assert_eq!(results[1]["value"], "värde");
+    assert_eq!(results[1]["value_base64"], Value::Null);
+    rc.stop().await;
+}

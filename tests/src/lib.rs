@@ -2,6 +2,7 @@
 //! processes. The library part holds what several suites share.
 
 pub mod cluster;
+pub mod local;
 
 /// Name of key number `n` written by the `crash-writer` binary.
 pub fn crash_key(n: u64) -> String {

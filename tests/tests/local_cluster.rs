@@ -8,43 +8,16 @@
 use std::path::Path;
 use std::time::Duration;
 
-use caskade_cli::local::{LocalCluster, LocalOptions};
-use caskade_node::config::{DurabilityMode, EngineConfig};
+use caskade_cli::local::LocalCluster;
+use caskade_node::config::DurabilityMode;
 use caskade_router::config::NodePolicy;
+use caskade_tests::local::start_local;
 use serde_json::Value;
 
 async fn start(dir: &Path) -> (LocalCluster, reqwest::Client) {
-    caskade_common::tls::install_crypto_provider();
-    let cluster = LocalCluster::start(LocalOptions {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        nodes: 3,
-        engine: EngineConfig {
-            durability: DurabilityMode::Always,
-            ..EngineConfig::default()
-        },
-        node_policy: NodePolicy::default(),
-    })
-    .await
-    .unwrap();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cluster.certs.ca).unwrap()).unwrap();
-    let client = reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .build()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let ready = client.get(format!("{}/readyz", cluster.url)).send().await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "router not ready in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (cluster, client)
+    start_local(dir, DurabilityMode::Always, NodePolicy::default())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

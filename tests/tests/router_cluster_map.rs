@@ -6,12 +6,13 @@
 
 use std::time::Duration;
 
-use caskade_cli::local::{LocalCluster, LocalOptions};
+use caskade_cli::local::LocalCluster;
 use caskade_common::tls::TlsMaterial;
-use caskade_node::config::{DurabilityMode, EngineConfig};
+use caskade_node::config::DurabilityMode;
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::{GetClusterMapRequest, SetClusterMapRequest};
 use caskade_router::config::NodePolicy;
+use caskade_tests::local::start_local;
 use serde_json::Value;
 use tonic::transport::Endpoint;
 
@@ -39,28 +40,14 @@ async fn until_epoch(client: &reqwest::Client, cluster: &LocalCluster, epoch: u6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_adopts_a_newer_map_without_restart() {
-    caskade_common::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster::start(LocalOptions {
-        data_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        nodes: 3,
-        engine: EngineConfig {
-            durability: DurabilityMode::Never,
-            ..EngineConfig::default()
-        },
-        node_policy: NodePolicy {
-            // The map is re-read every ten health rounds: every 0.5 s here.
-            health_interval_ms: 50,
-            ..NodePolicy::default()
-        },
-    })
-    .await
-    .unwrap();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cluster.certs.ca).unwrap()).unwrap();
-    let client = reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .build()
+    // The map is re-read every ten health rounds: every 0.5 s here.
+    let policy = NodePolicy {
+        health_interval_ms: 50,
+        ..NodePolicy::default()
+    };
+    let (cluster, client) = start_local(dir.path(), DurabilityMode::Never, policy)
+        .await
         .unwrap();
     until_epoch(&client, &cluster, 1).await;
 

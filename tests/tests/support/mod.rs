@@ -7,8 +7,7 @@
 //! token, never through a back door, so "nothing was written" means what a
 //! client would see.
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use caskade_cli::local::{LocalCluster, LocalOptions};
 use caskade_common::tls::TlsMaterial;
@@ -21,8 +20,6 @@ use tempfile::TempDir;
 
 /// How long the router may take to adopt the cluster map and see every node ready.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
-/// Pause between two polls of a condition.
-const POLL_INTERVAL: Duration = Duration::from_millis(25);
 /// Lifetime of the tokens the tests mint.
 const TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// Bounds a paging loop, so a cursor that never ends fails instead of hanging.
@@ -459,21 +456,4 @@ pub fn check_error_body(body: &Value, code: &str) {
     assert!(!message.is_empty(), "the message is not empty: {body}");
 }
 
-/// Polls `condition` until it holds; fails the test after `deadline`.
-pub async fn poll_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "waited {deadline:?} for {what}"
-        );
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
+pub use caskade_tests::cluster::poll_until;

@@ -178,8 +178,12 @@ impl EngineConfig {
 pub struct ServerConfig {
     /// Concurrent requests per client connection (HTTP/2 streams) (default 1024).
     pub max_concurrent_streams: u32,
-    /// On shutdown, how long in-flight requests may take before connections
-    /// are dropped (default 30 s).
+    /// On shutdown, how long the node keeps serving while it reports
+    /// `NOT_SERVING`, so that routers' health checks see it before it stops
+    /// accepting (default 0; set it above the routers' `health_interval_ms`).
+    pub shutdown_drain_ms: u64,
+    /// Then, how long in-flight requests may take before connections are
+    /// dropped (default 30 s).
     pub shutdown_grace_secs: u64,
     /// TLS handshake timeout (default 10 s).
     pub tls_handshake_timeout_secs: u64,
@@ -189,6 +193,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_concurrent_streams: 1024,
+            shutdown_drain_ms: 0,
             shutdown_grace_secs: 30,
             tls_handshake_timeout_secs: 10,
         }

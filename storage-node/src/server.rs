@@ -181,19 +181,27 @@ impl Node {
             .add_service(admin);
 
         tracing::info!(node = core.id, grpc = %grpc_addr, data_dir = %config.data_dir.display(), "serving");
+        let drain = Duration::from_millis(config.server.shutdown_drain_ms);
         let on_stop = {
             let health = health.clone();
             let stop_rx = stop_rx.clone();
             async move {
                 stopped(stop_rx).await;
-                tracing::info!("shutting down: finishing in-flight requests");
                 health.set_not_serving::<KvServer<KvService>>().await;
                 health
                     .set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
+                if !drain.is_zero() {
+                    tracing::info!(
+                        ?drain,
+                        "shutting down: reporting not serving while routers notice"
+                    );
+                    tokio::time::sleep(drain).await;
+                }
+                tracing::info!("shutting down: finishing in-flight requests");
             }
         };
-        let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let grace = drain + Duration::from_secs(config.server.shutdown_grace_secs);
         let serving = server.serve_with_incoming_shutdown(incoming, on_stop);
         tokio::select! {
             result = serving => result?,

@@ -501,3 +501,37 @@ async fn metrics_count_requests_by_method_and_code() {
     );
     node.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn on_shutdown_the_node_reports_not_serving_while_it_drains() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let mut config = node_config(dir.path(), &certs);
+    config.server.shutdown_drain_ms = 3_000;
+    let mut node = RunningNode::start(config).await;
+    let channel = channel(node.grpc, &certs.ca, Some(&certs.client))
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let mut kv = KvClient::new(channel);
+    let check = HealthCheckRequest {
+        service: "caskade.v1.Kv".into(),
+    };
+
+    node.signal_stop();
+    support::eventually(std::time::Duration::from_secs(3), "NOT_SERVING", || {
+        let (mut health, check) = (health.clone(), check.clone());
+        async move {
+            let status = health.check(check).await.ok()?.into_inner().status;
+            (status == ServingStatus::NotServing as i32).then_some(())
+        }
+    })
+    .await;
+    // Still draining: requests are answered while routers take notice.
+    kv.put(put_request("during-drain", "v")).await.unwrap();
+    assert!(health.check(check).await.is_ok());
+    node.stop().await.unwrap();
+}

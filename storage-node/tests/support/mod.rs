@@ -74,6 +74,13 @@ impl RunningNode {
         }
     }
 
+    /// Signals shutdown without waiting for it.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Signals shutdown and waits for the node to stop, returning how it ended.
     pub async fn stop(mut self) -> Result<(), NodeError> {
         if let Some(stop) = self.stop.take() {

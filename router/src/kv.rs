@@ -120,25 +120,10 @@ async fn get(
     key: Vec<u8>,
     read_level: ReadLevel,
 ) -> Result<Response, ApiError> {
-    let view = state.view()?;
-    let message = GetRequest {
-        key: key.clone().into(),
-        read_level: read_level as i32,
-    };
-    let found = forward::to_replicas(
-        &view,
-        &key,
-        Access::Read,
-        request_id,
-        message,
-        |mut kv, req| async move { kv.get(req).await },
-    )
-    .await?;
-    if !found.found {
+    let Some((value, etag)) = read(state, request_id, key, read_level).await? else {
         return Err(ApiError::NotFound("key not found"));
-    }
-    let etag = etag_of(found.version);
-    let mut response = Response::new(Body::from(found.value));
+    };
+    let mut response = Response::new(Body::from(value));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
@@ -440,7 +425,7 @@ pub async fn batch(
     for op in batch.ops {
         let key = op.key.into_bytes();
         let result = match op.op {
-            OpKind::Get => match get_value(&state, &request_id, key).await {
+            OpKind::Get => match read(&state, &request_id, key, ReadLevel::Unspecified).await {
                 Ok(Some((value, _))) if value.len() > answer_budget => {
                     error_result(&ApiError::TooLarge(
                         "the batch answer would exceed the body limit; read this key on its own"
@@ -449,7 +434,8 @@ pub async fn batch(
                 }
                 Ok(Some((value, etag))) => {
                     answer_budget -= value.len();
-                    let mut result = ok_result(StatusCode::OK, Some(etag), None);
+                    let etag = etag.to_str().ok().map(str::to_string);
+                    let mut result = ok_result(StatusCode::OK, etag, None);
                     match String::from_utf8(value.to_vec()) {
                         Ok(text) => result.value = Some(text),
                         Err(_) => result.value_base64 = Some(BASE64.encode(&value)),
@@ -491,15 +477,17 @@ pub async fn batch(
     Ok(axum::Json(json!({ "results": results })).into_response())
 }
 
-async fn get_value(
+/// The key's value and ETag from its replicas, or `None` if it has none.
+async fn read(
     state: &AppState,
     request_id: &str,
     key: Vec<u8>,
-) -> Result<Option<(Bytes, String)>, ApiError> {
+    read_level: ReadLevel,
+) -> Result<Option<(Bytes, HeaderValue)>, ApiError> {
     let view = state.view()?;
     let message = GetRequest {
         key: key.clone().into(),
-        read_level: ReadLevel::Unspecified as i32,
+        read_level: read_level as i32,
     };
     let found = forward::to_replicas(
         &view,
@@ -510,14 +498,7 @@ async fn get_value(
         |mut kv, req| async move { kv.get(req).await },
     )
     .await?;
-    if !found.found {
-        return Ok(None);
-    }
-    let etag = etag_of(found.version)
-        .to_str()
-        .unwrap_or_default()
-        .to_string();
-    Ok(Some((found.value, etag)))
+    Ok(found.found.then(|| (found.value, etag_of(found.version))))
 }
 
 fn ok_result(status: StatusCode, etag: Option<String>, value: Option<String>) -> OpResult {

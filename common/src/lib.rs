@@ -9,6 +9,7 @@
 pub mod certs;
 pub mod config;
 pub mod limits;
+pub mod process;
 pub mod ring;
 pub mod telemetry;
 pub mod tls;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use caskade_common::{telemetry, tls};
+use caskade_common::process::run_server;
 use caskade_router::RouterConfig;
 use clap::Parser;
 
@@ -19,24 +19,6 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match RouterConfig::load(args.config.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("caskade-router: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Err(e) = telemetry::init_logging(&config.log) {
-        eprintln!("caskade-router: {e}");
-        return ExitCode::from(2);
-    }
-    tls::install_crypto_provider();
-    match caskade_router::run(config, telemetry::shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "router failed");
-            eprintln!("caskade-router: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let config = RouterConfig::load(args.config.as_deref());
+    run_server("caskade-router", config, |c| &c.log, caskade_router::run).await
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use caskade_common::{telemetry, tls};
+use caskade_common::process::run_server;
 use caskade_node::NodeConfig;
 use clap::Parser;
 
@@ -19,24 +19,6 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match NodeConfig::load(args.config.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("caskade-node: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Err(e) = telemetry::init_logging(&config.log) {
-        eprintln!("caskade-node: {e}");
-        return ExitCode::from(2);
-    }
-    tls::install_crypto_provider();
-    match caskade_node::run(config, telemetry::shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "node failed");
-            eprintln!("caskade-node: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let config = NodeConfig::load(args.config.as_deref());
+    run_server("caskade-node", config, |c| &c.log, caskade_node::run).await
 }

@@ -44,3 +44,17 @@ pub async fn start_local(
     .await;
     Ok((cluster, client))
 }
+
+/// `GET /admin/v1/cluster` with the cluster's admin token, as JSON.
+pub async fn cluster_page(
+    client: &reqwest::Client,
+    cluster: &LocalCluster,
+) -> anyhow::Result<serde_json::Value> {
+    let response = client
+        .get(format!("{}/admin/v1/cluster", cluster.url))
+        .bearer_auth(&cluster.admin_token)
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(response.json().await?)
+}

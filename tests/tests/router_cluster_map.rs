@@ -12,19 +12,11 @@ use caskade_node::config::DurabilityMode;
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::{GetClusterMapRequest, SetClusterMapRequest};
 use caskade_router::config::NodePolicy;
-use caskade_tests::local::start_local;
-use serde_json::Value;
+use caskade_tests::local::{cluster_page, start_local};
 use tonic::transport::Endpoint;
 
 async fn router_epoch(client: &reqwest::Client, cluster: &LocalCluster) -> Option<u64> {
-    let response = client
-        .get(format!("{}/admin/v1/cluster", cluster.url))
-        .bearer_auth(&cluster.admin_token)
-        .send()
-        .await
-        .ok()?;
-    let page: Value = response.json().await.ok()?;
-    page["epoch"].as_u64()
+    cluster_page(client, cluster).await.ok()?["epoch"].as_u64()
 }
 
 async fn until_epoch(client: &reqwest::Client, cluster: &LocalCluster, epoch: u64) {
@@ -82,15 +74,7 @@ async fn the_router_adopts_a_newer_map_without_restart() {
             .unwrap();
     }
     until_epoch(&client, &cluster, 2).await;
-    let page: Value = client
-        .get(format!("{}/admin/v1/cluster", cluster.url))
-        .bearer_auth(&cluster.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = cluster_page(&client, &cluster).await.unwrap();
     assert_eq!(page["replication_factor"], 2);
 
     // The router still serves on the new map.

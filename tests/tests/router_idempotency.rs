@@ -8,7 +8,7 @@
 use caskade_cli::local::LocalCluster;
 use caskade_node::config::DurabilityMode;
 use caskade_router::config::NodePolicy;
-use caskade_tests::local::start_local;
+use caskade_tests::local::{cluster_page, start_local};
 use serde_json::Value;
 
 async fn cluster(dir: &std::path::Path) -> (LocalCluster, reqwest::Client) {
@@ -19,15 +19,7 @@ async fn cluster(dir: &std::path::Path) -> (LocalCluster, reqwest::Client) {
 
 /// Records written on all nodes so far (the engines' sequence numbers).
 async fn writes_applied(client: &reqwest::Client, cluster: &LocalCluster) -> u64 {
-    let page: Value = client
-        .get(format!("{}/admin/v1/cluster", cluster.url))
-        .bearer_auth(&cluster.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = cluster_page(client, cluster).await.unwrap();
     page["nodes"]
         .as_array()
         .unwrap()

@@ -39,7 +39,7 @@ pub(super) struct CommitQueue {
 
 /// One write waiting in the queue.
 #[derive(Debug)]
-struct PendingWrite {
+pub(super) struct PendingWrite {
     key: Vec<u8>,
     value: Option<Vec<u8>>,
     version: Version,
@@ -60,6 +60,26 @@ const LEAD: u8 = 1;
 const DONE: u8 = 2;
 
 impl PendingWrite {
+    /// A write of `value` (`None`: a tombstone) not yet queued.
+    pub(super) fn new(
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        version: Version,
+        expires_at: u64,
+        condition: Condition,
+    ) -> PendingWrite {
+        PendingWrite {
+            key,
+            value,
+            version,
+            expires_at,
+            condition,
+            outcome: Mutex::new(None),
+            state: AtomicU8::new(WAITING),
+            thread: std::thread::current(),
+        }
+    }
+
     fn record_len(&self) -> usize {
         HEADER_LEN + self.key.len() + self.value.as_ref().map_or(0, Vec::len)
     }
@@ -123,32 +143,55 @@ struct Staged {
 impl Inner {
     /// Writes through the commit queue; returns once the write is durable.
     pub(super) fn write_committed(&self, op: Write<'_>) -> Result<WriteOutcome, EngineError> {
-        let mine = Arc::new(PendingWrite {
-            key: op.key.to_vec(),
-            value: op.value.map(<[u8]>::to_vec),
-            version: op.version,
-            expires_at: op.expires_at,
-            condition: op.condition,
-            outcome: Mutex::new(None),
-            state: AtomicU8::new(WAITING),
-            thread: std::thread::current(),
-        });
-        let leads_now = {
+        let mut outcomes = self.write_committed_all(std::iter::once(PendingWrite::new(
+            op.key.to_vec(),
+            op.value.map(<[u8]>::to_vec),
+            op.version,
+            op.expires_at,
+            op.condition,
+        )));
+        outcomes
+            .pop()
+            .unwrap_or(Err(EngineError::Poisoned("write lost its outcome".into())))
+    }
+
+    /// Queues `writes` together and returns once they are all durable, one
+    /// outcome per write in order. They sit side by side in the queue, so
+    /// they share as few fsyncs as the batch limits allow.
+    pub(super) fn write_committed_all(
+        &self,
+        writes: impl IntoIterator<Item = PendingWrite>,
+    ) -> Vec<Result<WriteOutcome, EngineError>> {
+        let mine: Vec<Arc<PendingWrite>> = writes.into_iter().map(Arc::new).collect();
+        if mine.is_empty() {
+            return Vec::new();
+        }
+        {
             let mut queue = lock(&self.commit.queue);
-            queue.push_back(Arc::clone(&mine));
-            queue.len() == 1
-        };
-        if !leads_now {
-            // Park until a leader commits this write or hands over the lead
-            // (unpark before park just makes park return at once).
+            let leads_now = queue.is_empty();
+            queue.extend(mine.iter().cloned());
+            if leads_now {
+                mine[0].state.store(LEAD, Ordering::Release);
+            }
+        }
+        // Wait for each write in turn: a leader commits it, or the lead is
+        // handed to it and this thread commits the next batch itself (unpark
+        // before park just makes park return at once).
+        for pending in &mine {
             loop {
-                match mine.state.load(Ordering::Acquire) {
-                    DONE => return take_outcome(&mine),
-                    LEAD => break,
+                match pending.state.load(Ordering::Acquire) {
+                    DONE => break,
+                    LEAD => self.lead(),
                     _ => std::thread::park(),
                 }
             }
         }
+        mine.iter().map(|p| take_outcome(p)).collect()
+    }
+
+    /// Commits a batch from the front of the queue; called by the writer
+    /// whose write reached the front.
+    fn lead(&self) {
         let batch = {
             let mut queue = lock(&self.commit.queue);
             // Writers that the previous batch released are on their way back
@@ -184,9 +227,9 @@ impl Inner {
             batch,
             outcomes: None,
         };
+        // The leader's own write is the first of the batch; it is marked
+        // done when `leading` drops, like the others.
         leading.outcomes = Some(self.commit_batch(&leading.batch));
-        drop(leading);
-        take_outcome(&mine)
     }
 
     /// Checks, appends and fsyncs `batch`, then publishes it; one outcome per write.

@@ -12,8 +12,8 @@
 //! 3. outputs are renamed into place, the keydir switched, inputs deleted;
 //! 4. `STATE` is cleared. A crash anywhere in 3–4 is finished at open.
 //!
-//! What merge may drop: records no longer latest for their key, expired
-//! values, and tombstones older than the retention — but the latter two only
+//! What merge may drop: records no longer latest for their key, and expired
+//! values and tombstones written longer ago than the retention — but the latter two only
 //! if no file outside the merge can hold an older record of the key (every
 //! such file's records are newer). Otherwise an older value left in an
 //! unmerged file would come back to life at the next open
@@ -135,15 +135,16 @@ impl Inner {
             // out of this merge can hold an older record of the key: all
             // their records must be newer than this one.
             let droppable = h.seq < outside_min_seq;
+            // To a replica that missed it, an expired value is a delete like
+            // a tombstone: both are kept for the retention, and dropping
+            // either moves the horizon past which catch-up must be full.
             let expired = h.expires_at != 0 && h.expires_at <= now;
-            let old_tombstone =
-                h.is_tombstone() && now.saturating_sub(h.version.physical_ms()) >= retention_ms;
+            let retired = (expired || h.is_tombstone())
+                && now.saturating_sub(h.version.physical_ms()) >= retention_ms;
             if !latest {
                 report.records_dropped += 1;
-            } else if droppable && (expired || old_tombstone) {
-                if old_tombstone {
-                    horizon = u64::max(horizon, h.seq);
-                }
+            } else if droppable && retired {
+                horizon = u64::max(horizon, h.seq);
                 dropped.push((Key::new(key), at));
                 report.records_dropped += 1;
             } else {

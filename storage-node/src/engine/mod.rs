@@ -51,8 +51,8 @@ pub use error::EngineError;
 pub use options::{Clock, Durability, FaultHook, FaultPoint, FsyncObserver, MergeOptions, Options};
 pub use since::SinceIter;
 pub use types::{
-    Condition, DeleteOptions, FileInfo, MergeReport, PutOptions, Record, ScanEntry, Stats, Value,
-    WriteOutcome,
+    Condition, DeleteOptions, FileInfo, Latest, MergeReport, PutOptions, Record, ScanEntry, Stats,
+    Value, WriteOutcome,
 };
 
 use datafile::DataFile;
@@ -141,7 +141,71 @@ impl Engine {
     /// The live value of `key`, if any (tombstones and expired values are absent).
     pub fn get(&self, key: &[u8]) -> Result<Option<Value>, EngineError> {
         validate_key(key)?;
-        self.inner.get(key)
+        Ok(match self.inner.latest(key, true)? {
+            Some(Latest::Value(value)) => Some(value),
+            Some(Latest::Tombstone(_)) | None => None,
+        })
+    }
+
+    /// The latest record of `key` whatever it is: a live or expired value, or
+    /// a tombstone still held. Replicas compare these to find the newest.
+    pub fn latest(&self, key: &[u8]) -> Result<Option<Latest>, EngineError> {
+        validate_key(key)?;
+        self.inner.latest(key, false)
+    }
+
+    /// Applies records written elsewhere (replication, catch-up, repair):
+    /// each is stored unless the key already holds its version or a newer
+    /// one (last writer wins), so applying a record twice, or records out of
+    /// order, ends in the same state. Returns once all are durable as the
+    /// durability mode defines, one outcome per record in order.
+    ///
+    /// Every record is validated first: if one is invalid, none is written.
+    pub fn apply(&self, records: Vec<Record>) -> Result<Vec<WriteOutcome>, EngineError> {
+        for record in &records {
+            validate_key(&record.key)?;
+            if let Some(value) = &record.value {
+                validate_value(value, self.inner.opts.max_value_bytes)?;
+            }
+        }
+        let outcomes = if self.inner.opts.durability == Durability::Always {
+            self.inner.check_poison()?;
+            let writes = records.into_iter().map(|r| {
+                commit::PendingWrite::new(
+                    r.key,
+                    r.value,
+                    r.version,
+                    r.expires_at.unwrap_or(0),
+                    Condition::None,
+                )
+            });
+            self.inner.write_committed_all(writes)
+        } else {
+            records
+                .iter()
+                .map(|r| {
+                    self.inner.write(Write {
+                        key: &r.key,
+                        value: r.value.as_deref(),
+                        version: r.version,
+                        expires_at: r.expires_at.unwrap_or(0),
+                        condition: Condition::None,
+                    })
+                })
+                .collect()
+        };
+        outcomes.into_iter().collect()
+    }
+
+    /// Up to `limit` keys greater than `after` in byte order, including keys
+    /// whose latest record is a tombstone or an expired value: the keys a
+    /// replica's snapshot walks.
+    pub fn keys_after(&self, after: Option<&[u8]>, limit: usize) -> Vec<Vec<u8>> {
+        read(&self.inner.keydir)
+            .range_from(b"", after)
+            .take(limit)
+            .map(|(k, _)| k.as_bytes().to_vec())
+            .collect()
     }
 
     /// Stores `value` under `key` with the version and expiry in `opts`.
@@ -295,7 +359,8 @@ impl Drop for Engine {
 }
 
 impl Inner {
-    fn get(&self, key: &[u8]) -> Result<Option<Value>, EngineError> {
+    /// The key's latest record; with `live_only`, `None` unless it is a live value.
+    fn latest(&self, key: &[u8], live_only: bool) -> Result<Option<Latest>, EngineError> {
         let now = self.opts.clock.now_ms();
         // Look the file up while still holding the keydir lock: merge
         // repoints keys before it removes files, so a key seen pointing at a
@@ -305,8 +370,11 @@ impl Inner {
             let Some(entry) = keydir.get(key) else {
                 return Ok(None);
             };
-            if !entry.is_live(now) {
+            if live_only && !entry.is_live(now) {
                 return Ok(None);
+            }
+            if entry.is_tombstone() {
+                return Ok(Some(Latest::Tombstone(entry.version())));
             }
             let files = read(&self.files);
             let Some(file) = files.get(&entry.file_id) else {
@@ -357,11 +425,11 @@ impl Inner {
         }
         let mut value = bytes;
         value.drain(..record::HEADER_LEN + key.len());
-        Ok(Some(Value {
+        Ok(Some(Latest::Value(Value {
             value,
             version: header.version,
             expires_at: entry.expiry(),
-        }))
+        })))
     }
 
     /// Counts `bytes` as dead in file `id` (if it still exists).

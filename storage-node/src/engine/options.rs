@@ -36,8 +36,9 @@ pub struct MergeOptions {
     pub min_dead_bytes: u64,
     /// How often the background thread checks the triggers.
     pub check_interval: Duration,
-    /// Tombstones younger than this are kept by merge so that replicas that
-    /// were away can still learn of the delete (default 24 h).
+    /// Tombstones and expired values written less than this long ago are kept
+    /// by merge, so that replicas that were away can still learn of the delete
+    /// by incremental catch-up (default 24 h).
     pub tombstone_retention: Duration,
 }
 

@@ -64,6 +64,25 @@ pub struct Value {
     pub expires_at: Option<u64>,
 }
 
+/// A key's latest record, read by [`Engine::latest`](super::Engine::latest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Latest {
+    /// A value, live or expired (`expires_at` tells).
+    Value(Value),
+    /// A tombstone with this version.
+    Tombstone(Version),
+}
+
+impl Latest {
+    /// The record's version.
+    pub fn version(&self) -> Version {
+        match self {
+            Latest::Value(value) => value.version,
+            Latest::Tombstone(version) => *version,
+        }
+    }
+}
+
 /// One key of a [`Engine::scan`](super::Engine::scan) page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanEntry {

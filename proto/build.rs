@@ -3,7 +3,11 @@
 
 use std::error::Error;
 
-const PROTOS: [&str; 2] = ["proto/caskade/v1/kv.proto", "proto/caskade/v1/admin.proto"];
+const PROTOS: [&str; 3] = [
+    "proto/caskade/v1/kv.proto",
+    "proto/caskade/v1/admin.proto",
+    "proto/caskade/v1/replication.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     for proto in PROTOS {

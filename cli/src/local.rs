@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use caskade_common::certs::{ClusterCertFiles, ensure_cluster_certs};
 use caskade_common::config::LogConfig;
 use caskade_common::tls::TlsMaterial;
-use caskade_node::config::{EngineConfig, MetricsConfig, ServerConfig};
+use caskade_node::config::{EngineConfig, MetricsConfig, ReplicationConfig, ServerConfig};
 use caskade_node::{Node, NodeConfig, NodeError};
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::{
@@ -99,6 +99,7 @@ impl LocalCluster {
                 backup_dir: Some(dir.join(format!("node-{id}-backups"))),
                 tls: certs.nodes[id as usize - 1].clone(),
                 engine: options.engine.clone(),
+                replication: ReplicationConfig::default(),
                 server: ServerConfig::default(),
                 metrics: MetricsConfig::default(),
                 log: LogConfig::default(),

@@ -191,3 +191,10 @@ fn read_certs(
     }
     Ok((pem, certs))
 }
+
+/// The name a node at `addr` (`host:port`, an IPv6 host in brackets) must
+/// have in its certificate: the host part.
+pub fn server_name(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}

@@ -2,7 +2,9 @@
 //! the tonic/prost code generated from it at build time.
 //!
 //! Services: [`kv_server::Kv`] (get, put, delete, scan, batch) and
-//! [`admin_server::Admin`] (cluster map, stats, merge, backup). Readiness uses
+//! [`admin_server::Admin`] (cluster map, stats, merge, backup) and
+//! [`replication_server::Replication`] (pull, snapshot, apply between nodes and
+//! for read repair). Readiness uses
 //! the standard `grpc.health.v1` protocol (tonic-health), not a service here.
 
 #![allow(missing_docs, missing_debug_implementations, clippy::all)]

@@ -114,10 +114,8 @@ impl NodeHandle {
         policy: &NodePolicy,
         max_value_bytes: usize,
     ) -> Result<NodeHandle, tonic::transport::Error> {
-        let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         let channel = Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(tls.grpc_client(host))?
+            .tls_config(tls.grpc_client(caskade_common::tls::server_name(addr)))?
             // Well inside the call timeout: a host that drops packets fails
             // as "could not connect" (the write was never sent, so it may go
             // to the next replica), not as a call timeout (which might

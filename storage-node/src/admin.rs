@@ -15,8 +15,8 @@ use caskade_common::version::unix_millis;
 use caskade_proto::admin_server::Admin;
 use caskade_proto::{
     BackupRequest, BackupResponse, ClusterMap, GetClusterMapRequest, GetClusterMapResponse,
-    MergeRequest, MergeResponse, SetClusterMapRequest, SetClusterMapResponse, StatsRequest,
-    StatsResponse,
+    MergeRequest, MergeResponse, PeerReplication, SetClusterMapRequest, SetClusterMapResponse,
+    StatsRequest, StatsResponse,
 };
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -118,7 +118,7 @@ fn validate_map(map: &ClusterMap) -> Result<(), Status> {
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut file = fs::File::create(&tmp)?;
     file.write_all(bytes)?;
@@ -176,7 +176,9 @@ impl Admin for AdminService {
         let result = async move {
             let map = map.ok_or_else(|| Status::invalid_argument("map is required"))?;
             let epoch = map.epoch;
+            let stored = map.clone();
             run_blocking(move || store.set(map)).await?;
+            self.core.replication.set_map(&stored);
             tracing::info!(epoch, "cluster map updated");
             Ok(Response::new(SetClusterMapResponse {}))
         }
@@ -263,5 +265,19 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
         last_fsync_micros: stats.last_fsync_micros.unwrap_or(0),
         last_seq: stats.last_seq,
         tombstone_horizon: stats.tombstone_horizon,
+        ready: core.replication.is_ready(),
+        peers: core
+            .replication
+            .lag()
+            .into_iter()
+            .map(|(peer_id, lag)| PeerReplication {
+                peer_id,
+                cursor: lag.cursor,
+                peer_last_seq: lag.peer_last_seq,
+                lag_records: lag.records(),
+                lag_seconds: lag.seconds(core.replication.started()),
+                reachable: lag.reachable,
+            })
+            .collect(),
     }
 }

@@ -38,6 +38,9 @@ pub struct NodeConfig {
     /// Storage engine settings.
     #[serde(default)]
     pub engine: EngineConfig,
+    /// Replication between nodes.
+    #[serde(default)]
+    pub replication: ReplicationConfig,
     /// gRPC server settings.
     #[serde(default)]
     pub server: ServerConfig,
@@ -101,6 +104,46 @@ impl Default for EngineConfig {
             repair: false,
             merge: MergeConfig::default(),
         }
+    }
+}
+
+/// `[replication]`: how this node pulls from its peers and waits for them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// How long a write waits for the replicas its write level needs before
+    /// it is answered with the acknowledgements it got (default 1500 ms;
+    /// keep it below the routers' `nodes.timeout_ms`).
+    pub ack_timeout_ms: u64,
+    /// How long a pull waits on the peer for new records when there are none
+    /// (default 1000 ms). A peer that has not pulled for three times this
+    /// (at least 2 s) counts as down for write levels.
+    pub pull_wait_ms: u64,
+    /// Most records per pull (default 1000).
+    pub pull_max_records: u32,
+    /// Memory for the recent tail of the log that peers pull from (default
+    /// 32 MiB); pulls from further back read the data files.
+    pub feed_bytes: usize,
+    /// How often the catch-up cursors are made durable (default 1000 ms).
+    pub cursor_sync_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            ack_timeout_ms: 1500,
+            pull_wait_ms: 1000,
+            pull_max_records: 1000,
+            feed_bytes: 32 << 20,
+            cursor_sync_ms: 1000,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// A peer silent for this long counts as down.
+    pub fn peer_alive_for(&self) -> Duration {
+        Duration::from_millis((self.pull_wait_ms * 3).max(2000))
     }
 }
 

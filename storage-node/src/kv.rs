@@ -23,9 +23,12 @@ use prost::bytes::Bytes;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{Condition, DeleteOptions, Engine, EngineError, PutOptions, WriteOutcome};
+use crate::engine::{
+    Condition, DeleteOptions, Engine, EngineError, Latest, PutOptions, WriteOutcome,
+};
 use crate::engine_threads::EngineThreads;
 use crate::observe::Observer;
+use crate::replication::{Replication, WritePlan, level_not_met};
 use crate::status::engine_status;
 
 /// Default page size of `Scan`.
@@ -55,6 +58,43 @@ pub struct NodeCore {
     /// Writes wait for an fsync (`always` durability): run them where any
     /// number can wait at once, so that they commit in groups.
     pub writes_wait_for_fsync: bool,
+    /// Placement, peers' acknowledgements, catch-up state and readiness.
+    pub replication: Replication,
+}
+
+impl NodeCore {
+    /// Runs `work`, which only reads, on the engine threads.
+    pub async fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&NodeCore) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let core = Arc::clone(self);
+        self.threads.run(move || work(&core)).await
+    }
+
+    /// Runs `work`, which may write, where writes run (see [`NodeCore::writes_wait_for_fsync`]).
+    pub async fn write<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&NodeCore) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let core = Arc::clone(self);
+        if self.writes_wait_for_fsync {
+            run_blocking(move || work(&core)).await
+        } else {
+            self.threads.run(move || work(&core)).await
+        }
+    }
+}
+
+/// A coordinated write that is applied here and waits for its replicas.
+#[derive(Debug)]
+struct Pending {
+    /// Where the write goes and how many replicas must hold it (`None`: no map).
+    plan: Option<WritePlan>,
+    /// The write's seq in this node's log.
+    seq: u64,
+    /// The version it was written with.
+    version: Version,
 }
 
 /// The `Kv` service.
@@ -69,26 +109,26 @@ impl KvService {
         KvService { core }
     }
 
-    /// Runs `work`, which only reads, on the engine threads.
-    async fn read<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&NodeCore) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let core = Arc::clone(&self.core);
-        self.core.threads.run(move || work(&core)).await
+    /// Refuses clients while the node catches up with its peers: what it
+    /// holds may be stale, and routers are to use another replica.
+    fn serving(&self) -> Result<(), Status> {
+        if self.core.replication.is_ready() {
+            Ok(())
+        } else {
+            Err(Status::unavailable("node is catching up with its peers"))
+        }
     }
 
-    /// Runs `work`, which may write, where writes run (see [`NodeCore::writes_wait_for_fsync`]).
-    async fn write<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&NodeCore) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let core = Arc::clone(&self.core);
-        if self.core.writes_wait_for_fsync {
-            run_blocking(move || work(&core)).await
-        } else {
-            self.core.threads.run(move || work(&core)).await
+    /// Waits until a write meets its level; the replicas holding it.
+    async fn replicated(&self, pending: &Pending) -> Result<u32, Status> {
+        let Some(plan) = &pending.plan else {
+            return Ok(1);
+        };
+        let acks = self.core.replication.wait_for(plan, pending.seq).await;
+        if acks < plan.needed {
+            return Err(level_not_met(acks, plan.needed, pending.version));
         }
+        Ok(acks as u32)
     }
 }
 
@@ -110,20 +150,26 @@ impl Kv for KvService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let call = self.core.observer.start("Get", request.metadata());
         let request = request.into_inner();
-        let result = self
-            .read(move |core| core.get(&request))
-            .instrument(call.span())
-            .await;
+        let result = async {
+            self.serving()?;
+            self.core.read(move |core| core.get(&request)).await
+        }
+        .instrument(call.span())
+        .await;
         call.finish(result.map(Response::new))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let call = self.core.observer.start("Put", request.metadata());
         let request = request.into_inner();
-        let result = self
-            .write(move |core| core.put(&request))
-            .instrument(call.span())
-            .await;
+        let result = async {
+            self.serving()?;
+            let (mut response, pending) = self.core.write(move |core| core.put(&request)).await?;
+            response.acks = self.replicated(&pending).await?;
+            Ok(response)
+        }
+        .instrument(call.span())
+        .await;
         call.finish(result.map(Response::new))
     }
 
@@ -133,20 +179,27 @@ impl Kv for KvService {
     ) -> Result<Response<DeleteResponse>, Status> {
         let call = self.core.observer.start("Delete", request.metadata());
         let request = request.into_inner();
-        let result = self
-            .write(move |core| core.delete(&request))
-            .instrument(call.span())
-            .await;
+        let result = async {
+            self.serving()?;
+            let (mut response, pending) =
+                self.core.write(move |core| core.delete(&request)).await?;
+            response.acks = self.replicated(&pending).await?;
+            Ok(response)
+        }
+        .instrument(call.span())
+        .await;
         call.finish(result.map(Response::new))
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let call = self.core.observer.start("Scan", request.metadata());
         let request = request.into_inner();
-        let result = self
-            .read(move |core| core.scan(&request))
-            .instrument(call.span())
-            .await;
+        let result = async {
+            self.serving()?;
+            self.core.read(move |core| core.scan(&request)).await
+        }
+        .instrument(call.span())
+        .await;
         call.finish(result.map(Response::new))
     }
 
@@ -156,14 +209,28 @@ impl Kv for KvService {
     ) -> Result<Response<BatchResponse>, Status> {
         let call = self.core.observer.start("Batch", request.metadata());
         let request = request.into_inner();
-        let result = match validate_batch(&request) {
-            Ok(()) => {
-                self.write(move |core| Ok(core.batch(request)))
-                    .instrument(call.span())
-                    .await
+        let result = async {
+            self.serving()?;
+            validate_batch(&request)?;
+            let (mut results, pending) =
+                self.core.write(move |core| Ok(core.batch(request))).await?;
+            // Every write of the batch is applied here; now wait for their
+            // replicas, all at once.
+            let waits = pending.iter().map(|(_, p)| self.replicated(p));
+            let outcomes = futures_util::future::join_all(waits).await;
+            for ((index, _), outcome) in pending.iter().zip(outcomes) {
+                let result = &mut results[*index].result;
+                match (outcome, result.as_mut()) {
+                    (Ok(acks), Some(OpResult::Put(put))) => put.acks = acks,
+                    (Ok(acks), Some(OpResult::Delete(delete))) => delete.acks = acks,
+                    (Err(status), _) => *result = Some(op_error(&status)),
+                    (Ok(_), _) => {}
+                }
             }
-            Err(status) => Err(status),
-        };
+            Ok(BatchResponse { results })
+        }
+        .instrument(call.span())
+        .await;
         call.finish(result.map(Response::new))
     }
 }
@@ -172,26 +239,35 @@ impl NodeCore {
     fn get(&self, request: &GetRequest) -> Result<GetResponse, Status> {
         read_level(request.read_level)?;
         validate_key(&request.key).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let found = self
+        self.replication.check_replica(&request.key)?;
+        let latest = self
             .engine
-            .get(&request.key)
+            .latest(&request.key)
             .map_err(|e| engine_status(&e))?;
-        Ok(match found {
-            Some(value) => GetResponse {
-                found: true,
-                value: Bytes::from(value.value),
-                version: Some(to_proto(value.version)),
-                expires_at_ms: value.expires_at.unwrap_or(0),
+        Ok(match latest {
+            Some(Latest::Value(value)) if value.expires_at.is_none_or(|at| at > unix_millis()) => {
+                GetResponse {
+                    found: true,
+                    value: Bytes::from(value.value),
+                    version: Some(to_proto(value.version)),
+                    expires_at_ms: value.expires_at.unwrap_or(0),
+                }
+            }
+            // Deleted or expired: routers comparing replicas need the version.
+            Some(gone) => GetResponse {
+                version: Some(to_proto(gone.version())),
+                ..GetResponse::default()
             },
             None => GetResponse::default(),
         })
     }
 
-    fn put(&self, request: &PutRequest) -> Result<PutResponse, Status> {
-        write_level(request.write_level)?;
+    fn put(&self, request: &PutRequest) -> Result<(PutResponse, Pending), Status> {
+        let level = write_level(request.write_level)?;
+        let plan = self.replication.write_plan(&request.key, level)?;
         let condition = condition_of(request.condition.as_ref())?;
         let expires_at = (request.ttl_ms > 0).then(|| unix_millis().saturating_add(request.ttl_ms));
-        let (version, previous) = self.write_fresh(|version| {
+        let (version, previous, seq) = self.write_fresh(|version| {
             let options = PutOptions {
                 version,
                 expires_at,
@@ -199,38 +275,41 @@ impl NodeCore {
             };
             self.engine.put(&request.key, &request.value, options)
         })?;
-        Ok(PutResponse {
+        let response = PutResponse {
             version: Some(to_proto(version)),
             created: previous.is_none(),
             acks: 1,
-        })
+        };
+        Ok((response, Pending { plan, seq, version }))
     }
 
-    fn delete(&self, request: &DeleteRequest) -> Result<DeleteResponse, Status> {
-        write_level(request.write_level)?;
+    fn delete(&self, request: &DeleteRequest) -> Result<(DeleteResponse, Pending), Status> {
+        let level = write_level(request.write_level)?;
+        let plan = self.replication.write_plan(&request.key, level)?;
         let condition = condition_of(request.condition.as_ref())?;
-        let (version, previous) = self.write_fresh(|version| {
+        let (version, previous, seq) = self.write_fresh(|version| {
             let options = DeleteOptions { version, condition };
             self.engine.delete(&request.key, options)
         })?;
-        Ok(DeleteResponse {
+        let response = DeleteResponse {
             version: Some(to_proto(version)),
             existed: previous.is_some(),
             acks: 1,
-        })
+        };
+        Ok((response, Pending { plan, seq, version }))
     }
 
     /// Applies `write` with a fresh version, retrying with a newer one if the
-    /// key already holds a newer version. Returns the version written and the
-    /// version of the live value it replaced.
+    /// key already holds a newer version. Returns the version written, the
+    /// version of the live value it replaced, and the record's seq.
     fn write_fresh(
         &self,
         write: impl Fn(Version) -> Result<WriteOutcome, EngineError>,
-    ) -> Result<(Version, Option<Version>), Status> {
+    ) -> Result<(Version, Option<Version>, u64), Status> {
         for _ in 0..STALE_RETRIES {
             let version = self.hlc.now();
             match write(version).map_err(|e| engine_status(&e))? {
-                WriteOutcome::Applied { previous, .. } => return Ok((version, previous)),
+                WriteOutcome::Applied { previous, seq } => return Ok((version, previous, seq)),
                 WriteOutcome::Stale { current } => self.hlc.observe(current),
             }
         }
@@ -297,30 +376,53 @@ impl NodeCore {
         })
     }
 
-    fn batch(&self, request: BatchRequest) -> BatchResponse {
+    /// Runs the ops of a batch here; the results, and the writes that must
+    /// still wait for their replicas (by op index).
+    fn batch(&self, request: BatchRequest) -> (Vec<BatchResult>, Vec<(usize, Pending)>) {
+        let mut pending = Vec::new();
         let results = request
             .ops
             .into_iter()
-            .map(|op| {
+            .enumerate()
+            .map(|(index, op)| {
                 let result = match op.op {
                     Some(Op::Get(get)) => self.get(&get).map(OpResult::Get),
-                    Some(Op::Put(put)) => self.put(&put).map(OpResult::Put),
-                    Some(Op::Delete(delete)) => self.delete(&delete).map(OpResult::Delete),
+                    Some(Op::Put(put)) => self.put(&put).map(|(response, wait)| {
+                        pending.push((index, wait));
+                        OpResult::Put(response)
+                    }),
+                    Some(Op::Delete(delete)) => self.delete(&delete).map(|(response, wait)| {
+                        pending.push((index, wait));
+                        OpResult::Delete(response)
+                    }),
                     // validate_batch refused empty ops.
                     None => Err(Status::invalid_argument("empty batch op")),
                 };
                 BatchResult {
-                    result: Some(result.unwrap_or_else(|status| {
-                        OpResult::Error(OpError {
-                            code: status.code() as i32,
-                            message: status.message().to_string(),
-                        })
-                    })),
+                    result: Some(result.unwrap_or_else(|status| op_error(&status))),
                 }
             })
             .collect();
-        BatchResponse { results }
+        (results, pending)
     }
+}
+
+/// A failed op of a batch; for a write level not met, with its acknowledgements.
+fn op_error(status: &Status) -> OpResult {
+    let number = |key: &str| {
+        status
+            .metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    OpResult::Error(OpError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        acks: number(crate::status::ACKS_METADATA),
+        required: number(crate::status::REQUIRED_ACKS_METADATA),
+    })
 }
 
 /// Refuses a batch that is malformed as a whole, before any op runs.

@@ -17,6 +17,7 @@ use caskade_common::telemetry::{self, serve_metrics};
 use caskade_common::tls::{TlsError, TlsMaterial};
 use caskade_proto::admin_server::AdminServer;
 use caskade_proto::kv_server::KvServer;
+use caskade_proto::replication_server::ReplicationServer;
 use metrics::{counter, gauge, histogram};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -30,6 +31,10 @@ use crate::engine::{Engine, EngineError, FsyncObserver};
 use crate::engine_threads::EngineThreads;
 use crate::kv::{KvService, NodeCore};
 use crate::observe::Observer;
+use crate::replication::cursors::Cursors;
+use crate::replication::feed::Feed;
+use crate::replication::service::ReplicationService;
+use crate::replication::{Replication, puller};
 
 /// Largest gRPC message above `max_value_bytes`: room for the key and fields.
 const MESSAGE_OVERHEAD: usize = 64 << 10;
@@ -80,11 +85,23 @@ impl Node {
         let observer: FsyncObserver =
             Arc::new(move |d: Duration| fsync_seconds.record(d.as_secs_f64()));
         options.fsync_observer = Some(observer);
+        let feed = Arc::new(Feed::new(config.replication.feed_bytes));
+        let feed_in = Arc::clone(&feed);
+        options.append_observer = Some(Arc::new(move |appended| feed_in.push(appended)));
         let data_dir = config.data_dir.clone();
         let engine = tokio::task::spawn_blocking(move || Engine::open(&data_dir, options))
             .await
             .map_err(std::io::Error::other)??;
+        feed.start_after(engine.stats().last_seq);
         let map = ClusterMapStore::open(&config.data_dir)?;
+        let cursors = Cursors::open(&config.data_dir)?;
+        let replication = Replication::new(
+            config.id,
+            config.replication.clone(),
+            feed,
+            cursors,
+            map.get().as_ref(),
+        );
         let grpc = telemetry::bind(config.listen, "gRPC").await?;
         let metrics = match config.metrics.listen {
             Some(addr) => Some(telemetry::bind(addr, "metrics").await?),
@@ -98,6 +115,7 @@ impl Node {
             observer: Observer::new(config.id),
             threads: EngineThreads::start(threads)?,
             writes_wait_for_fsync: config.engine.durability == DurabilityMode::Always,
+            replication,
         });
         Ok(Node {
             config,
@@ -150,11 +168,28 @@ impl Node {
             tokio::spawn(serve_metrics(listener, refresh, stopped(stop_rx.clone())))
         });
 
+        // NOT_SERVING until caught up with the peers; routers skip the node.
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<KvServer<KvService>>().await;
+        health.set_not_serving::<KvServer<KvService>>().await;
         health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
+        let readiness = {
+            let health = health.clone();
+            let mut ready = core.replication.watch_ready();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    became = ready.wait_for(|r| *r) => if became.is_err() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                health.set_serving::<KvServer<KvService>>().await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+            })
+        };
+        let pullers = tokio::spawn(puller::run(Arc::clone(&core), tls.clone(), stop_rx.clone()));
 
         let max_message = config
             .engine
@@ -164,6 +199,9 @@ impl Node {
         let kv = KvServer::new(KvService::new(Arc::clone(&core)))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
+        let replication = ReplicationServer::new(ReplicationService::new(Arc::clone(&core)))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
         let admin = AdminServer::new(AdminService::new(
             Arc::clone(&core),
             map,
@@ -178,6 +216,7 @@ impl Node {
             .max_concurrent_streams(config.server.max_concurrent_streams)
             .add_service(health_service)
             .add_service(kv)
+            .add_service(replication)
             .add_service(admin);
 
         tracing::info!(node = core.id, grpc = %grpc_addr, data_dir = %config.data_dir.display(), "serving");
@@ -187,6 +226,7 @@ impl Node {
             let stop_rx = stop_rx.clone();
             async move {
                 stopped(stop_rx).await;
+                readiness.abort();
                 health.set_not_serving::<KvServer<KvService>>().await;
                 health
                     .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -211,6 +251,10 @@ impl Node {
         }
         if let Some(task) = metrics_task {
             task.abort();
+        }
+        // The pullers stop with the server and store their cursors last.
+        if let Err(e) = pullers.await {
+            tracing::error!(error = %e, "replication task failed");
         }
         close_engine(core).await
     }

@@ -201,6 +201,7 @@ impl TestCluster {
                     durability: DurabilityMode::Never,
                     ..EngineConfig::default()
                 },
+                replication: Default::default(),
                 server: ServerConfig {
                     shutdown_grace_secs: NODE_SHUTDOWN_GRACE_SECS,
                     ..ServerConfig::default()
@@ -477,6 +478,16 @@ impl TestCluster {
             "test keys need no percent-encoding: {key}"
         );
         self.at(&format!("/v1/kv/{key}"))
+    }
+
+    /// PUT `value` at `key` with write level `w` (`one`, `quorum`, `all`) as the writer.
+    pub async fn put_level(&self, key: &str, value: &str, w: &str) -> reqwest::Result<Response> {
+        self.client
+            .put(format!("{}?w={w}", self.kv_url(key)))
+            .bearer_auth(&self.writer_token)
+            .body(value.to_string())
+            .send()
+            .await
     }
 
     /// `PUT key = value` with the writer token.

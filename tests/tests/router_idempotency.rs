@@ -8,6 +8,9 @@
 use caskade_cli::local::LocalCluster;
 use caskade_node::config::DurabilityMode;
 use caskade_router::config::NodePolicy;
+use std::time::Duration;
+
+use caskade_tests::cluster::poll_until;
 use caskade_tests::local::{cluster_page, start_local};
 use serde_json::Value;
 
@@ -17,8 +20,8 @@ async fn cluster(dir: &std::path::Path) -> (LocalCluster, reqwest::Client) {
         .unwrap()
 }
 
-/// Records written on all nodes so far (the engines' sequence numbers).
-async fn writes_applied(client: &reqwest::Client, cluster: &LocalCluster) -> u64 {
+/// Each node's last sequence number, in node order.
+async fn node_seqs(client: &reqwest::Client, cluster: &LocalCluster) -> Vec<u64> {
     let page = cluster_page(client, cluster).await.unwrap();
     page["nodes"]
         .as_array()
@@ -29,7 +32,26 @@ async fn writes_applied(client: &reqwest::Client, cluster: &LocalCluster) -> u64
                 .as_u64()
                 .expect("stats of every node")
         })
-        .sum()
+        .collect()
+}
+
+/// Writes applied since `before`: with three replicas on three nodes every
+/// applied write ends up once on each node, so once replication has
+/// settled every node counts the same number of new records.
+async fn writes_applied(client: &reqwest::Client, cluster: &LocalCluster, before: &[u64]) -> u64 {
+    let applied = std::cell::Cell::new(0);
+    poll_until("replication settles", Duration::from_secs(10), || async {
+        let deltas: Vec<u64> = node_seqs(client, cluster)
+            .await
+            .iter()
+            .zip(before)
+            .map(|(now, then)| now - then)
+            .collect();
+        applied.set(deltas[0]);
+        deltas.iter().all(|&d| d == deltas[0])
+    })
+    .await;
+    applied.get()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +59,7 @@ async fn a_write_retried_ten_times_is_applied_once() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, client) = cluster(dir.path()).await;
     let url = format!("{}/v1/kv/orders/1001", cluster.url);
-    let before = writes_applied(&client, &cluster).await;
+    let before = node_seqs(&client, &cluster).await;
 
     let mut etags = Vec::new();
     for attempt in 0..10 {
@@ -55,7 +77,7 @@ async fn a_write_retried_ten_times_is_applied_once() {
         etags.push(response.headers()["etag"].to_str().unwrap().to_string());
     }
     assert!(etags.iter().all(|e| *e == etags[0]), "{etags:?}");
-    assert_eq!(writes_applied(&client, &cluster).await - before, 1);
+    assert_eq!(writes_applied(&client, &cluster, &before).await, 1);
 
     // The same key for a different request: refused, nothing written.
     let response = client
@@ -76,7 +98,7 @@ async fn a_write_retried_ten_times_is_applied_once() {
         .await
         .unwrap();
     assert_eq!(value.text().await.unwrap(), "paid");
-    assert_eq!(writes_applied(&client, &cluster).await - before, 1);
+    assert_eq!(writes_applied(&client, &cluster, &before).await, 1);
 
     // Without the header, every request is applied.
     for _ in 0..2 {
@@ -89,7 +111,7 @@ async fn a_write_retried_ten_times_is_applied_once() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    assert_eq!(writes_applied(&client, &cluster).await - before, 3);
+    assert_eq!(writes_applied(&client, &cluster, &before).await, 3);
     cluster.stop().await.unwrap();
 }
 
@@ -97,7 +119,7 @@ async fn a_write_retried_ten_times_is_applied_once() {
 async fn a_retried_batch_is_applied_once() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, client) = cluster(dir.path()).await;
-    let before = writes_applied(&client, &cluster).await;
+    let before = node_seqs(&client, &cluster).await;
     let batch =
         r#"{"ops":[{"op":"put","key":"a","value":"1"},{"op":"put","key":"b","value":"2"}]}"#;
     let mut bodies = Vec::new();
@@ -115,6 +137,6 @@ async fn a_retried_batch_is_applied_once() {
         bodies.push(response.text().await.unwrap());
     }
     assert!(bodies.iter().all(|b| *b == bodies[0]));
-    assert_eq!(writes_applied(&client, &cluster).await - before, 2);
+    assert_eq!(writes_applied(&client, &cluster, &before).await, 2);
     cluster.stop().await.unwrap();
 }

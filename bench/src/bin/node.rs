@@ -94,6 +94,7 @@ fn main() -> anyhow::Result<()> {
             durability: DurabilityMode::Never,
             ..EngineConfig::default()
         },
+        replication: Default::default(),
         server: ServerConfig::default(),
         metrics: MetricsConfig::default(),
         log: Default::default(),

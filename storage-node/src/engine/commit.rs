@@ -328,6 +328,20 @@ impl Inner {
                 }
             }
         }
+        if let Some(observe) = &self.opts.append_observer {
+            for s in &staged {
+                let pending = &batch[s.index];
+                if let Ok(WriteOutcome::Applied { seq, .. }) = outcomes[s.index] {
+                    observe(super::Appended {
+                        seq,
+                        key: &pending.key,
+                        value: pending.value.as_deref(),
+                        version: pending.version,
+                        expires_at: pending.expires_at,
+                    });
+                }
+            }
+        }
         drop(w);
         for (file_id, bytes) in dead {
             self.add_dead(file_id, bytes);

@@ -48,7 +48,10 @@ use caskade_common::{validate_key, validate_value};
 pub use backup::BackupReport;
 pub use datafile::FILE_HEADER_LEN;
 pub use error::EngineError;
-pub use options::{Clock, Durability, FaultHook, FaultPoint, FsyncObserver, MergeOptions, Options};
+pub use options::{
+    AppendObserver, Appended, Clock, Durability, FaultHook, FaultPoint, FsyncObserver,
+    MergeOptions, Options,
+};
 pub use since::SinceIter;
 pub use types::{
     Condition, DeleteOptions, FileInfo, Latest, MergeReport, PutOptions, Record, ScanEntry, Stats,
@@ -332,6 +335,11 @@ impl Engine {
                 dead_bytes: f.dead_bytes(),
             })
             .collect()
+    }
+
+    /// How long merge keeps tombstones and expired values.
+    pub fn tombstone_retention(&self) -> std::time::Duration {
+        self.inner.opts.merge.tombstone_retention
     }
 
     /// The directory this engine stores its files in.

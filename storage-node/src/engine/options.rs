@@ -110,6 +110,26 @@ pub type FaultHook = Arc<dyn Fn(FaultPoint) -> io::Result<()> + Send + Sync>;
 /// Told the duration of every successful fsync of a data file (metrics).
 pub type FsyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
+/// A record just appended and published, as an [`AppendObserver`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended<'a> {
+    /// Its sequence number: observers see every one, in increasing order.
+    pub seq: u64,
+    /// The key.
+    pub key: &'a [u8],
+    /// The value, or `None` for a tombstone.
+    pub value: Option<&'a [u8]>,
+    /// The record's version.
+    pub version: caskade_common::Version,
+    /// Expiry, Unix milliseconds (0: never).
+    pub expires_at: u64,
+}
+
+/// Told every appended record, in seq order with no gaps, under the writer
+/// lock once the record is visible to readers (replication's in-memory
+/// feed). Must be quick and must not call back into the engine.
+pub type AppendObserver = Arc<dyn Fn(Appended<'_>) + Send + Sync>;
+
 /// Everything [`Engine::open`](super::Engine::open) needs to know.
 #[derive(Clone)]
 pub struct Options {
@@ -130,6 +150,8 @@ pub struct Options {
     pub fault_hook: Option<FaultHook>,
     /// Called after each fsync with its latency; must be cheap and never block.
     pub fsync_observer: Option<FsyncObserver>,
+    /// Called with every record appended by a put, delete or apply.
+    pub append_observer: Option<AppendObserver>,
 }
 
 impl Default for Options {
@@ -143,6 +165,7 @@ impl Default for Options {
             clock: Clock::system(),
             fault_hook: None,
             fsync_observer: None,
+            append_observer: None,
         }
     }
 }
@@ -157,6 +180,7 @@ impl fmt::Debug for Options {
             .field("repair", &self.repair)
             .field("fault_hook", &self.fault_hook.is_some())
             .field("fsync_observer", &self.fsync_observer.is_some())
+            .field("append_observer", &self.append_observer.is_some())
             .finish()
     }
 }

@@ -124,6 +124,8 @@ pub struct SinceIter {
     inner: Arc<Inner>,
     records: SeqMerge<Arc<DataFile>>,
     after: u64,
+    /// The last seq assigned when the iterator was created: it covers no later record.
+    upto: u64,
     failed: bool,
 }
 
@@ -132,6 +134,7 @@ impl SinceIter {
         // Under the writer lock every appended record is also published in
         // the keydir, so the lengths read here end at published records.
         let writer = lock(&inner.writer);
+        let upto = writer.next_seq - 1;
         let readers = read(&inner.files)
             .values()
             .filter(|f| f.max_seq() > after)
@@ -155,8 +158,21 @@ impl SinceIter {
             records: SeqMerge::new(readers, false)?,
             inner,
             after,
+            upto,
             failed: false,
         })
+    }
+
+    /// The last seq the iterator covers: once it is exhausted, a replica
+    /// that applied everything it yielded holds every record up to here.
+    pub fn upto(&self) -> u64 {
+        self.upto
+    }
+
+    /// The seq of the last record read (yielded or skipped), or the starting
+    /// seq: where a new iterator would resume.
+    pub fn position(&self) -> u64 {
+        self.after
     }
 
     fn next_live(&mut self) -> Result<Option<Record>, EngineError> {

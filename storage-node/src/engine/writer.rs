@@ -112,6 +112,15 @@ impl Inner {
             value.is_none(),
         );
         let replaced = write(&self.keydir).insert(key, entry);
+        if let Some(observe) = &self.opts.append_observer {
+            observe(super::Appended {
+                seq,
+                key,
+                value,
+                version,
+                expires_at,
+            });
+        }
         drop(w);
         if let Some(old) = replaced {
             self.add_dead(old.file_id, old.record_len(key.len()));

@@ -39,6 +39,7 @@ pub fn node_config(dir: &Path, certs: &ClusterCertFiles) -> NodeConfig {
             durability: DurabilityMode::Never,
             ..EngineConfig::default()
         },
+        replication: Default::default(),
         server: Default::default(),
         metrics: MetricsConfig {
             listen: Some("127.0.0.1:0".parse().unwrap()),

@@ -1,0 +1,300 @@
+//! Replication between storage nodes: primary → secondaries, pulled.
+//!
+//! Every node long-polls every peer for the records of its own ranges after
+//! a per-peer cursor (`Replication/Pull`), applies them by last-writer-wins
+//! and asks for the next ones, which acknowledges these. The one mechanism
+//! is both the live replication stream (the cursor is at the end of the
+//! peer's log: answers come from the peer's in-memory [`feed`]) and catch-up
+//! after downtime (the cursor is far behind: answers come from the peer's
+//! data files). When the peer has merged away tombstones newer than the
+//! cursor it answers OUT_OF_RANGE, and the node copies a snapshot of its
+//! ranges instead (full catch-up, [`puller`]).
+//!
+//! A coordinator appends a write, then waits until the write level's number
+//! of replicas hold it ([`acks`]). A node starts *not ready* and becomes
+//! ready once it has caught up with every peer it can reach; until then the
+//! `Kv` service refuses clients and the health service says NOT_SERVING, so
+//! routers read from and coordinate on nodes that are up to date.
+//!
+//! Nothing here reads or writes data files directly: all storage goes
+//! through the engine.
+
+pub mod acks;
+pub mod cursors;
+pub mod feed;
+pub mod puller;
+pub mod service;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use caskade_common::{Ring, Version};
+use caskade_proto::{ClusterMap, WriteLevel};
+use tokio::sync::watch;
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+
+use crate::config::ReplicationConfig;
+use crate::engine::SinceIter;
+use crate::status::{ACKS_METADATA, REQUIRED_ACKS_METADATA, WRITTEN_VERSION_METADATA};
+use acks::Acks;
+use cursors::Cursors;
+use feed::Feed;
+
+/// Where keys live, from one cluster map.
+#[derive(Debug)]
+pub struct Placement {
+    /// The map's epoch.
+    pub epoch: u64,
+    /// The ring built from it.
+    pub ring: Ring,
+    /// Node id → gRPC address.
+    pub addrs: BTreeMap<u32, String>,
+}
+
+impl Placement {
+    /// The placement a map describes.
+    pub fn of(map: &ClusterMap) -> Placement {
+        let ids: Vec<u32> = map.nodes.iter().map(|n| n.id).collect();
+        Placement {
+            epoch: map.epoch,
+            ring: Ring::new(&ids, map.vnodes_per_node, map.replication_factor),
+            addrs: map.nodes.iter().map(|n| (n.id, n.addr.clone())).collect(),
+        }
+    }
+}
+
+/// Which replicas a coordinated write goes to, and how many must hold it.
+#[derive(Debug, Clone)]
+pub struct WritePlan {
+    /// The key's other replicas.
+    pub peers: Vec<u32>,
+    /// Replicas, this node included, the write level needs.
+    pub needed: usize,
+}
+
+/// How far this node is behind one peer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerLag {
+    /// The cursor: this node holds the peer's records up to here.
+    pub cursor: u64,
+    /// The peer's last seq when it last answered.
+    pub peer_last_seq: u64,
+    /// When the cursor last reached the peer's end (`None`: not since start).
+    pub caught_up_at: Option<Instant>,
+    /// Whether the last pull got an answer.
+    pub reachable: bool,
+}
+
+impl PeerLag {
+    /// Records this node is behind.
+    pub fn records(&self) -> u64 {
+        self.peer_last_seq.saturating_sub(self.cursor)
+    }
+
+    /// Time since the cursor last reached the peer's end (0 when it is there).
+    pub fn seconds(&self, started: Instant) -> f64 {
+        if self.records() == 0 && self.reachable {
+            return 0.0;
+        }
+        self.caught_up_at.unwrap_or(started).elapsed().as_secs_f64()
+    }
+}
+
+/// Replication state shared by the services and the pullers.
+#[derive(Debug)]
+pub struct Replication {
+    /// This node's id.
+    pub id: u32,
+    /// Settings.
+    pub config: ReplicationConfig,
+    /// The tail of this node's log.
+    pub feed: Arc<Feed>,
+    /// What the peers have acknowledged.
+    pub acks: Acks,
+    /// This node's cursors on its peers.
+    pub cursors: Cursors,
+    placement: watch::Sender<Option<Arc<Placement>>>,
+    ready: watch::Sender<bool>,
+    /// Peer id → lag, as the pullers last saw it.
+    lag: Mutex<BTreeMap<u32, PeerLag>>,
+    /// Peer id → the on-disk read of this node's log that peer's pulls are
+    /// walking through (one per peer; a pull from elsewhere replaces it).
+    sessions: Mutex<HashMap<u32, SinceIter>>,
+    started: Instant,
+}
+
+impl Replication {
+    /// State for node `id`, placed by `map` if it has one. Without a map, or
+    /// with a map naming no other node, the node replicates to nobody and
+    /// is ready at once.
+    pub fn new(
+        id: u32,
+        config: ReplicationConfig,
+        feed: Arc<Feed>,
+        cursors: Cursors,
+        map: Option<&ClusterMap>,
+    ) -> Replication {
+        let placement = map.map(|m| Arc::new(Placement::of(m)));
+        let has_peers = placement
+            .as_ref()
+            .is_some_and(|p| p.addrs.keys().any(|&n| n != id));
+        Replication {
+            id,
+            acks: Acks::new(config.peer_alive_for()),
+            config,
+            feed,
+            cursors,
+            placement: watch::Sender::new(placement),
+            ready: watch::Sender::new(!has_peers),
+            lag: Mutex::new(BTreeMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        }
+    }
+
+    /// The current placement, if the node has a cluster map.
+    pub fn placement(&self) -> Option<Arc<Placement>> {
+        self.placement.borrow().clone()
+    }
+
+    /// A receiver that changes with the placement.
+    pub fn watch_placement(&self) -> watch::Receiver<Option<Arc<Placement>>> {
+        self.placement.subscribe()
+    }
+
+    /// Adopts a newly stored cluster map, unless a newer one already was.
+    pub fn set_map(&self, map: &ClusterMap) {
+        self.placement.send_if_modified(|current| {
+            if current.as_ref().is_some_and(|p| p.epoch >= map.epoch) {
+                return false;
+            }
+            *current = Some(Arc::new(Placement::of(map)));
+            true
+        });
+    }
+
+    /// Whether the node has caught up and serves clients.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// A receiver that changes when the node becomes ready.
+    pub fn watch_ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Marks the node ready (once caught up).
+    pub fn mark_ready(&self) {
+        if !self.ready.send_replace(true) {
+            tracing::info!("caught up with every reachable peer: ready");
+        }
+    }
+
+    /// The replicas of `key` a write coordinated here must reach for
+    /// `level`; `None` when the node has no map (it stands alone).
+    pub fn write_plan(&self, key: &[u8], level: WriteLevel) -> Result<Option<WritePlan>, Status> {
+        let Some(placement) = self.placement() else {
+            return Ok(None);
+        };
+        let replicas = placement.ring.preference_list(key);
+        if !replicas.contains(&self.id) {
+            return Err(not_a_replica(placement.epoch));
+        }
+        let needed = match level {
+            WriteLevel::One => 1,
+            WriteLevel::Unspecified | WriteLevel::Quorum => replicas.len() / 2 + 1,
+            WriteLevel::All => replicas.len(),
+        };
+        Ok(Some(WritePlan {
+            peers: replicas.into_iter().filter(|&n| n != self.id).collect(),
+            needed,
+        }))
+    }
+
+    /// Whether this node holds `key` under the current map (or has no map).
+    pub fn check_replica(&self, key: &[u8]) -> Result<(), Status> {
+        match self.placement() {
+            Some(p) if !p.ring.owns(self.id, key) => Err(not_a_replica(p.epoch)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until the write at `seq` meets `plan`; the replicas holding it.
+    pub async fn wait_for(&self, plan: &WritePlan, seq: u64) -> usize {
+        if plan.needed <= 1 {
+            return 1;
+        }
+        let timeout = Duration::from_millis(self.config.ack_timeout_ms);
+        self.acks.wait(seq, &plan.peers, plan.needed, timeout).await
+    }
+
+    /// Updates what the puller of `peer` last saw.
+    pub fn note_lag(&self, peer: u32, update: impl FnOnce(&mut PeerLag)) {
+        let mut lag = self.lag.lock().unwrap_or_else(PoisonError::into_inner);
+        update(lag.entry(peer).or_default());
+    }
+
+    /// Lag behind every peer pulled from.
+    pub fn lag(&self) -> BTreeMap<u32, PeerLag> {
+        self.lag
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Forgets a peer that left the map.
+    pub fn forget_peer(&self, peer: u32) {
+        self.lag
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&peer);
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&peer);
+        self.cursors.remove(peer);
+    }
+
+    /// When replication state was created (lag before the first catch-up counts from here).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn take_session(&self, peer: u32) -> Option<SinceIter> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&peer)
+    }
+
+    fn keep_session(&self, peer: u32, session: SinceIter) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(peer, session);
+    }
+}
+
+/// The status for a request about a key this node does not hold.
+fn not_a_replica(epoch: u64) -> Status {
+    Status::aborted(format!(
+        "this node is not a replica of the key in cluster map epoch {epoch}"
+    ))
+}
+
+/// The status for a write applied (with `version`) on fewer replicas than its level needs.
+pub fn level_not_met(acks: usize, needed: usize, version: Version) -> Status {
+    let mut status = Status::unavailable(format!(
+        "the write reached {acks} of the {needed} replicas its write level needs; \
+         it was not rolled back and will reach the others when they catch up"
+    ));
+    let metadata = status.metadata_mut();
+    metadata.insert(ACKS_METADATA, MetadataValue::from(acks as u64));
+    metadata.insert(REQUIRED_ACKS_METADATA, MetadataValue::from(needed as u64));
+    if let Ok(value) = MetadataValue::try_from(version.to_string()) {
+        metadata.insert(WRITTEN_VERSION_METADATA, value);
+    }
+    status
+}

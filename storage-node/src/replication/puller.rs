@@ -1,0 +1,434 @@
+//! Pulling from peers: one task per peer of the cluster map, each looping
+//! `Pull` → apply → move the cursor, plus the full catch-up from a snapshot
+//! when the peer's log no longer reaches back to the cursor.
+//!
+//! The supervisor starts and stops per-peer tasks as the map changes, keeps
+//! the cursors durable, and marks the node ready once every peer it started
+//! with was caught up with or found unreachable (a peer that is down has
+//! nothing to give, and waiting for it would keep a restarting cluster down).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use caskade_common::Version;
+use caskade_common::tls::{TlsMaterial, server_name};
+use caskade_proto::replication_client::ReplicationClient;
+use caskade_proto::{PullRequest, SnapshotRequest};
+use metrics::{counter, gauge};
+use prost::bytes::Bytes;
+use tokio::sync::watch;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use super::Placement;
+use super::service::{apply, from_proto};
+use crate::engine::{Latest, Record};
+use crate::kv::NodeCore;
+
+/// First pause after a failed pull; doubled up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A pull answers within its wait plus this, or counts as failed.
+const PULL_SLACK: Duration = Duration::from_secs(10);
+/// Connecting to a peer gives up after this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// At start-up, a peer that has not answered a pull within this long counts
+/// as unreachable for readiness (a host that accepts connections and never
+/// answers must not keep this node out of service); pulling from it goes on.
+const STARTUP_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Peers the node must catch up with (or find down) before it is ready.
+#[derive(Debug)]
+struct StartupGate {
+    pending: Mutex<HashSet<u32>>,
+}
+
+impl StartupGate {
+    fn is_pending(&self, peer: u32) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&peer)
+    }
+
+    fn done(&self, core: &NodeCore, peer: u32) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if pending.remove(&peer) && pending.is_empty() {
+            core.replication.mark_ready();
+        }
+    }
+}
+
+/// Runs the pullers until `stop` turns true: one per peer of the current
+/// map, restarted when a peer's address changes, stopped when it leaves.
+pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receiver<bool>) {
+    let mut placements = core.replication.watch_placement();
+    let initial = placements.borrow_and_update().clone();
+    let gate = Arc::new(StartupGate {
+        pending: Mutex::new(peers_of(&core, initial.as_deref()).into_iter().collect()),
+    });
+    if gate
+        .pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .is_empty()
+    {
+        core.replication.mark_ready();
+    }
+    let persist = tokio::spawn(persist_cursors(Arc::clone(&core), stop.clone()));
+    let mut running: HashMap<u32, (String, watch::Sender<bool>)> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let placement = placements.borrow_and_update().clone();
+        let peers = peers_of(&core, placement.as_deref());
+        running.retain(|peer, (_, stop_peer)| {
+            let keep = peers.contains(peer);
+            if !keep {
+                let _ = stop_peer.send(true);
+                core.replication.forget_peer(*peer);
+                gate.done(&core, *peer);
+                tracing::info!(peer, "peer left the cluster map; no longer pulling from it");
+            }
+            keep
+        });
+        if let Some(placement) = &placement {
+            for &peer in &peers {
+                let Some(addr) = placement.addrs.get(&peer) else {
+                    continue;
+                };
+                if running.get(&peer).is_some_and(|(a, _)| a == addr) {
+                    continue;
+                }
+                let (stop_peer, stopped) = watch::channel(false);
+                if let Some((_, old)) = running.insert(peer, (addr.clone(), stop_peer)) {
+                    let _ = old.send(true);
+                }
+                match channel(addr, &tls) {
+                    Ok(channel) => {
+                        let puller = Puller {
+                            core: Arc::clone(&core),
+                            peer,
+                            client: ReplicationClient::new(channel)
+                                .max_decoding_message_size(usize::MAX),
+                            gate: Arc::clone(&gate),
+                        };
+                        tasks.spawn(puller.run(stopped, stop.clone()));
+                    }
+                    Err(e) => {
+                        tracing::error!(peer, addr, error = %e, "bad peer address; not pulling from it");
+                        gate.done(&core, peer);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            changed = placements.changed() => if changed.is_err() { break },
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    for (_, (_, stop_peer)) in running {
+        let _ = stop_peer.send(true);
+    }
+    // Pullers hold the engine; the node closes it only after they are gone.
+    while tasks.join_next().await.is_some() {}
+    let _ = persist.await;
+}
+
+/// The other nodes of the map.
+fn peers_of(core: &NodeCore, placement: Option<&Placement>) -> BTreeSet<u32> {
+    placement.map_or_else(BTreeSet::new, |p| {
+        p.addrs.keys().copied().filter(|&n| n != core.id).collect()
+    })
+}
+
+/// A lazily connecting mutual-TLS channel to a peer at `addr` (`host:port`).
+fn channel(addr: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.grpc_client(server_name(addr)))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+/// Makes the cursors durable every `cursor_sync_ms`, and once more at the end.
+async fn persist_cursors(core: Arc<NodeCore>, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_millis(core.replication.config.cursor_sync_ms.max(10));
+    loop {
+        let stopping = tokio::select! {
+            () = tokio::time::sleep(period) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        let persisted = core
+            .write(|core| {
+                core.replication
+                    .cursors
+                    .persist(&core.engine)
+                    .map_err(|e| crate::status::engine_status(&e))
+            })
+            .await;
+        if let Err(status) = persisted {
+            tracing::warn!(error = %status.message(), "storing replication cursors");
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Pulls from one peer.
+struct Puller {
+    core: Arc<NodeCore>,
+    peer: u32,
+    client: ReplicationClient<Channel>,
+    gate: Arc<StartupGate>,
+}
+
+impl Puller {
+    async fn run(
+        mut self,
+        mut stopped: watch::Receiver<bool>,
+        mut node_stop: watch::Receiver<bool>,
+    ) {
+        let mut backoff = MIN_BACKOFF;
+        let labels = [
+            ("node", self.core.id.to_string()),
+            ("peer", self.peer.to_string()),
+        ];
+        loop {
+            if *stopped.borrow() || *node_stop.borrow() {
+                return;
+            }
+            let result = tokio::select! {
+                result = self.pull_once(&labels) => result,
+                _ = stopped.wait_for(|s| *s) => return,
+                _ = node_stop.wait_for(|s| *s) => return,
+            };
+            match result {
+                Ok(()) => backoff = MIN_BACKOFF,
+                Err(status) => {
+                    let unreachable = matches!(
+                        status.code(),
+                        Code::Unavailable
+                            | Code::DeadlineExceeded
+                            | Code::Unknown
+                            | Code::Cancelled
+                    );
+                    self.core
+                        .replication
+                        .note_lag(self.peer, |lag| lag.reachable = false);
+                    if unreachable {
+                        tracing::debug!(peer = self.peer, error = %status.message(), "peer unreachable");
+                        // Nothing to catch up from a peer that is down.
+                        self.gate.done(&self.core, self.peer);
+                    } else {
+                        tracing::warn!(peer = self.peer, code = ?status.code(), error = %status.message(), "pull failed");
+                    }
+                    counter!("caskade_node_replication_pull_failures_total", &labels).increment(1);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = stopped.wait_for(|s| *s) => return,
+                        _ = node_stop.wait_for(|s| *s) => return,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One pull, applied; or a full catch-up if the peer asks for one.
+    async fn pull_once(
+        &mut self,
+        labels: &[(&'static str, String); 2],
+    ) -> Result<(), tonic::Status> {
+        let replication = &self.core.replication;
+        let Some(placement) = replication.placement() else {
+            return Err(tonic::Status::failed_precondition("no cluster map"));
+        };
+        let config = &replication.config;
+        let after = replication.cursors.get(self.peer);
+        // Until the first answer, ask without waiting: the answer says
+        // whether this node is caught up, which readiness waits for.
+        let starting = self.gate.is_pending(self.peer);
+        let request = PullRequest {
+            node_id: self.core.id,
+            after,
+            epoch: placement.epoch,
+            max_records: config.pull_max_records,
+            wait_ms: if starting {
+                0
+            } else {
+                config.pull_wait_ms as u32
+            },
+            live: replication.is_ready(),
+        };
+        let timeout = if starting {
+            STARTUP_ANSWER_TIMEOUT
+        } else {
+            Duration::from_millis(config.pull_wait_ms) + PULL_SLACK
+        };
+        let answer = match tokio::time::timeout(timeout, self.client.pull(request)).await {
+            Ok(Ok(answer)) => answer.into_inner(),
+            Ok(Err(status)) if status.code() == Code::OutOfRange => {
+                tracing::info!(peer = self.peer, cursor = after, reason = %status.message(), "full catch-up from a snapshot");
+                return self.full_catch_up(&placement, labels).await;
+            }
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(tonic::Status::deadline_exceeded("pull timed out")),
+        };
+        let records = answer
+            .records
+            .into_iter()
+            .map(from_proto)
+            .collect::<Result<Vec<Record>, _>>()?;
+        let count = records.len() as u64;
+        apply(&self.core, records).await?;
+        replication.cursors.set(self.peer, answer.through);
+        self.observe(answer.through, answer.last_seq, count, labels);
+        Ok(())
+    }
+
+    /// Records progress: lag, metrics, and readiness.
+    fn observe(
+        &self,
+        through: u64,
+        peer_last_seq: u64,
+        applied: u64,
+        labels: &[(&'static str, String); 2],
+    ) {
+        let replication = &self.core.replication;
+        let caught_up = through >= peer_last_seq;
+        replication.note_lag(self.peer, |lag| {
+            lag.cursor = through;
+            lag.peer_last_seq = peer_last_seq;
+            lag.reachable = true;
+            if caught_up {
+                lag.caught_up_at = Some(Instant::now());
+            }
+        });
+        counter!("caskade_node_replication_records_total", labels).increment(applied);
+        gauge!("caskade_node_replication_lag_records", labels)
+            .set(peer_last_seq.saturating_sub(through) as f64);
+        if caught_up {
+            self.gate.done(&self.core, self.peer);
+        }
+    }
+
+    /// Copies the peer's records of this node's ranges page by page, then
+    /// deletes keys of ranges both hold that the peer no longer has and that
+    /// are older than its retention (their deletes were merged away there).
+    async fn full_catch_up(
+        &mut self,
+        placement: &Arc<Placement>,
+        labels: &[(&'static str, String); 2],
+    ) -> Result<(), tonic::Status> {
+        let replication = &self.core.replication;
+        let mut after = Bytes::new();
+        let mut as_of = None;
+        let mut copied = 0u64;
+        loop {
+            let request = SnapshotRequest {
+                node_id: self.core.id,
+                epoch: placement.epoch,
+                after: after.clone(),
+                max_records: replication.config.pull_max_records,
+            };
+            let page = self.client.snapshot(request).await?.into_inner();
+            let as_of_seq = *as_of.get_or_insert(page.as_of_seq);
+            let held: HashSet<Bytes> = page.records.iter().map(|r| r.key.clone()).collect();
+            let records = page
+                .records
+                .into_iter()
+                .map(from_proto)
+                .collect::<Result<Vec<Record>, _>>()?;
+            copied += records.len() as u64;
+            apply(&self.core, records).await?;
+            let cutoff_ms = page.now_ms.saturating_sub(page.retention_ms);
+            let (start, end) = (after.clone(), page.next.clone());
+            let peer = self.peer;
+            let placement_for_delete = Arc::clone(placement);
+            let deleted = self
+                .core
+                .read(move |core| {
+                    Ok(absent_since(
+                        core,
+                        &placement_for_delete,
+                        peer,
+                        &start,
+                        end.as_deref(),
+                        &held,
+                        cutoff_ms,
+                    ))
+                })
+                .await?;
+            apply(&self.core, deleted).await?;
+            match page.next {
+                Some(next) => after = next,
+                None => {
+                    replication.cursors.set(self.peer, as_of_seq);
+                    counter!("caskade_node_replication_full_catch_ups_total", labels).increment(1);
+                    tracing::info!(
+                        peer = self.peer,
+                        records = copied,
+                        resume_at = as_of_seq,
+                        "full catch-up done"
+                    );
+                    self.observe(as_of_seq, as_of_seq, copied, labels);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Tombstones for the keys in `(start, end]` (`end` `None`: to the last
+/// key) that this node and `peer` both replicate, that the peer's snapshot
+/// page did not hold, and whose latest record here is a value written before
+/// `cutoff_ms`. Such a key was deleted (or expired) on the peer long enough
+/// ago for the delete to have been merged away. The tombstone's version,
+/// `cutoff_ms` with counter and origin 0, is newer than that value and older
+/// than anything written since, so it cannot hide a newer write.
+fn absent_since(
+    core: &NodeCore,
+    placement: &Placement,
+    peer: u32,
+    start: &[u8],
+    end: Option<&[u8]>,
+    held: &HashSet<Bytes>,
+    cutoff_ms: u64,
+) -> Vec<Record> {
+    let tombstone = Version::from_parts(cutoff_ms, 0, 0);
+    let mut deleted = Vec::new();
+    let mut after = (!start.is_empty()).then(|| start.to_vec());
+    loop {
+        let keys = core.engine.keys_after(after.as_deref(), 1024);
+        let Some(last) = keys.last().cloned() else {
+            return deleted;
+        };
+        for key in keys {
+            if end.is_some_and(|end| key.as_slice() > end) {
+                return deleted;
+            }
+            if held.contains(key.as_slice())
+                || !placement.ring.owns(core.id, &key)
+                || !placement.ring.owns(peer, &key)
+            {
+                continue;
+            }
+            if let Ok(Some(Latest::Value(value))) = core.engine.latest(&key)
+                && value.version < tombstone
+            {
+                deleted.push(Record {
+                    seq: 0,
+                    key,
+                    value: None,
+                    version: tombstone,
+                    expires_at: None,
+                });
+            }
+        }
+        after = Some(last);
+    }
+}

@@ -1,0 +1,351 @@
+//! The `Replication` gRPC service: what peers pull from this node, and the
+//! records routers send to repair stale replicas.
+//!
+//! `Pull` answers from the in-memory feed when it can and from the data
+//! files otherwise (each peer's on-disk read is kept between pulls, so a
+//! long catch-up reads the log once, not once per page). `Snapshot` pages
+//! through the keydir for a full catch-up. Served while the node is still
+//! catching up itself: a cluster restarting as a whole must be able to
+//! catch up from each other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use caskade_common::Version;
+use caskade_common::version::unix_millis;
+use caskade_proto::replication_server::Replication as ReplicationApi;
+use caskade_proto::{
+    ApplyRequest, ApplyResponse, PullRequest, PullResponse, ReplicatedRecord, SnapshotRequest,
+    SnapshotResponse,
+};
+use prost::bytes::Bytes;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::Placement;
+use super::feed::FeedRecord;
+use crate::engine::{Latest, Record, WriteOutcome};
+use crate::kv::{NodeCore, to_proto};
+use crate::status::engine_status;
+
+/// Records per answer when the puller does not say.
+const DEFAULT_MAX_RECORDS: u32 = 1000;
+/// Most records per answer.
+const MAX_RECORDS: u32 = 10_000;
+/// Records (or keys) looked at per answer, per record asked for: bounds the
+/// work of one pull when few records belong to the puller's ranges.
+const EXAMINED_PER_RECORD: usize = 16;
+/// Longest a pull may wait for new records.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Most records in one repair.
+const MAX_APPLY_RECORDS: usize = 1000;
+
+/// The `Replication` service.
+#[derive(Debug, Clone)]
+pub struct ReplicationService {
+    core: Arc<NodeCore>,
+}
+
+impl ReplicationService {
+    /// A service over `core`.
+    pub fn new(core: Arc<NodeCore>) -> ReplicationService {
+        ReplicationService { core }
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicationApi for ReplicationService {
+    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
+        let call = self.core.observer.start("Pull", request.metadata());
+        let request = request.into_inner();
+        let result = pull(Arc::clone(&self.core), request)
+            .instrument(call.span())
+            .await;
+        call.finish(result.map(Response::new))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotResponse>, Status> {
+        let call = self.core.observer.start("Snapshot", request.metadata());
+        let request = request.into_inner();
+        let core = Arc::clone(&self.core);
+        let result = async move {
+            let placement = puller_placement(&core, request.node_id, request.epoch)?;
+            core.read(move |core| snapshot_page(core, &placement, &request))
+                .await
+        }
+        .instrument(call.span())
+        .await;
+        call.finish(result.map(Response::new))
+    }
+
+    async fn apply(
+        &self,
+        request: Request<ApplyRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let call = self.core.observer.start("Apply", request.metadata());
+        let request = request.into_inner();
+        let core = Arc::clone(&self.core);
+        let result = async move {
+            if request.records.len() > MAX_APPLY_RECORDS {
+                return Err(Status::invalid_argument(format!(
+                    "{} records, more than the maximum of {MAX_APPLY_RECORDS}",
+                    request.records.len()
+                )));
+            }
+            let mut records = Vec::with_capacity(request.records.len());
+            for record in request.records {
+                // A router with an older map may repair a node that no
+                // longer holds the key; that copy would only be dropped again.
+                if core.replication.check_replica(&record.key).is_ok() {
+                    records.push(from_proto(record)?);
+                }
+            }
+            let applied = apply(&core, records).await?;
+            Ok(Response::new(ApplyResponse {
+                applied: applied as u32,
+            }))
+        }
+        .instrument(call.span())
+        .await;
+        call.finish(result)
+    }
+}
+
+/// Applies records written elsewhere, where writes run; how many were newer
+/// than what this node held.
+pub async fn apply(core: &Arc<NodeCore>, records: Vec<Record>) -> Result<usize, Status> {
+    if records.is_empty() {
+        return Ok(0);
+    }
+    if let Some(newest) = records.iter().map(|r| r.version).max() {
+        // Versions this node assigns from now on must beat what it has seen.
+        core.hlc.observe(newest);
+    }
+    let outcomes = core
+        .write(move |core| core.engine.apply(records).map_err(|e| engine_status(&e)))
+        .await?;
+    Ok(outcomes
+        .iter()
+        .filter(|o| matches!(o, WriteOutcome::Applied { .. }))
+        .count())
+}
+
+/// The placement a pull or snapshot by `puller` with `epoch` is served under.
+fn puller_placement(core: &NodeCore, puller: u32, epoch: u64) -> Result<Arc<Placement>, Status> {
+    let placement = core
+        .replication
+        .placement()
+        .ok_or_else(|| Status::failed_precondition("this node has no cluster map"))?;
+    if epoch != placement.epoch {
+        return Err(Status::aborted(format!(
+            "pull with cluster map epoch {epoch}, but this node has epoch {}",
+            placement.epoch
+        )));
+    }
+    if puller == core.id || !placement.addrs.contains_key(&puller) {
+        return Err(Status::invalid_argument(format!(
+            "node {puller} is not a peer in cluster map epoch {epoch}"
+        )));
+    }
+    Ok(placement)
+}
+
+async fn pull(core: Arc<NodeCore>, request: PullRequest) -> Result<PullResponse, Status> {
+    let replication = &core.replication;
+    let placement = puller_placement(&core, request.node_id, request.epoch)?;
+    let peer = request.node_id;
+    let after = request.after;
+    if after > replication.feed.last_seq() {
+        return Err(Status::out_of_range(format!(
+            "cursor {after} is past the end of this node's log ({}): its data was replaced; take a snapshot",
+            replication.feed.last_seq()
+        )));
+    }
+    replication.acks.record(peer, after);
+    if after == replication.feed.last_seq() && request.wait_ms > 0 {
+        let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_WAIT);
+        let mut appended = replication.feed.subscribe();
+        let _ = tokio::time::timeout(wait, appended.wait_for(|&last| last > after)).await;
+        // Waiting is being up: keep counting the peer in write levels.
+        replication.acks.record(peer, after);
+    }
+    let max = match request.max_records {
+        0 => DEFAULT_MAX_RECORDS,
+        n => n.min(MAX_RECORDS),
+    } as usize;
+    let me = core.id;
+    let live = request.live;
+    let tail = replication
+        .feed
+        .read(after, max, max * EXAMINED_PER_RECORD, |record| {
+            (!live || record.version.origin == me) && placement.ring.owns(peer, &record.key)
+        });
+    if let Some(tail) = tail {
+        return Ok(PullResponse {
+            records: tail.records.iter().map(|r| feed_to_proto(r)).collect(),
+            through: tail.through,
+            last_seq: replication.feed.last_seq(),
+        });
+    }
+    core.read(move |core| read_log(core, &placement, peer, after, max))
+        .await
+}
+
+/// A pull from further back than the feed holds: read the data files.
+fn read_log(
+    core: &NodeCore,
+    placement: &Placement,
+    peer: u32,
+    after: u64,
+    max: usize,
+) -> Result<PullResponse, Status> {
+    let replication = &core.replication;
+    let mut since = match replication.take_session(peer) {
+        Some(session) if session.position() == after => session,
+        _ => core
+            .engine
+            .iter_since(after)
+            .map_err(|e| engine_status(&e))?,
+    };
+    let mut records = Vec::new();
+    let mut examined = 0;
+    let mut exhausted = false;
+    while records.len() < max && examined < max * EXAMINED_PER_RECORD {
+        match since.next() {
+            None => {
+                exhausted = true;
+                break;
+            }
+            Some(Err(e)) => return Err(engine_status(&e)),
+            Some(Ok(record)) => {
+                examined += 1;
+                if placement.ring.owns(peer, &record.key) {
+                    records.push(record_to_proto(record));
+                }
+            }
+        }
+    }
+    let through = if exhausted {
+        since.upto()
+    } else {
+        let position = since.position();
+        replication.keep_session(peer, since);
+        position
+    };
+    Ok(PullResponse {
+        records,
+        through,
+        last_seq: replication.feed.last_seq(),
+    })
+}
+
+/// One page of a full catch-up: the latest record of each key of the
+/// puller's ranges after `request.after`.
+fn snapshot_page(
+    core: &NodeCore,
+    placement: &Placement,
+    request: &SnapshotRequest,
+) -> Result<SnapshotResponse, Status> {
+    // Read first: records written while the pages are read are covered by
+    // pulling from here afterwards.
+    let as_of_seq = core.replication.feed.last_seq();
+    let now_ms = unix_millis();
+    let max = match request.max_records {
+        0 => DEFAULT_MAX_RECORDS,
+        n => n.min(MAX_RECORDS),
+    } as usize;
+    let mut after = (!request.after.is_empty()).then(|| request.after.to_vec());
+    let mut records = Vec::new();
+    let mut examined = 0;
+    let mut next = None;
+    'pages: while records.len() < max {
+        let keys = core.engine.keys_after(after.as_deref(), 1024);
+        if keys.is_empty() {
+            break;
+        }
+        for key in keys {
+            if records.len() == max || examined == max * EXAMINED_PER_RECORD {
+                break 'pages;
+            }
+            examined += 1;
+            if placement.ring.owns(request.node_id, &key)
+                && let Some(latest) = core.engine.latest(&key).map_err(|e| engine_status(&e))?
+            {
+                records.push(latest_to_proto(&key, latest));
+            }
+            next = Some(key.clone());
+            after = Some(key);
+        }
+    }
+    // `next` is the last key looked at; unset once the keydir ended.
+    let more = after
+        .as_deref()
+        .is_some_and(|a| !core.engine.keys_after(Some(a), 1).is_empty());
+    Ok(SnapshotResponse {
+        records,
+        next: if more { next.map(Bytes::from) } else { None },
+        as_of_seq,
+        now_ms,
+        retention_ms: u64::try_from(core.engine.tombstone_retention().as_millis())
+            .unwrap_or(u64::MAX),
+    })
+}
+
+/// The wire form of a record of the feed.
+fn feed_to_proto(record: &FeedRecord) -> ReplicatedRecord {
+    ReplicatedRecord {
+        key: record.key.clone(),
+        value: record.value.clone().unwrap_or_default(),
+        tombstone: record.value.is_none(),
+        version: Some(to_proto(record.version)),
+        expires_at_ms: record.expires_at,
+    }
+}
+
+/// The wire form of a record read from the log.
+fn record_to_proto(record: Record) -> ReplicatedRecord {
+    ReplicatedRecord {
+        key: Bytes::from(record.key),
+        tombstone: record.value.is_none(),
+        value: record.value.map(Bytes::from).unwrap_or_default(),
+        version: Some(to_proto(record.version)),
+        expires_at_ms: record.expires_at.unwrap_or(0),
+    }
+}
+
+/// The wire form of a key's latest record.
+pub fn latest_to_proto(key: &[u8], latest: Latest) -> ReplicatedRecord {
+    match latest {
+        Latest::Value(value) => ReplicatedRecord {
+            key: Bytes::copy_from_slice(key),
+            value: Bytes::from(value.value),
+            tombstone: false,
+            version: Some(to_proto(value.version)),
+            expires_at_ms: value.expires_at.unwrap_or(0),
+        },
+        Latest::Tombstone(version) => ReplicatedRecord {
+            key: Bytes::copy_from_slice(key),
+            value: Bytes::new(),
+            tombstone: true,
+            version: Some(to_proto(version)),
+            expires_at_ms: 0,
+        },
+    }
+}
+
+/// A record received from a peer or a router, as the engine applies it.
+pub fn from_proto(record: ReplicatedRecord) -> Result<Record, Status> {
+    let version = record
+        .version
+        .ok_or_else(|| Status::invalid_argument("a replicated record needs a version"))?;
+    Ok(Record {
+        seq: 0,
+        key: record.key.to_vec(),
+        value: (!record.tombstone).then(|| record.value.to_vec()),
+        version: Version::new(version.hlc, version.origin),
+        expires_at: (record.expires_at_ms != 0).then_some(record.expires_at_ms),
+    })
+}

@@ -55,6 +55,20 @@ pub enum ApiError {
     /// No replica of the key could be reached.
     #[error("no replica is available for this key")]
     Unavailable,
+    /// The write was applied on fewer replicas than its write level needs.
+    /// It is not rolled back: the others get it when they catch up.
+    #[error(
+        "the write reached {acks} of the {required} replicas its write level needs; \
+         it was not rolled back and will reach the others when they catch up"
+    )]
+    WriteLevelNotMet {
+        /// Replicas holding the write.
+        acks: u32,
+        /// Replicas the level needed.
+        required: u32,
+        /// The version written (the ETag value, without quotes).
+        version: Option<String>,
+    },
     /// A node's storage is full.
     #[error("node storage is full")]
     InsufficientStorage,
@@ -88,7 +102,9 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::WriteLevelNotMet { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -109,6 +125,7 @@ impl ApiError {
             ApiError::TooLarge(_) => "too_large",
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable => "unavailable",
+            ApiError::WriteLevelNotMet { .. } => "write_level_not_met",
             ApiError::InsufficientStorage => "insufficient_storage",
             ApiError::Timeout => "timeout",
             ApiError::Internal => "internal",
@@ -132,6 +149,10 @@ impl IntoResponse for ApiError {
             }
             ApiError::PreconditionFailed {
                 current: Some(current),
+            }
+            | ApiError::WriteLevelNotMet {
+                version: Some(current),
+                ..
             } => {
                 if let Ok(etag) = HeaderValue::from_str(&format!("\"{current}\"")) {
                     response.headers_mut().insert(header::ETAG, etag);

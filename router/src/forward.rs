@@ -24,6 +24,11 @@ use crate::nodes::{NodeHandle, NodeService, Shed};
 
 /// Metadata key of the current version in a failed-condition status (set by the node).
 const CURRENT_VERSION_METADATA: &str = "x-caskade-current-version";
+/// Metadata keys of a write applied below its write level (set by the node):
+/// replicas holding it, replicas needed, version written.
+const ACKS_METADATA: &str = "x-caskade-acks";
+const REQUIRED_ACKS_METADATA: &str = "x-caskade-required-acks";
+const WRITTEN_VERSION_METADATA: &str = "x-caskade-version";
 
 /// Whether a request only reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,21 +47,34 @@ enum Verdict {
     Next(ApiError),
 }
 
+/// Which healthy replica a request tries first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// The first in the key's preference list: its primary.
+    Preference,
+    /// The one with the fewest requests in flight from this router (`r=any`).
+    LeastLoaded,
+}
+
 /// The replicas of `key` to try, in order: healthy ones (ready, breaker not
-/// open) in preference-list order, then the others, which may have
-/// recovered since the last check. A node that answered its health check
-/// with NOT_SERVING (shutting down, catching up) is never tried.
-pub fn replicas(view: &ClusterView, key: &[u8]) -> Vec<Arc<NodeHandle>> {
+/// open) by `order`, then the others in preference-list order, which may
+/// have recovered since the last check. A node that answered its health
+/// check with NOT_SERVING (shutting down, catching up) is never tried.
+pub fn replicas(view: &ClusterView, key: &[u8], order: Order) -> Vec<Arc<NodeHandle>> {
     let (mut healthy, others): (Vec<_>, Vec<_>) = view
         .preference_list(key)
         .into_iter()
         .filter(|n| !n.declined())
         .partition(|n| n.is_healthy());
+    if order == Order::LeastLoaded {
+        // Stable: equally loaded replicas keep preference order.
+        healthy.sort_by_key(|n| n.in_flight());
+    }
     healthy.extend(others);
     healthy
 }
 
-/// Calls `call` on the replicas of `key` until one answers, per `access`.
+/// Calls `call` on the replicas of `key`, primary first, until one answers, per `access`.
 pub async fn to_replicas<M, T, F, Fut>(
     view: &ClusterView,
     key: &[u8],
@@ -70,8 +88,35 @@ where
     F: Fn(KvClient<NodeService>, tonic::Request<M>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
+    to_replicas_in(
+        view,
+        key,
+        Order::Preference,
+        access,
+        request_id,
+        message,
+        call,
+    )
+    .await
+}
+
+/// Calls `call` on the replicas of `key` in `order` until one answers, per `access`.
+pub async fn to_replicas_in<M, T, F, Fut>(
+    view: &ClusterView,
+    key: &[u8],
+    order: Order,
+    access: Access,
+    request_id: &str,
+    message: M,
+    call: F,
+) -> Result<T, ApiError>
+where
+    M: Clone,
+    F: Fn(KvClient<NodeService>, tonic::Request<M>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
     let mut last = ApiError::Unavailable;
-    for (attempt, node) in replicas(view, key).into_iter().enumerate() {
+    for (attempt, node) in replicas(view, key, order).into_iter().enumerate() {
         if attempt > 0 {
             counter!("caskade_router_retries_total", "node" => node.id.to_string()).increment(1);
         }
@@ -165,6 +210,14 @@ fn judge(status: &Status, access: Access) -> Verdict {
             Access::Write => Verdict::Fail(ApiError::Timeout),
         };
     }
+    if let Some(acks) = metadata_number(status, ACKS_METADATA) {
+        // Applied, but on too few replicas: never retried elsewhere.
+        return Verdict::Fail(ApiError::WriteLevelNotMet {
+            acks,
+            required: metadata_number(status, REQUIRED_ACKS_METADATA).unwrap_or(0),
+            version: metadata_text(status, WRITTEN_VERSION_METADATA),
+        });
+    }
     let node_failed = |error: ApiError| match access {
         Access::Read => Verdict::Next(error),
         Access::Write => Verdict::Fail(error),
@@ -174,23 +227,20 @@ fn judge(status: &Status, access: Access) -> Verdict {
             Verdict::Fail(ApiError::bad_request("invalid_argument", status.message()))
         }
         Code::FailedPrecondition => Verdict::Fail(ApiError::PreconditionFailed {
-            current: status
-                .metadata()
-                .get(CURRENT_VERSION_METADATA)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+            current: metadata_text(status, CURRENT_VERSION_METADATA),
         }),
         Code::NotFound => Verdict::Fail(ApiError::NotFound("not found")),
         Code::ResourceExhausted => node_failed(ApiError::InsufficientStorage),
-        // The node refused before applying (not serving, poisoned), or the
-        // connection could not be made: another replica may serve it.
-        Code::Unavailable => Verdict::Next(ApiError::Unavailable),
+        // The node refused before applying (not serving, catching up,
+        // poisoned), or the connection could not be made; or it is not a
+        // replica of the key under its newer map (ABORTED): another replica
+        // may serve it.
+        Code::Unavailable | Code::Aborted => Verdict::Next(ApiError::Unavailable),
         Code::Ok
         | Code::Cancelled
         | Code::Unknown
         | Code::AlreadyExists
         | Code::PermissionDenied
-        | Code::Aborted
         | Code::OutOfRange
         | Code::Unimplemented
         | Code::Internal
@@ -201,4 +251,16 @@ fn judge(status: &Status, access: Access) -> Verdict {
             node_failed(ApiError::Internal)
         }
     }
+}
+
+fn metadata_text(status: &Status, key: &str) -> Option<String> {
+    status
+        .metadata()
+        .get(key)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn metadata_number(status: &Status, key: &str) -> Option<u32> {
+    metadata_text(status, key).and_then(|v| v.parse().ok())
 }

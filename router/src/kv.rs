@@ -25,8 +25,9 @@ use serde_json::json;
 use crate::app::{AppState, RequestId, read_body};
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::forward::{self, Access};
+use crate::forward::{self, Access, Order};
 use crate::params::{Query, key_from_path, validate_key};
+use crate::quorum;
 
 /// Route prefix of single-key requests.
 pub const KV_PREFIX: &str = "/v1/kv/";
@@ -485,13 +486,22 @@ async fn read(
     read_level: ReadLevel,
 ) -> Result<Option<(Bytes, HeaderValue)>, ApiError> {
     let view = state.view()?;
+    let order = match read_level {
+        ReadLevel::Quorum => {
+            let found = quorum::read(&view, &key, request_id).await?;
+            return Ok(found.found.then(|| (found.value, etag_of(found.version))));
+        }
+        ReadLevel::Any => Order::LeastLoaded,
+        ReadLevel::Unspecified | ReadLevel::Primary => Order::Preference,
+    };
     let message = GetRequest {
         key: key.clone().into(),
         read_level: read_level as i32,
     };
-    let found = forward::to_replicas(
+    let found = forward::to_replicas_in(
         &view,
         &key,
+        order,
         Access::Read,
         request_id,
         message,

@@ -3,7 +3,7 @@
 //! A request passes, in order: [`server`] (TLS, HTTP/1.1 or HTTP/2, connection
 //! limit) → [`app`] (request id, metrics, route table) → a handler in [`kv`]
 //! that authenticates with [`auth`], validates with [`params`], and sends the
-//! request with [`forward`] to the key's replicas, found on the ring of the
+//! request with [`forward`] (or, for `r=quorum`, [`quorum`]) to the key's replicas, found on the ring of the
 //! [`cluster`] view, each behind its [`nodes`] stack of timeout,
 //! [`breaker`] and concurrency limit. [`error`] is the one table from
 //! failures to HTTP statuses.
@@ -20,6 +20,7 @@ pub mod idempotency;
 pub mod kv;
 pub mod nodes;
 pub mod params;
+pub mod quorum;
 pub mod server;
 
 use std::net::SocketAddr;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use caskade_common::tls::TlsMaterial;
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::kv_client::KvClient;
+use caskade_proto::replication_client::ReplicationClient;
 use metrics::gauge;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -90,6 +91,7 @@ pub struct NodeHandle {
     pub addr: String,
     kv: KvClient<NodeService>,
     admin: AdminClient<NodeService>,
+    replication: ReplicationClient<NodeService>,
     /// For long operator calls (merge, backup): no per-call timeout or
     /// breaker, which are sized for key-value requests.
     operator: AdminClient<Channel>,
@@ -163,7 +165,8 @@ impl NodeHandle {
                         .saturating_add(MESSAGE_OVERHEAD)
                         .max(MIN_MESSAGE_BYTES),
                 ),
-            admin: AdminClient::new(stack),
+            admin: AdminClient::new(stack.clone()),
+            replication: ReplicationClient::new(stack),
             operator: AdminClient::new(channel.clone()),
             health: HealthClient::new(channel),
             breaker,
@@ -182,6 +185,11 @@ impl NodeHandle {
     /// An `Admin` client.
     pub fn admin(&self) -> AdminClient<NodeService> {
         self.admin.clone()
+    }
+
+    /// A `Replication` client (read repair).
+    pub fn replication(&self) -> ReplicationClient<NodeService> {
+        self.replication.clone()
     }
 
     /// An `Admin` client for long operator calls (merge, backup), outside

@@ -277,6 +277,7 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
                 lag_records: lag.records(),
                 lag_seconds: lag.seconds(core.replication.started()),
                 reachable: lag.reachable,
+                full_catch_ups: lag.full_catch_ups,
             })
             .collect(),
     }

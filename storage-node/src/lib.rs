@@ -22,3 +22,38 @@ pub mod status;
 
 pub use config::NodeConfig;
 pub use server::{Node, NodeError, run};
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use caskade_common::process::run_server;
+use clap::Parser;
+
+/// A caskade storage node: Bitcask storage served over mutual-TLS gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "caskade-node", version)]
+struct Args {
+    /// TOML configuration file; `CASKADE_NODE_*` environment variables override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+/// The `caskade-node` command: parses its flags, loads the configuration
+/// and runs the node until SIGTERM or Ctrl-C.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("caskade-node: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let config = NodeConfig::load(args.config.as_deref());
+        run_server("caskade-node", config, |c| &c.log, run).await
+    })
+}

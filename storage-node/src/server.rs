@@ -305,4 +305,12 @@ fn publish_engine_gauges(core: &NodeCore) {
     set("caskade_engine_files", stats.files);
     set("caskade_engine_last_seq", stats.last_seq);
     counter!("caskade_engine_merges_total", "node" => node.clone()).absolute(stats.merges);
+    let replication = &core.replication;
+    gauge!("caskade_node_ready", "node" => node.clone()).set(f64::from(u8::from(stats.ready)));
+    for (peer, lag) in replication.lag() {
+        let labels = [("node", node.clone()), ("peer", peer.to_string())];
+        gauge!("caskade_node_replication_lag_records", &labels).set(lag.records() as f64);
+        gauge!("caskade_node_replication_lag_seconds", &labels)
+            .set(lag.seconds(replication.started()));
+    }
 }

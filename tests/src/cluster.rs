@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,8 @@ use caskade_common::tls::TlsMaterial;
 use caskade_node::config::{DurabilityMode, EngineConfig, MetricsConfig, ServerConfig};
 use caskade_node::{Node, NodeConfig, NodeError};
 use caskade_proto::admin_client::AdminClient;
+use caskade_proto::kv_client::KvClient;
+use caskade_proto::replication_client::ReplicationClient;
 use caskade_proto::{ClusterMap, ClusterNode, NodeState, SetClusterMapRequest};
 use caskade_router::auth::{AuthConfig, Role, SecretKeyFile, TokenRequest, issue_hs256};
 use caskade_router::config::{HttpsFiles, IdempotencyConfig, LimitsConfig, NodePolicy};
@@ -38,7 +41,12 @@ use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::node_process::NodeProcess;
 
 /// How long the router may take to adopt the map and see the nodes ready.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
@@ -69,6 +77,9 @@ pub enum Member {
     /// A TCP listener that accepts connections and never reads or writes:
     /// a node that hangs (a stopped process, a dead disk under a blocked thread).
     Hanging,
+    /// A storage node in a process of its own ([`ClusterSpec::node_binary`]),
+    /// which [`TestCluster::kill_node`] can kill with SIGKILL.
+    Process,
 }
 
 /// The cluster to start.
@@ -82,6 +93,10 @@ pub struct ClusterSpec {
     pub vnodes_per_node: u32,
     /// How the router treats each node.
     pub policy: NodePolicy,
+    /// The `caskade-node` executable for [`Member::Process`] members.
+    pub node_binary: Option<PathBuf>,
+    /// Adjusts each node's configuration before it first starts.
+    pub configure: fn(&mut NodeConfig),
 }
 
 impl ClusterSpec {
@@ -92,6 +107,22 @@ impl ClusterSpec {
             replication_factor,
             vnodes_per_node: 64,
             policy,
+            node_binary: None,
+            configure: |_| {},
+        }
+    }
+
+    /// `nodes` storage nodes, each in a process of its own started from `binary`.
+    pub fn processes(
+        nodes: usize,
+        replication_factor: u32,
+        policy: NodePolicy,
+        binary: impl Into<PathBuf>,
+    ) -> ClusterSpec {
+        ClusterSpec {
+            members: vec![Member::Process; nodes],
+            node_binary: Some(binary.into()),
+            ..ClusterSpec::nodes(nodes, replication_factor, policy)
         }
     }
 }
@@ -141,6 +172,7 @@ enum Occupant {
         task: JoinHandle<Result<(), NodeError>>,
     },
     Hanging(HangingListener),
+    Process(NodeProcess),
     Nothing,
 }
 
@@ -152,6 +184,8 @@ struct Slot {
     config: NodeConfig,
     /// Whether the node's data directory holds the cluster map.
     has_map: bool,
+    /// The node runs in a process of its own (started from this executable).
+    binary: Option<PathBuf>,
     occupant: Occupant,
 }
 
@@ -209,6 +243,15 @@ impl TestCluster {
                 metrics: MetricsConfig::default(),
                 log: LogConfig::default(),
             };
+            (spec.configure)(&mut config);
+            let binary = match member {
+                Member::Process => Some(
+                    spec.node_binary
+                        .clone()
+                        .context("Member::Process needs ClusterSpec::node_binary")?,
+                ),
+                Member::Node | Member::Hanging => None,
+            };
             let (addr, occupant) = match member {
                 Member::Node => {
                     let node = Node::start(config.clone())
@@ -221,6 +264,15 @@ impl TestCluster {
                     let (hanging, addr) = HangingListener::bind(config.listen).await?;
                     (addr, Occupant::Hanging(hanging))
                 }
+                Member::Process => {
+                    // A free port, chosen by the OS and handed to the process.
+                    config.listen = TcpListener::bind(config.listen).await?.local_addr()?;
+                    let binary = binary.as_deref().context("a node binary")?;
+                    let process = NodeProcess::start(binary, &config)
+                        .await
+                        .with_context(|| format!("starting node process {id}"))?;
+                    (config.listen, Occupant::Process(process))
+                }
             };
             // Restarts must come back where the map says the node is.
             config.listen = addr;
@@ -229,6 +281,7 @@ impl TestCluster {
                 addr,
                 config,
                 has_map: false,
+                binary,
                 occupant,
             });
         }
@@ -249,7 +302,7 @@ impl TestCluster {
         let ids: Vec<u32> = slots.iter().map(|s| s.id).collect();
         let ring = Ring::new(&ids, spec.vnodes_per_node, spec.replication_factor);
         for slot in &mut slots {
-            if matches!(slot.occupant, Occupant::Node { .. }) {
+            if matches!(slot.occupant, Occupant::Node { .. } | Occupant::Process(_)) {
                 write_map(&certs, slot.addr, &map).await?;
                 slot.has_map = true;
             }
@@ -391,11 +444,60 @@ impl TestCluster {
     /// Stops node `id` gracefully and waits until it has closed its listener.
     pub async fn stop_node(&mut self, id: u32) -> anyhow::Result<()> {
         let slot = self.slot_mut(id);
-        if !matches!(slot.occupant, Occupant::Node { .. }) {
+        if !matches!(slot.occupant, Occupant::Node { .. } | Occupant::Process(_)) {
             bail!("node {id} is not running");
         }
         let occupant = std::mem::replace(&mut slot.occupant, Occupant::Nothing);
         stop_occupant(occupant).await
+    }
+
+    /// Kills node `id`'s process with SIGKILL (a [`Member::Process`] node).
+    pub fn kill_node(&mut self, id: u32) -> anyhow::Result<()> {
+        let slot = self.slot_mut(id);
+        match std::mem::replace(&mut slot.occupant, Occupant::Nothing) {
+            Occupant::Process(process) => process.kill(),
+            other => {
+                slot.occupant = other;
+                bail!("node {id} is not a running process")
+            }
+        }
+    }
+
+    /// The configuration node `id` starts with (its address included).
+    pub fn node_config(&self, id: u32) -> &NodeConfig {
+        &self.slot(id).config
+    }
+
+    /// Changes the configuration node `id` restarts with.
+    pub fn set_node_config(&mut self, id: u32, config: NodeConfig) {
+        self.slot_mut(id).config = config;
+    }
+
+    /// A `Kv` client straight to node `id`, as a cluster client (no router).
+    pub async fn node_kv(&self, id: u32) -> anyhow::Result<KvClient<Channel>> {
+        Ok(KvClient::new(
+            node_channel(&self.certs, self.addr(id)).await?,
+        ))
+    }
+
+    /// A `Replication` client straight to node `id` (as a router repairing it).
+    pub async fn node_replication(&self, id: u32) -> anyhow::Result<ReplicationClient<Channel>> {
+        Ok(ReplicationClient::new(
+            node_channel(&self.certs, self.addr(id)).await?,
+        ))
+    }
+
+    /// Node `id`'s own answer to a readiness check: `Some(true)` serving,
+    /// `Some(false)` not serving (catching up, stopping), `None` no answer.
+    pub async fn node_serving(&self, id: u32) -> Option<bool> {
+        let channel = node_channel(&self.certs, self.addr(id)).await.ok()?;
+        let answer = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "caskade.v1.Kv".into(),
+            })
+            .await
+            .ok()?;
+        Some(answer.get_ref().status == ServingStatus::Serving as i32)
     }
 
     /// Starts node `id` on its address (its data directory kept) after it
@@ -410,12 +512,24 @@ impl TestCluster {
                 bail!("node {id} is already running");
             }
             Occupant::Hanging(hanging) => hanging.close().await,
+            Occupant::Process(process) => {
+                slot.occupant = Occupant::Process(process);
+                bail!("node {id} is already running");
+            }
             Occupant::Nothing => {}
         }
-        let node = Node::start(slot.config.clone())
-            .await
-            .with_context(|| format!("restarting node {id} on {}", slot.addr))?;
-        slot.occupant = serve_node(node);
+        slot.occupant = match &slot.binary {
+            Some(binary) => Occupant::Process(
+                NodeProcess::start(binary, &slot.config)
+                    .await
+                    .with_context(|| format!("restarting node process {id} on {}", slot.addr))?,
+            ),
+            None => serve_node(
+                Node::start(slot.config.clone())
+                    .await
+                    .with_context(|| format!("restarting node {id} on {}", slot.addr))?,
+            ),
+        };
         if !slot.has_map {
             let addr = slot.addr;
             write_map(&self.certs, addr, &self.map).await?;
@@ -654,9 +768,22 @@ async fn stop_occupant(occupant: Occupant) -> anyhow::Result<()> {
                 .context("a node did not stop in time")???;
         }
         Occupant::Hanging(hanging) => hanging.close().await,
+        Occupant::Process(process) => process.stop().await?,
         Occupant::Nothing => {}
     }
     Ok(())
+}
+
+/// A channel to the node at `addr` as the operator's client.
+async fn node_channel(certs: &ClusterCertFiles, addr: SocketAddr) -> anyhow::Result<Channel> {
+    let tls = TlsMaterial::load(&certs.client)?;
+    Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.grpc_client("127.0.0.1"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the node at {addr}"))
 }
 
 /// `Admin/SetClusterMap` on the node at `addr`, as the operator's client.
@@ -665,14 +792,7 @@ async fn write_map(
     addr: SocketAddr,
     map: &ClusterMap,
 ) -> anyhow::Result<()> {
-    let tls = TlsMaterial::load(&certs.client)?;
-    let channel = Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls.grpc_client("127.0.0.1"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the node at {addr}"))?;
+    let channel = node_channel(certs, addr).await?;
     AdminClient::new(channel)
         .set_cluster_map(SetClusterMapRequest {
             map: Some(map.clone()),

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod local;
+pub mod node_process;
 
 /// Name of key number `n` written by the `crash-writer` binary.
 pub fn crash_key(n: u64) -> String {

@@ -299,6 +299,8 @@ async fn a_cancelled_probe_does_not_wedge_the_breaker() {
         replication_factor: 1,
         vnodes_per_node: 64,
         policy: policy.clone(),
+        node_binary: None,
+        configure: |_| {},
     })
     .await
     .unwrap();
@@ -378,6 +380,8 @@ async fn a_hanging_node_in_the_map_costs_at_most_the_timeout() {
         replication_factor: 2,
         vnodes_per_node: 64,
         policy: policy.clone(),
+        node_binary: None,
+        configure: |_| {},
     })
     .await
     .unwrap();
@@ -448,6 +452,8 @@ async fn health_checks_go_on_while_a_node_hangs() {
         replication_factor: 2,
         vnodes_per_node: 64,
         policy: policy.clone(),
+        node_binary: None,
+        configure: |_| {},
     })
     .await
     .unwrap();
@@ -585,6 +591,8 @@ async fn a_full_node_sheds_load_with_429() {
         replication_factor: 1,
         vnodes_per_node: 64,
         policy: policy.clone(),
+        node_binary: None,
+        configure: |_| {},
     })
     .await
     .unwrap();

@@ -23,6 +23,10 @@ pub struct Acks {
     changed: watch::Sender<()>,
     /// A peer that pulled within this long counts as up.
     alive_for: Duration,
+    /// Peers that never pulled count as up until this long after the
+    /// last change of peers: a node just started, or just told of new
+    /// peers, has not been pulled from yet.
+    peers_changed: Mutex<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +42,16 @@ impl Acks {
             peers: Mutex::new(HashMap::new()),
             changed: watch::Sender::new(()),
             alive_for,
+            peers_changed: Mutex::new(Instant::now()),
         }
+    }
+
+    /// The set of peers changed: give new ones time to pull.
+    pub fn peers_changed(&self) {
+        *self
+            .peers_changed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
     }
 
     /// `peer` holds everything up to `through` (it pulled after it), and is up.
@@ -94,6 +107,12 @@ impl Acks {
     /// Replicas holding `seq` (this node included), and those that may still.
     fn count(&self, seq: u64, peers: &[u32]) -> (usize, usize) {
         let now = Instant::now();
+        let newcomers_may_pull = now.duration_since(
+            *self
+                .peers_changed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        ) < self.alive_for;
         let known = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let (mut acked, mut possible) = (1, 1);
         for peer in peers {
@@ -103,6 +122,7 @@ impl Acks {
                     possible += 1;
                 }
                 Some(ack) if now.duration_since(ack.seen) < self.alive_for => possible += 1,
+                None if newcomers_may_pull => possible += 1,
                 _ => {}
             }
         }
@@ -131,12 +151,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_level_that_peers_known_to_be_down_cannot_meet_fails_at_once() {
-        let acks = Acks::new(Duration::from_secs(60));
+        // Node 3 has had its chance to pull and never did.
+        let acks = Acks::new(Duration::ZERO);
         acks.record(2, 9);
         // Node 3 never pulled: `all` cannot be met, and that is known now.
         let started = Instant::now();
         assert_eq!(acks.wait(9, &[2, 3], 3, Duration::from_secs(30)).await, 2);
         assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_has_not_pulled_yet_is_waited_for() {
+        let acks = std::sync::Arc::new(Acks::new(Duration::from_secs(60)));
+        let waiter = {
+            let acks = std::sync::Arc::clone(&acks);
+            tokio::spawn(async move { acks.wait(3, &[2], 2, Duration::from_secs(30)).await })
+        };
+        acks.record(2, 3);
+        assert_eq!(waiter.await.unwrap(), 2);
     }
 
     #[tokio::test]

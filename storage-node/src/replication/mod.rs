@@ -85,6 +85,8 @@ pub struct PeerLag {
     pub caught_up_at: Option<Instant>,
     /// Whether the last pull got an answer.
     pub reachable: bool,
+    /// Full catch-ups from this peer since start.
+    pub full_catch_ups: u64,
 }
 
 impl PeerLag {
@@ -173,6 +175,7 @@ impl Replication {
             *current = Some(Arc::new(Placement::of(map)));
             true
         });
+        self.acks.peers_changed();
     }
 
     /// Whether the node has caught up and serves clients.

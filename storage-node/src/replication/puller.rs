@@ -15,7 +15,7 @@ use caskade_common::Version;
 use caskade_common::tls::{TlsMaterial, server_name};
 use caskade_proto::replication_client::ReplicationClient;
 use caskade_proto::{PullRequest, SnapshotRequest};
-use metrics::{counter, gauge};
+use metrics::counter;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
 use tonic::Code;
@@ -309,8 +309,6 @@ impl Puller {
             }
         });
         counter!("caskade_node_replication_records_total", labels).increment(applied);
-        gauge!("caskade_node_replication_lag_records", labels)
-            .set(peer_last_seq.saturating_sub(through) as f64);
         if caught_up {
             self.gate.done(&self.core, self.peer);
         }
@@ -368,6 +366,7 @@ impl Puller {
                 Some(next) => after = next,
                 None => {
                     replication.cursors.set(self.peer, as_of_seq);
+                    replication.note_lag(self.peer, |lag| lag.full_catch_ups += 1);
                     counter!("caskade_node_replication_full_catch_ups_total", labels).increment(1);
                     tracing::info!(
                         peer = self.peer,

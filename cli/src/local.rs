@@ -30,10 +30,15 @@ use caskade_router::config::{HttpsFiles, IdempotencyConfig, LimitsConfig, NodePo
 use caskade_router::{Router, RouterConfig, RouterError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Ring points per node of the map `caskade local` writes.
 const VNODES_PER_NODE: u32 = 64;
+/// How long the nodes may take to catch up with each other at start.
+const NODES_READY_DEADLINE: Duration = Duration::from_secs(120);
 /// How long the printed admin token is valid.
 const ADMIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -110,7 +115,8 @@ impl LocalCluster {
             node_addrs.push(node.grpc_addr());
             nodes.push(tokio::spawn(node.serve(until_stopped())));
         }
-        write_cluster_map(&certs, &node_addrs).await?;
+        let channels = write_cluster_map(&certs, &node_addrs).await?;
+        wait_until_serving(&channels).await?;
 
         let config = RouterConfig {
             listen: options.listen,
@@ -177,16 +183,48 @@ impl LocalCluster {
     }
 }
 
-/// Writes a map with a higher epoch than any node holds, to every node.
-async fn write_cluster_map(certs: &ClusterCertFiles, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+/// Waits until every node reports SERVING: each catches up with its peers
+/// after it is given the map (immediate on a new cluster).
+async fn wait_until_serving(channels: &[Channel]) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    for channel in channels {
+        let mut health = HealthClient::new(channel.clone());
+        loop {
+            let request = HealthCheckRequest {
+                service: "caskade.v1.Kv".into(),
+            };
+            let serving = health
+                .check(request)
+                .await
+                .is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32);
+            if serving {
+                break;
+            }
+            if started.elapsed() > NODES_READY_DEADLINE {
+                bail!("the storage nodes did not catch up within {NODES_READY_DEADLINE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a map with a higher epoch than any node holds, to every node;
+/// returns a channel to each.
+async fn write_cluster_map(
+    certs: &ClusterCertFiles,
+    addrs: &[SocketAddr],
+) -> anyhow::Result<Vec<Channel>> {
     let tls = TlsMaterial::load(&certs.client)?;
     let mut clients = Vec::with_capacity(addrs.len());
+    let mut channels = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let channel = Endpoint::from_shared(format!("https://{addr}"))?
             .tls_config(tls.grpc_client("127.0.0.1"))?
             .connect()
             .await
             .with_context(|| format!("connecting to node at {addr}"))?;
+        channels.push(channel.clone());
         clients.push(AdminClient::new(channel));
     }
     let mut epoch = 0;
@@ -220,7 +258,7 @@ async fn write_cluster_map(certs: &ClusterCertFiles, addrs: &[SocketAddr]) -> an
             })
             .await?;
     }
-    Ok(())
+    Ok(channels)
 }
 
 /// Creates the HS256 secret (32 random bytes, hex) unless it exists.

@@ -10,3 +10,17 @@
 #![allow(missing_docs, missing_debug_implementations, clippy::all)]
 
 tonic::include_proto!("caskade.v1");
+
+impl ClusterMap {
+    /// The nodes that own ranges on the ring: every node except those
+    /// leaving the cluster (which stay in the map, as a source for the
+    /// others to pull from, until they are removed). Routers and nodes build
+    /// their rings from exactly this list, so they agree on every key.
+    pub fn ring_members(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter(|n| n.state() != NodeState::Leaving)
+            .map(|n| n.id)
+            .collect()
+    }
+}

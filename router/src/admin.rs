@@ -73,6 +73,7 @@ pub async fn cluster(
                         "lag_seconds": p.lag_seconds,
                         "reachable": p.reachable,
                         "full_catch_ups": p.full_catch_ups,
+                        "refilled_epoch": p.refilled_epoch,
                     })).collect::<Vec<_>>(),
                 }),
                 Some(Err(status)) => json!({ "error": status.code().description() }),

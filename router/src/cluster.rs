@@ -14,7 +14,7 @@ use std::time::Duration;
 use caskade_common::ring::Ring;
 use caskade_common::tls::TlsMaterial;
 use caskade_proto::admin_client::AdminClient;
-use caskade_proto::{ClusterMap, GetClusterMapRequest, NodeState};
+use caskade_proto::{ClusterMap, GetClusterMapRequest};
 use tonic::transport::Endpoint;
 
 use crate::config::NodePolicy;
@@ -108,13 +108,11 @@ impl Cluster {
             };
             nodes.insert(node.id, handle);
         }
-        let serving: Vec<u32> = map
-            .nodes
-            .iter()
-            .filter(|n| n.state() != NodeState::Joining)
-            .map(|n| n.id)
-            .collect();
-        let ring = Ring::new(&serving, map.vnodes_per_node, map.replication_factor);
+        let ring = Ring::new(
+            &map.ring_members(),
+            map.vnodes_per_node,
+            map.replication_factor,
+        );
         tracing::info!(
             epoch = map.epoch,
             nodes = map.nodes.len(),

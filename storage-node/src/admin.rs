@@ -5,6 +5,8 @@
 //! to a temporary file, fsynced and renamed), so a node restarts with the map
 //! it last accepted. A map is accepted only with a higher epoch than the
 //! stored one: two operators racing with the same base epoch cannot both win.
+//! Storing the stored map again succeeds and changes nothing, so a retried
+//! write, or one that a peer passed on first, is not an error.
 
 use std::fs;
 use std::io::{self, Write as _};
@@ -68,6 +70,10 @@ impl ClusterMapStore {
     pub fn set(&self, map: ClusterMap) -> Result<(), Status> {
         validate_map(&map)?;
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref() == Some(&map) {
+            // The same map again (a retry, or a peer passed it on first).
+            return Ok(());
+        }
         if let Some(stored) = current.as_ref()
             && map.epoch <= stored.epoch
         {
@@ -134,18 +140,25 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     core: Arc<NodeCore>,
-    map: Arc<ClusterMapStore>,
     backup_dir: PathBuf,
 }
 
 impl AdminService {
-    /// A service over `core`, storing the map in `map` and backups under `backup_dir`.
-    pub fn new(core: Arc<NodeCore>, map: Arc<ClusterMapStore>, backup_dir: PathBuf) -> Self {
-        AdminService {
-            core,
-            map,
-            backup_dir,
-        }
+    /// A service over `core`, writing backups under `backup_dir`.
+    pub fn new(core: Arc<NodeCore>, backup_dir: PathBuf) -> Self {
+        AdminService { core, backup_dir }
+    }
+}
+
+impl NodeCore {
+    /// Stores `map` if its epoch is newer than the stored one, and puts it
+    /// into effect (ABORTED otherwise).
+    pub async fn adopt_map(self: &Arc<Self>, map: ClusterMap) -> Result<(), Status> {
+        let stored = map.clone();
+        let store = Arc::clone(&self.maps);
+        run_blocking(move || store.set(map)).await?;
+        self.replication.set_map(&stored);
+        Ok(())
     }
 }
 
@@ -159,7 +172,7 @@ impl Admin for AdminService {
             .core
             .observer
             .start("GetClusterMap", request.metadata());
-        let map = self.map.get();
+        let map = self.core.maps.get();
         call.finish(Ok(Response::new(GetClusterMapResponse { map })))
     }
 
@@ -172,13 +185,10 @@ impl Admin for AdminService {
             .observer
             .start("SetClusterMap", request.metadata());
         let map = request.into_inner().map;
-        let store = Arc::clone(&self.map);
         let result = async move {
             let map = map.ok_or_else(|| Status::invalid_argument("map is required"))?;
             let epoch = map.epoch;
-            let stored = map.clone();
-            run_blocking(move || store.set(map)).await?;
-            self.core.replication.set_map(&stored);
+            self.core.adopt_map(map).await?;
             tracing::info!(epoch, "cluster map updated");
             Ok(Response::new(SetClusterMapResponse {}))
         }
@@ -278,6 +288,7 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
                 lag_seconds: lag.seconds(core.replication.started()),
                 reachable: lag.reachable,
                 full_catch_ups: lag.full_catch_ups,
+                refilled_epoch: lag.refilled_epoch,
             })
             .collect(),
     }

@@ -23,6 +23,7 @@ use prost::bytes::Bytes;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::admin::ClusterMapStore;
 use crate::engine::{
     Condition, DeleteOptions, Engine, EngineError, Latest, PutOptions, WriteOutcome,
 };
@@ -60,6 +61,8 @@ pub struct NodeCore {
     pub writes_wait_for_fsync: bool,
     /// Placement, peers' acknowledgements, catch-up state and readiness.
     pub replication: Replication,
+    /// The cluster map as stored on this node.
+    pub maps: Arc<ClusterMapStore>,
 }
 
 impl NodeCore {

@@ -36,6 +36,8 @@ use crate::replication::feed::Feed;
 use crate::replication::service::ReplicationService;
 use crate::replication::{Replication, puller};
 
+/// The readiness the health service reports: the `Kv` service's name.
+const KV_SERVICE: &str = <KvServer<KvService> as tonic::server::NamedService>::NAME;
 /// Largest gRPC message above `max_value_bytes`: room for the key and fields.
 const MESSAGE_OVERHEAD: usize = 64 << 10;
 /// Smallest decoding limit, so batches of small values fit.
@@ -66,7 +68,6 @@ pub enum NodeError {
 pub struct Node {
     config: NodeConfig,
     core: Arc<NodeCore>,
-    map: Arc<ClusterMapStore>,
     tls: TlsMaterial,
     grpc: TcpListener,
     metrics: Option<TcpListener>,
@@ -116,11 +117,11 @@ impl Node {
             threads: EngineThreads::start(threads)?,
             writes_wait_for_fsync: config.engine.durability == DurabilityMode::Always,
             replication,
+            maps: Arc::new(map),
         });
         Ok(Node {
             config,
             core,
-            map: Arc::new(map),
             tls,
             grpc,
             metrics,
@@ -150,7 +151,6 @@ impl Node {
         let Node {
             config,
             core,
-            map,
             tls,
             grpc,
             metrics,
@@ -174,19 +174,24 @@ impl Node {
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
+        // Readiness follows replication: not serving while catching up at
+        // start or while joining the cluster after a map change.
         let readiness = {
             let health = health.clone();
             let mut ready = core.replication.watch_ready();
-            let mut stop = stop_rx.clone();
             tokio::spawn(async move {
-                tokio::select! {
-                    became = ready.wait_for(|r| *r) => if became.is_err() { return },
-                    _ = stop.wait_for(|s| *s) => return,
+                loop {
+                    let status = if *ready.borrow_and_update() {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    health.set_service_status(KV_SERVICE, status).await;
+                    health.set_service_status("", status).await;
+                    if ready.changed().await.is_err() {
+                        return;
+                    }
                 }
-                health.set_serving::<KvServer<KvService>>().await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::Serving)
-                    .await;
             })
         };
         let pullers = tokio::spawn(puller::run(Arc::clone(&core), tls.clone(), stop_rx.clone()));
@@ -202,11 +207,7 @@ impl Node {
         let replication = ReplicationServer::new(ReplicationService::new(Arc::clone(&core)))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        let admin = AdminServer::new(AdminService::new(
-            Arc::clone(&core),
-            map,
-            config.backup_dir(),
-        ));
+        let admin = AdminServer::new(AdminService::new(Arc::clone(&core), config.backup_dir()));
         let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
         let tls_config = tls.grpc_server().timeout(Duration::from_secs(
             config.server.tls_handshake_timeout_secs,

@@ -184,3 +184,31 @@ fn latest_shows_expired_values_and_tombstones_that_get_hides() {
         vec![b"expiring".to_vec()]
     );
 }
+
+#[test]
+fn retain_drops_unwanted_keys_for_good_and_moves_the_horizon() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = MockClock::new(T0);
+    let engine = open(dir.path(), &clock, Durability::Always);
+    let records: Vec<Record> = (0..100u16)
+        .map(|i| {
+            record(
+                &format!("{}-{i}", if i % 2 == 0 { "keep" } else { "drop" }),
+                Some("v"),
+                i + 1,
+            )
+        })
+        .collect();
+    engine.apply(records).unwrap();
+    let report = engine.retain(|key| key.starts_with(b"keep")).unwrap();
+    assert_eq!(report.records_dropped, 50, "{report:?}");
+    assert_eq!(engine.stats().keys, 50);
+    assert!(engine.stats().tombstone_horizon > 0);
+    assert_eq!(engine.get(b"drop-1").unwrap(), None);
+    assert!(engine.get(b"keep-0").unwrap().is_some());
+    // Gone for good: a crash and a reopen do not bring them back.
+    drop(engine);
+    let engine = open(dir.path(), &clock, Durability::Always);
+    assert_eq!(engine.stats().keys, 50);
+    assert_eq!(engine.latest(b"drop-1").unwrap(), None);
+}

@@ -308,6 +308,18 @@ impl TestCluster {
             }
         }
 
+        // A node told its first map catches up with its peers before it
+        // serves; the router starts once they all do.
+        for slot in slots.iter().filter(|s| s.has_map) {
+            let addr = slot.addr;
+            poll_until(
+                &format!("node {} to serve", slot.id),
+                READY_DEADLINE,
+                || async { node_serving_at(&certs, addr).await == Some(true) },
+            )
+            .await;
+        }
+
         let secret_file = dir.path().join("jwt-secret");
         std::fs::write(&secret_file, JWT_SECRET)?;
         let config = RouterConfig {
@@ -490,14 +502,7 @@ impl TestCluster {
     /// Node `id`'s own answer to a readiness check: `Some(true)` serving,
     /// `Some(false)` not serving (catching up, stopping), `None` no answer.
     pub async fn node_serving(&self, id: u32) -> Option<bool> {
-        let channel = node_channel(&self.certs, self.addr(id)).await.ok()?;
-        let answer = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: "caskade.v1.Kv".into(),
-            })
-            .await
-            .ok()?;
-        Some(answer.get_ref().status == ServingStatus::Serving as i32)
+        node_serving_at(&self.certs, self.addr(id)).await
     }
 
     /// Starts node `id` on its address (its data directory kept) after it
@@ -784,6 +789,18 @@ async fn node_channel(certs: &ClusterCertFiles, addr: SocketAddr) -> anyhow::Res
         .connect()
         .await
         .with_context(|| format!("connecting to the node at {addr}"))
+}
+
+/// The readiness the node at `addr` reports; `None` if it does not answer.
+async fn node_serving_at(certs: &ClusterCertFiles, addr: SocketAddr) -> Option<bool> {
+    let channel = node_channel(certs, addr).await.ok()?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "caskade.v1.Kv".into(),
+        })
+        .await
+        .ok()?;
+    Some(answer.get_ref().status == ServingStatus::Serving as i32)
 }
 
 /// `Admin/SetClusterMap` on the node at `addr`, as the operator's client.

@@ -43,20 +43,25 @@ struct Moved {
     len: u32,
 }
 
+/// Says whether merge keeps a key (see [`Engine::retain`](super::Engine::retain)).
+pub(super) type KeepKey<'a> = dyn Fn(&[u8]) -> bool + 'a;
+
 /// Keys switched per keydir write lock, so readers wait microseconds at most.
 const SWITCH_CHUNK: usize = 4096;
 
 impl Inner {
     /// Merges the immutable files `only` (all of them when `None`).
     pub(super) fn merge(&self, only: Option<&[u32]>) -> Result<MergeReport, EngineError> {
-        self.merge_with(only, false)
+        self.merge_with(only, false, None)
     }
 
-    /// Merge; with `skip_damage`, damaged records are skipped (repair).
+    /// Merge; with `skip_damage`, damaged records are skipped (repair); keys
+    /// for which `keep` is false are dropped whatever their records.
     pub(super) fn merge_with(
         &self,
         only: Option<&[u32]>,
         skip_damage: bool,
+        keep: Option<&KeepKey<'_>>,
     ) -> Result<MergeReport, EngineError> {
         let _merging = lock(&self.merge_lock);
         if self.merge_broken.load(Ordering::Acquire) {
@@ -141,9 +146,10 @@ impl Inner {
             let expired = h.expires_at != 0 && h.expires_at <= now;
             let retired = (expired || h.is_tombstone())
                 && now.saturating_sub(h.version.physical_ms()) >= retention_ms;
+            let unwanted = keep.is_some_and(|keep| !keep(key));
             if !latest {
                 report.records_dropped += 1;
-            } else if droppable && retired {
+            } else if droppable && (retired || unwanted) {
                 horizon = u64::max(horizon, h.seq);
                 dropped.push((Key::new(key), at));
                 report.records_dropped += 1;

@@ -275,6 +275,20 @@ impl Engine {
         self.inner.merge(None)
     }
 
+    /// Drops every key for which `keep` is false (keys of ranges this node
+    /// no longer replicates): seals the active file, then merges every
+    /// immutable file without them. Like any merge it moves the tombstone
+    /// horizon past what it dropped.
+    pub fn retain(&self, keep: impl Fn(&[u8]) -> bool) -> Result<MergeReport, EngineError> {
+        {
+            let mut writer = lock(&self.inner.writer);
+            if writer.active.len() > FILE_HEADER_LEN {
+                self.inner.rotate(&mut writer)?;
+            }
+        }
+        self.inner.merge_with(None, false, Some(&keep))
+    }
+
     /// Merges only the immutable files `ids`.
     pub fn merge_files(&self, ids: &[u32]) -> Result<MergeReport, EngineError> {
         self.inner.merge(Some(ids))

@@ -258,7 +258,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
     if !damaged.is_empty() {
         // Rewrite the damaged files now, so the next open (without repair)
         // finds a clean store instead of the same damage.
-        inner.merge_with(Some(&damaged), true)?;
+        inner.merge_with(Some(&damaged), true, None)?;
     }
     Ok((inner, need_hint))
 }

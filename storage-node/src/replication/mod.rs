@@ -22,11 +22,13 @@
 pub mod acks;
 pub mod cursors;
 pub mod feed;
+pub mod handoff;
 pub mod puller;
 pub mod service;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use caskade_common::{Ring, Version};
@@ -49,19 +51,40 @@ pub struct Placement {
     pub epoch: u64,
     /// The ring built from it.
     pub ring: Ring,
-    /// Node id → gRPC address.
+    /// Node id → gRPC address, for every node of the map (leaving ones too).
     pub addrs: BTreeMap<u32, String>,
+    /// What the ring was built from: members, replication factor, vnodes.
+    shape: (Vec<u32>, u32, u32),
 }
 
 impl Placement {
     /// The placement a map describes.
     pub fn of(map: &ClusterMap) -> Placement {
-        let ids: Vec<u32> = map.nodes.iter().map(|n| n.id).collect();
+        let members = map.ring_members();
         Placement {
             epoch: map.epoch,
-            ring: Ring::new(&ids, map.vnodes_per_node, map.replication_factor),
+            ring: Ring::new(&members, map.vnodes_per_node, map.replication_factor),
             addrs: map.nodes.iter().map(|n| (n.id, n.addr.clone())).collect(),
+            shape: (members, map.replication_factor, map.vnodes_per_node),
         }
+    }
+
+    /// The nodes that own ranges.
+    pub fn ring_members(&self) -> &[u32] {
+        &self.shape.0
+    }
+
+    /// Whether both place every key on the same nodes.
+    pub fn same_ring(&self, other: &Placement) -> bool {
+        self.shape == other.shape
+    }
+
+    /// The nodes `me` pulls from: every other node of the map, if `me` is in it.
+    pub fn peers_of(&self, me: u32) -> Vec<u32> {
+        if !self.addrs.contains_key(&me) {
+            return Vec::new();
+        }
+        self.addrs.keys().copied().filter(|&n| n != me).collect()
     }
 }
 
@@ -85,6 +108,13 @@ pub struct PeerLag {
     pub caught_up_at: Option<Instant>,
     /// Whether the last pull got an answer.
     pub reachable: bool,
+    /// The epoch of the last map change that sent this node's cursor on
+    /// the peer back to 0 (0: none).
+    pub refill_epoch: u64,
+    /// The epoch under which this node last pulled everything of its ranges
+    /// from the peer after a map change (0: never). The peer drops ranges
+    /// it lost once every node reports it.
+    pub refilled_epoch: u64,
     /// Full catch-ups from this peer since start.
     pub full_catch_ups: u64,
 }
@@ -118,7 +148,16 @@ pub struct Replication {
     /// This node's cursors on its peers.
     pub cursors: Cursors,
     placement: watch::Sender<Option<Arc<Placement>>>,
+    /// Serialises map changes.
+    changing: Mutex<()>,
     ready: watch::Sender<bool>,
+    /// The start-up catch-up is done (or was not needed).
+    started_up: AtomicBool,
+    /// Ranges gained with the last map change, still being pulled.
+    handoff: RwLock<Option<handoff::Handoff>>,
+    /// The epoch of a map change that took ranges away from this node:
+    /// they are dropped once every peer confirms it pulled from this node.
+    drop_pending: Mutex<Option<u64>>,
     /// Peer id → lag, as the pullers last saw it.
     lag: Mutex<BTreeMap<u32, PeerLag>>,
     /// Peer id → the on-disk read of this node's log that peer's pulls are
@@ -141,7 +180,7 @@ impl Replication {
         let placement = map.map(|m| Arc::new(Placement::of(m)));
         let has_peers = placement
             .as_ref()
-            .is_some_and(|p| p.addrs.keys().any(|&n| n != id));
+            .is_some_and(|p| !p.peers_of(id).is_empty());
         Replication {
             id,
             acks: Acks::new(config.peer_alive_for()),
@@ -149,7 +188,11 @@ impl Replication {
             feed,
             cursors,
             placement: watch::Sender::new(placement),
+            changing: Mutex::new(()),
             ready: watch::Sender::new(!has_peers),
+            started_up: AtomicBool::new(!has_peers),
+            handoff: RwLock::new(None),
+            drop_pending: Mutex::new(None),
             lag: Mutex::new(BTreeMap::new()),
             sessions: Mutex::new(HashMap::new()),
             started: Instant::now(),
@@ -166,18 +209,6 @@ impl Replication {
         self.placement.subscribe()
     }
 
-    /// Adopts a newly stored cluster map, unless a newer one already was.
-    pub fn set_map(&self, map: &ClusterMap) {
-        self.placement.send_if_modified(|current| {
-            if current.as_ref().is_some_and(|p| p.epoch >= map.epoch) {
-                return false;
-            }
-            *current = Some(Arc::new(Placement::of(map)));
-            true
-        });
-        self.acks.peers_changed();
-    }
-
     /// Whether the node has caught up and serves clients.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
@@ -188,10 +219,17 @@ impl Replication {
         self.ready.subscribe()
     }
 
-    /// Marks the node ready (once caught up).
-    pub fn mark_ready(&self) {
-        if !self.ready.send_replace(true) {
-            tracing::info!("caught up with every reachable peer: ready");
+    /// The start-up catch-up is over: ready unless still joining.
+    pub fn mark_started(&self) {
+        self.started_up.store(true, Ordering::Release);
+        self.update_ready();
+    }
+
+    /// Ready: started up, and not joining the cluster.
+    fn update_ready(&self) {
+        let ready = self.started_up.load(Ordering::Acquire) && !self.joining();
+        if self.ready.send_replace(ready) != ready {
+            tracing::info!(ready, "readiness changed");
         }
     }
 
@@ -205,6 +243,7 @@ impl Replication {
         if !replicas.contains(&self.id) {
             return Err(not_a_replica(placement.epoch));
         }
+        self.check_received(key)?;
         let needed = match level {
             WriteLevel::One => 1,
             WriteLevel::Unspecified | WriteLevel::Quorum => replicas.len() / 2 + 1,
@@ -220,7 +259,7 @@ impl Replication {
     pub fn check_replica(&self, key: &[u8]) -> Result<(), Status> {
         match self.placement() {
             Some(p) if !p.ring.owns(self.id, key) => Err(not_a_replica(p.epoch)),
-            _ => Ok(()),
+            _ => self.check_received(key),
         }
     }
 

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use caskade_common::Version;
 use caskade_common::tls::{TlsMaterial, server_name};
+use caskade_proto::admin_client::AdminClient;
 use caskade_proto::replication_client::ReplicationClient;
-use caskade_proto::{PullRequest, SnapshotRequest};
+use caskade_proto::{GetClusterMapRequest, PullRequest, SetClusterMapRequest, SnapshotRequest};
 use metrics::counter;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
@@ -55,7 +56,7 @@ impl StartupGate {
     fn done(&self, core: &NodeCore, peer: u32) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if pending.remove(&peer) && pending.is_empty() {
-            core.replication.mark_ready();
+            core.replication.mark_started();
         }
     }
 }
@@ -74,9 +75,14 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
         .unwrap_or_else(PoisonError::into_inner)
         .is_empty()
     {
-        core.replication.mark_ready();
+        core.replication.mark_started();
     }
     let persist = tokio::spawn(persist_cursors(Arc::clone(&core), stop.clone()));
+    let dropping = tokio::spawn(super::handoff::drop_lost_ranges(
+        Arc::clone(&core),
+        tls.clone(),
+        stop.clone(),
+    ));
     let mut running: HashMap<u32, (String, watch::Sender<bool>)> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -109,8 +115,9 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
                         let puller = Puller {
                             core: Arc::clone(&core),
                             peer,
-                            client: ReplicationClient::new(channel)
+                            client: ReplicationClient::new(channel.clone())
                                 .max_decoding_message_size(usize::MAX),
+                            channel,
                             gate: Arc::clone(&gate),
                         };
                         tasks.spawn(puller.run(stopped, stop.clone()));
@@ -132,18 +139,17 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
     }
     // Pullers hold the engine; the node closes it only after they are gone.
     while tasks.join_next().await.is_some() {}
+    let _ = dropping.await;
     let _ = persist.await;
 }
 
-/// The other nodes of the map.
+/// The nodes to pull from under `placement`.
 fn peers_of(core: &NodeCore, placement: Option<&Placement>) -> BTreeSet<u32> {
-    placement.map_or_else(BTreeSet::new, |p| {
-        p.addrs.keys().copied().filter(|&n| n != core.id).collect()
-    })
+    placement.map_or_else(BTreeSet::new, |p| p.peers_of(core.id).into_iter().collect())
 }
 
 /// A lazily connecting mutual-TLS channel to a peer at `addr` (`host:port`).
-fn channel(addr: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
+pub(super) fn channel(addr: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("https://{addr}"))?
         .tls_config(tls.grpc_client(server_name(addr)))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -183,6 +189,7 @@ struct Puller {
     core: Arc<NodeCore>,
     peer: u32,
     client: ReplicationClient<Channel>,
+    channel: Channel,
     gate: Arc<StartupGate>,
 }
 
@@ -223,6 +230,7 @@ impl Puller {
                         tracing::debug!(peer = self.peer, error = %status.message(), "peer unreachable");
                         // Nothing to catch up from a peer that is down.
                         self.gate.done(&self.core, self.peer);
+                        self.core.replication.refill_skipped(self.peer);
                     } else {
                         tracing::warn!(peer = self.peer, code = ?status.code(), error = %status.message(), "pull failed");
                     }
@@ -252,17 +260,18 @@ impl Puller {
         // Until the first answer, ask without waiting: the answer says
         // whether this node is caught up, which readiness waits for.
         let starting = self.gate.is_pending(self.peer);
+        let refilling = replication.is_refilling(self.peer);
         let request = PullRequest {
             node_id: self.core.id,
             after,
             epoch: placement.epoch,
             max_records: config.pull_max_records,
-            wait_ms: if starting {
+            wait_ms: if starting || refilling {
                 0
             } else {
                 config.pull_wait_ms as u32
             },
-            live: replication.is_ready(),
+            live: replication.is_ready() && !refilling,
         };
         let timeout = if starting {
             STARTUP_ANSWER_TIMEOUT
@@ -275,6 +284,11 @@ impl Puller {
                 tracing::info!(peer = self.peer, cursor = after, reason = %status.message(), "full catch-up from a snapshot");
                 return self.full_catch_up(&placement, labels).await;
             }
+            Ok(Err(status)) if status.code() == Code::Aborted => {
+                // Another epoch: the newer map wins, wherever it is.
+                self.exchange_maps().await;
+                return Err(status);
+            }
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(tonic::Status::deadline_exceeded("pull timed out")),
         };
@@ -285,14 +299,49 @@ impl Puller {
             .collect::<Result<Vec<Record>, _>>()?;
         let count = records.len() as u64;
         apply(&self.core, records).await?;
+        if replication.placement().map(|p| p.epoch) != Some(placement.epoch) {
+            // The map changed meanwhile and may have sent the cursor back.
+            return Ok(());
+        }
         replication.cursors.set(self.peer, answer.through);
-        self.observe(answer.through, answer.last_seq, count, labels);
+        self.observe(
+            placement.epoch,
+            answer.through,
+            answer.last_seq,
+            count,
+            labels,
+        );
         Ok(())
+    }
+
+    /// Pulls refused for another epoch: fetch the peer's map and adopt it
+    /// if newer, or give it ours if it is behind.
+    async fn exchange_maps(&self) {
+        let mut admin = AdminClient::new(self.channel.clone());
+        let Ok(theirs) = admin.get_cluster_map(GetClusterMapRequest {}).await else {
+            return;
+        };
+        let ours = self.core.maps.get();
+        match (theirs.into_inner().map, ours) {
+            (Some(theirs), ours) if ours.as_ref().is_none_or(|o| o.epoch < theirs.epoch) => {
+                let epoch = theirs.epoch;
+                if let Err(status) = self.core.adopt_map(theirs).await {
+                    tracing::warn!(peer = self.peer, epoch, error = %status.message(), "adopting a peer's newer map");
+                }
+            }
+            (theirs, Some(ours)) if theirs.as_ref().is_none_or(|t| t.epoch < ours.epoch) => {
+                let _ = admin
+                    .set_cluster_map(SetClusterMapRequest { map: Some(ours) })
+                    .await;
+            }
+            _ => {}
+        }
     }
 
     /// Records progress: lag, metrics, and readiness.
     fn observe(
         &self,
+        epoch: u64,
         through: u64,
         peer_last_seq: u64,
         applied: u64,
@@ -311,6 +360,7 @@ impl Puller {
         counter!("caskade_node_replication_records_total", labels).increment(applied);
         if caught_up {
             self.gate.done(&self.core, self.peer);
+            replication.caught_up_with(self.peer, epoch);
         }
     }
 
@@ -374,7 +424,7 @@ impl Puller {
                         resume_at = as_of_seq,
                         "full catch-up done"
                     );
-                    self.observe(as_of_seq, as_of_seq, copied, labels);
+                    self.observe(placement.epoch, as_of_seq, as_of_seq, copied, labels);
                     return Ok(());
                 }
             }

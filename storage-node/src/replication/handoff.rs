@@ -1,0 +1,261 @@
+//! Map changes: ranges moving between nodes.
+//!
+//! When the ring changes, a node pulls everything of its (new) ranges from
+//! every peer again, from the start of their logs (its cursors go back to
+//! 0): that is how it receives ranges it gained. Until a peer has been
+//! pulled from to its end, the node refuses (UNAVAILABLE, so routers use
+//! another replica) the keys it did not hold before, and a node that held
+//! nothing before — one joining the cluster — is not ready at all.
+//!
+//! Ranges a node lost are dropped from its engine only after every node of
+//! the new ring reports (in its `Admin/Stats`) that it has pulled from this
+//! node under the new epoch: until then this node may hold the only copy of
+//! some write.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use caskade_common::tls::TlsMaterial;
+use caskade_proto::admin_client::AdminClient;
+use caskade_proto::{ClusterMap, StatsRequest};
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::puller::channel;
+use super::{Placement, Replication};
+use crate::kv::NodeCore;
+use crate::status::engine_status;
+
+/// How often a node checks whether it may drop the ranges it lost.
+const DROP_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// How long a peer may take to report its replication state.
+const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Ranges gained with a map change and still being pulled.
+#[derive(Debug)]
+pub(super) struct Handoff {
+    /// The epoch of the change.
+    epoch: u64,
+    /// The placement before it (`None`: the node held no range).
+    before: Option<Arc<Placement>>,
+    /// Peers not yet pulled from to their end since the change.
+    pending: HashSet<u32>,
+}
+
+impl Replication {
+    /// Adopts a newly stored cluster map, unless a newer one already was,
+    /// and starts pulling the ranges it moves here.
+    pub fn set_map(&self, map: &ClusterMap) {
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let new = Arc::new(Placement::of(map));
+        let old = self.placement();
+        if old.as_ref().is_some_and(|p| p.epoch >= new.epoch) {
+            return;
+        }
+        let member = new.ring.contains(self.id);
+        let was_member = old.as_ref().is_some_and(|p| p.ring.contains(self.id));
+        let ring_changed = old.as_ref().is_none_or(|p| !p.same_ring(&new));
+        if ring_changed {
+            let peers: HashSet<u32> = new.peers_of(self.id).into_iter().collect();
+            let handoff = (member && !peers.is_empty()).then(|| {
+                // Before the new placement is published, so that no pull
+                // under it starts from an old cursor.
+                for &peer in &peers {
+                    self.cursors.set(peer, 0);
+                    self.note_lag(peer, |lag| lag.refill_epoch = new.epoch);
+                }
+                Handoff {
+                    epoch: new.epoch,
+                    before: old.clone().filter(|_| was_member),
+                    pending: peers,
+                }
+            });
+            *self.handoff.write().unwrap_or_else(PoisonError::into_inner) = handoff;
+            if was_member {
+                *self
+                    .drop_pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(new.epoch);
+            }
+            tracing::info!(
+                epoch = new.epoch,
+                member,
+                "cluster map changed the ring; pulling this node's ranges again"
+            );
+        }
+        self.placement.send_replace(Some(new));
+        self.acks.peers_changed();
+        self.update_ready();
+    }
+
+    /// Whether the node is joining: it held no range before the change it
+    /// is still pulling for.
+    pub(super) fn joining(&self) -> bool {
+        self.handoff
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|h| h.before.is_none())
+    }
+
+    /// Refuses `key` while its range is still being received here.
+    pub(super) fn check_received(&self, key: &[u8]) -> Result<(), Status> {
+        let handoff = self.handoff.read().unwrap_or_else(PoisonError::into_inner);
+        match handoff.as_ref() {
+            Some(h) if h.before.as_ref().is_none_or(|b| !b.ring.owns(self.id, key)) => Err(
+                Status::unavailable("this node is still receiving the key's range"),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `peer` has not been pulled from to its end since its cursor
+    /// went back to 0: pulls ask it for every record, not just its own.
+    pub fn is_refilling(&self, peer: u32) -> bool {
+        self.lag
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&peer)
+            .is_some_and(|lag| lag.refill_epoch > lag.refilled_epoch)
+    }
+
+    /// A pull under `epoch` reached `peer`'s end.
+    pub fn caught_up_with(&self, peer: u32, epoch: u64) {
+        self.note_lag(peer, |lag| {
+            if lag.refill_epoch == epoch {
+                lag.refilled_epoch = epoch;
+            }
+        });
+        self.refill_done(peer, Some(epoch));
+    }
+
+    /// `peer` could not be reached: there is nothing to pull from it now.
+    pub fn refill_skipped(&self, peer: u32) {
+        self.refill_done(peer, None);
+    }
+
+    fn refill_done(&self, peer: u32, epoch: Option<u64>) {
+        {
+            let mut handoff = self.handoff.write().unwrap_or_else(PoisonError::into_inner);
+            let Some(h) = handoff.as_mut() else {
+                return;
+            };
+            if epoch.is_some_and(|e| e != h.epoch) {
+                return;
+            }
+            h.pending.remove(&peer);
+            if h.pending.is_empty() {
+                tracing::info!(epoch = h.epoch, "received every range of the new map");
+                *handoff = None;
+            }
+        }
+        self.update_ready();
+    }
+
+    /// The epoch whose lost ranges are waiting to be dropped, if any.
+    pub fn drop_pending(&self) -> Option<u64> {
+        *self
+            .drop_pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The lost ranges of `epoch` were dropped.
+    pub fn dropped(&self, epoch: u64) {
+        let mut pending = self
+            .drop_pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *pending == Some(epoch) {
+            *pending = None;
+        }
+    }
+
+    /// Whether start-up catch-up is over.
+    pub fn started_up(&self) -> bool {
+        self.started_up.load(Ordering::Acquire)
+    }
+}
+
+/// Drops the ranges this node lost with a map change, once every node of
+/// the new ring reports it has pulled from this node under that epoch.
+/// A node that is leaving (in the map, not on the ring) keeps everything:
+/// the others pull from it until the operator removes it.
+pub async fn drop_lost_ranges(
+    core: Arc<NodeCore>,
+    tls: TlsMaterial,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(DROP_CHECK_PERIOD) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(epoch) = core.replication.drop_pending() else {
+            continue;
+        };
+        let Some(placement) = core.replication.placement() else {
+            continue;
+        };
+        if placement.epoch != epoch || !placement.ring.contains(core.id) {
+            continue;
+        }
+        if !every_peer_refilled(&core, &tls, &placement).await {
+            continue;
+        }
+        let me = core.id;
+        let kept = Arc::clone(&placement);
+        let dropped = core
+            .write(move |core| {
+                core.engine
+                    .retain(|key| kept.ring.owns(me, key))
+                    .map_err(|e| engine_status(&e))
+            })
+            .await;
+        match dropped {
+            Ok(report) => {
+                tracing::info!(
+                    epoch,
+                    dropped = report.records_dropped,
+                    "dropped the ranges this node no longer replicates"
+                );
+                core.replication.dropped(epoch);
+            }
+            Err(status) => {
+                tracing::warn!(epoch, error = %status.message(), "dropping lost ranges failed; will retry");
+            }
+        }
+    }
+}
+
+/// Whether every other node of the ring says it pulled everything of its
+/// ranges from this node under the placement's epoch.
+async fn every_peer_refilled(core: &NodeCore, tls: &TlsMaterial, placement: &Placement) -> bool {
+    for &peer in placement.ring_members() {
+        if peer == core.id {
+            continue;
+        }
+        let Some(Ok(channel)) = placement.addrs.get(&peer).map(|addr| channel(addr, tls)) else {
+            return false;
+        };
+        let answer = tokio::time::timeout(
+            STATS_TIMEOUT,
+            AdminClient::new(channel).stats(StatsRequest {}),
+        )
+        .await;
+        let Ok(Ok(stats)) = answer else {
+            return false;
+        };
+        let refilled = stats
+            .into_inner()
+            .peers
+            .iter()
+            .any(|p| p.peer_id == core.id && p.refilled_epoch >= placement.epoch);
+        if !refilled {
+            return false;
+        }
+    }
+    true
+}

@@ -160,7 +160,7 @@ fn node(state: &AppState, id: &str) -> Result<std::sync::Arc<crate::nodes::NodeH
         .ok_or(ApiError::NotFound("no such node"))
 }
 
-fn with_id<T>(message: T, request_id: &str) -> tonic::Request<T> {
+pub(crate) fn with_id<T>(message: T, request_id: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Ok(id) = tonic::metadata::MetadataValue::try_from(request_id) {
         request
@@ -188,7 +188,7 @@ async fn operator_call<T>(
     }
 }
 
-fn state_name(state: NodeState) -> &'static str {
+pub(crate) fn state_name(state: NodeState) -> &'static str {
     match state {
         NodeState::Unspecified => "unspecified",
         NodeState::Active => "active",

@@ -16,7 +16,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, delete, get, post};
 use caskade_common::telemetry::{self, REQUEST_ID_HEADER};
 use http_body_util::BodyExt;
 use metrics::{counter, histogram};
@@ -26,7 +26,7 @@ use crate::cluster::{Cluster, ClusterView};
 use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::idempotency::{self, IdempotencyStore};
-use crate::{admin, kv};
+use crate::{admin, kv, membership};
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -158,6 +158,8 @@ pub fn routes(state: AppState) -> Router {
             )),
         )
         .route("/admin/v1/cluster", get(admin::cluster))
+        .route("/admin/v1/nodes", post(membership::add))
+        .route("/admin/v1/nodes/{id}", delete(membership::remove))
         .route("/admin/v1/nodes/{id}/merge", post(admin::merge))
         .route("/admin/v1/nodes/{id}/backup", post(admin::backup))
         .route("/healthz", get(healthz))

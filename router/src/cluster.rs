@@ -126,6 +126,29 @@ impl Cluster {
         Ok(true)
     }
 
+    /// The handle of node `id` at `addr`: the known one, or a new one for
+    /// a node not in the map yet.
+    pub fn handle_for(
+        &self,
+        id: u32,
+        addr: &str,
+    ) -> Result<Arc<NodeHandle>, tonic::transport::Error> {
+        let known = self
+            .view()
+            .and_then(|view| view.nodes.get(&id).cloned())
+            .filter(|handle| handle.addr == addr);
+        match known {
+            Some(handle) => Ok(handle),
+            None => Ok(Arc::new(NodeHandle::new(
+                id,
+                addr,
+                &self.tls,
+                &self.policy,
+                self.max_value_bytes,
+            )?)),
+        }
+    }
+
     /// Asks the seeds and the known nodes, concurrently, for their map and
     /// adopts the highest epoch found. Returns whether a map was adopted.
     /// Each node gets one timeout; a node that hangs cannot stall it.

@@ -276,6 +276,7 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
         last_seq: stats.last_seq,
         tombstone_horizon: stats.tombstone_horizon,
         ready: core.replication.is_ready(),
+        ring_epoch: core.replication.placement().map_or(0, |p| p.ring_epoch),
         peers: core
             .replication
             .lag()

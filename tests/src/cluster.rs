@@ -31,7 +31,7 @@ use caskade_node::{Node, NodeConfig, NodeError};
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::kv_client::KvClient;
 use caskade_proto::replication_client::ReplicationClient;
-use caskade_proto::{ClusterMap, ClusterNode, NodeState, SetClusterMapRequest};
+use caskade_proto::{ClusterMap, ClusterNode, NodeState, ScanRequest, SetClusterMapRequest};
 use caskade_router::auth::{AuthConfig, Role, SecretKeyFile, TokenRequest, issue_hs256};
 use caskade_router::config::{HttpsFiles, IdempotencyConfig, LimitsConfig, NodePolicy};
 use caskade_router::{Router, RouterConfig, RouterError};
@@ -63,6 +63,8 @@ const NODE_SHUTDOWN_GRACE_SECS: u64 = 2;
 /// The router's HS256 secret. Test clusters live in a temporary directory
 /// for one test; a fixed secret keeps failures reproducible.
 const JWT_SECRET: &[u8] = b"caskade-tests-cluster-secret-0123456789abcdef";
+/// Node certificates made beyond the members, for nodes added later.
+const SPARE_NODES: u32 = 2;
 /// Most keys tried when looking for keys with a given preference list.
 const MAX_KEY_CANDIDATES: u64 = 1_000_000;
 
@@ -206,6 +208,9 @@ pub struct TestCluster {
     slots: Vec<Slot>,
     router_stop: oneshot::Sender<()>,
     router: JoinHandle<Result<(), RouterError>>,
+    /// The first id of this cluster's block, and the spec's configuration hook.
+    block: u32,
+    configure: fn(&mut NodeConfig),
     _dir: TempDir,
 }
 
@@ -219,30 +224,13 @@ impl TestCluster {
         }
         let dir = tempfile::tempdir()?;
         let count = u32::try_from(spec.members.len())?;
-        let certs = ensure_cluster_certs(&dir.path().join("certs"), count, &[])?;
+        let certs = ensure_cluster_certs(&dir.path().join("certs"), count + SPARE_NODES, &[])?;
         let block = NEXT_ID_BLOCK.fetch_add(1, Ordering::Relaxed) * 100;
 
         let mut slots = Vec::with_capacity(spec.members.len());
         for (index, member) in spec.members.iter().enumerate() {
             let id = block + u32::try_from(index)? + 1;
-            let mut config = NodeConfig {
-                id,
-                listen: "127.0.0.1:0".parse()?,
-                data_dir: dir.path().join(format!("node-{id}")),
-                backup_dir: Some(dir.path().join(format!("node-{id}-backups"))),
-                tls: certs.nodes[index].clone(),
-                engine: EngineConfig {
-                    durability: DurabilityMode::Never,
-                    ..EngineConfig::default()
-                },
-                replication: Default::default(),
-                server: ServerConfig {
-                    shutdown_grace_secs: NODE_SHUTDOWN_GRACE_SECS,
-                    ..ServerConfig::default()
-                },
-                metrics: MetricsConfig::default(),
-                log: LogConfig::default(),
-            };
+            let mut config = node_config(dir.path(), &certs, index, id);
             (spec.configure)(&mut config);
             let binary = match member {
                 Member::Process => Some(
@@ -374,6 +362,8 @@ impl TestCluster {
             slots,
             router_stop,
             router,
+            block,
+            configure: spec.configure,
             _dir: dir,
         };
         let nodes = cluster.slots.iter().filter(|s| s.has_map).count();
@@ -461,6 +451,62 @@ impl TestCluster {
         }
         let occupant = std::mem::replace(&mut slot.occupant, Occupant::Nothing);
         stop_occupant(occupant).await
+    }
+
+    /// Starts one more storage node (in this process), not in the cluster
+    /// map: a node to add with `POST /admin/v1/nodes`. Returns its id.
+    pub async fn start_spare_node(&mut self) -> anyhow::Result<u32> {
+        let index = self.slots.len();
+        if index >= self.certs.nodes.len() {
+            bail!("no certificate left for another node");
+        }
+        let id = self.block + u32::try_from(index)? + 1;
+        let mut config = node_config(self._dir.path(), &self.certs, index, id);
+        (self.configure)(&mut config);
+        let node = Node::start(config.clone())
+            .await
+            .with_context(|| format!("starting spare node {id}"))?;
+        let addr = node.grpc_addr();
+        config.listen = addr;
+        self.slots.push(Slot {
+            id,
+            addr,
+            config,
+            has_map: true,
+            binary: None,
+            occupant: serve_node(node),
+        });
+        Ok(id)
+    }
+
+    /// Every live key node `id` holds, read from the node itself: version,
+    /// value and expiry by key.
+    pub async fn scan_node(&self, id: u32) -> anyhow::Result<BTreeMap<Vec<u8>, NodeCopy>> {
+        let mut kv = self.node_kv(id).await?;
+        let mut all = BTreeMap::new();
+        let mut after = Vec::new();
+        loop {
+            let page = kv
+                .scan(ScanRequest {
+                    prefix: Default::default(),
+                    after: after.clone().into(),
+                    limit: 1000,
+                    include_values: true,
+                })
+                .await?
+                .into_inner();
+            for entry in page.entries {
+                let version = entry.version.map_or((0, 0), |v| (v.hlc, v.origin));
+                all.insert(
+                    entry.key.to_vec(),
+                    (version, entry.value.to_vec(), entry.expires_at_ms),
+                );
+            }
+            match page.next {
+                Some(next) => after = next.to_vec(),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// Kills node `id`'s process with SIGKILL (a [`Member::Process`] node).
@@ -777,6 +823,36 @@ async fn stop_occupant(occupant: Occupant) -> anyhow::Result<()> {
         Occupant::Nothing => {}
     }
     Ok(())
+}
+
+/// One node's copy of a key: version `(hlc, origin)`, value, expiry.
+pub type NodeCopy = ((u64, u32), Vec<u8>, u64);
+
+/// The configuration of node `id`, the `index`-th of the cluster in `dir`.
+fn node_config(
+    dir: &std::path::Path,
+    certs: &ClusterCertFiles,
+    index: usize,
+    id: u32,
+) -> NodeConfig {
+    NodeConfig {
+        id,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.join(format!("node-{id}")),
+        backup_dir: Some(dir.join(format!("node-{id}-backups"))),
+        tls: certs.nodes[index].clone(),
+        engine: EngineConfig {
+            durability: DurabilityMode::Never,
+            ..EngineConfig::default()
+        },
+        replication: Default::default(),
+        server: ServerConfig {
+            shutdown_grace_secs: NODE_SHUTDOWN_GRACE_SECS,
+            ..ServerConfig::default()
+        },
+        metrics: MetricsConfig::default(),
+        log: LogConfig::default(),
+    }
 }
 
 /// A channel to the node at `addr` as the operator's client.

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use caskade_proto::{ApplyRequest, GetRequest, ReplicatedRecord, ScanRequest, Version};
+use caskade_proto::{ApplyRequest, GetRequest, ReplicatedRecord, Version};
 use caskade_router::config::NodePolicy;
-use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
+use caskade_tests::cluster::{ClusterSpec, NodeCopy, TestCluster, poll_until};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -34,42 +34,14 @@ fn policy() -> NodePolicy {
     }
 }
 
-/// One replica's copy of a key: version, value, expiry.
-type Copy = ((u64, u32), Vec<u8>, u64);
-
 /// Every live key of node `id`, read from the node itself.
-async fn scan_node(tc: &TestCluster, id: u32) -> BTreeMap<Vec<u8>, Copy> {
-    let mut kv = tc.node_kv(id).await.unwrap();
-    let mut all = BTreeMap::new();
-    let mut after = Vec::new();
-    loop {
-        let page = kv
-            .scan(ScanRequest {
-                prefix: Default::default(),
-                after: after.clone().into(),
-                limit: 1000,
-                include_values: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for entry in page.entries {
-            let version = entry.version.map(|v| (v.hlc, v.origin)).unwrap();
-            all.insert(
-                entry.key.to_vec(),
-                (version, entry.value.to_vec(), entry.expires_at_ms),
-            );
-        }
-        match page.next {
-            Some(next) => after = next.to_vec(),
-            None => return all,
-        }
-    }
+async fn scan_node(tc: &TestCluster, id: u32) -> BTreeMap<Vec<u8>, NodeCopy> {
+    tc.scan_node(id).await.unwrap()
 }
 
 /// Waits until nodes `ids` hold exactly the same keys, versions, values
 /// and expiries; returns that content.
-async fn converged(tc: &TestCluster, ids: &[u32]) -> BTreeMap<Vec<u8>, Copy> {
+async fn converged(tc: &TestCluster, ids: &[u32]) -> BTreeMap<Vec<u8>, NodeCopy> {
     let content = std::cell::RefCell::new(BTreeMap::new());
     poll_until("replicas to converge", CONVERGE_DEADLINE, || async {
         let first = scan_node(tc, ids[0]).await;

@@ -49,11 +49,15 @@ impl Replication {
     /// and starts pulling the ranges it moves here.
     pub fn set_map(&self, map: &ClusterMap) {
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
-        let new = Arc::new(Placement::of(map));
+        let mut new = Placement::of(map);
         let old = self.placement();
         if old.as_ref().is_some_and(|p| p.epoch >= new.epoch) {
             return;
         }
+        if let Some(old) = old.as_ref().filter(|p| p.same_ring(&new)) {
+            new.ring_epoch = old.ring_epoch;
+        }
+        let new = Arc::new(new);
         let member = new.ring.contains(self.id);
         let was_member = old.as_ref().is_some_and(|p| p.ring.contains(self.id));
         let ring_changed = old.as_ref().is_none_or(|p| !p.same_ring(&new));

@@ -55,6 +55,8 @@ pub struct Placement {
     pub addrs: BTreeMap<u32, String>,
     /// What the ring was built from: members, replication factor, vnodes.
     shape: (Vec<u32>, u32, u32),
+    /// The epoch of the map that gave the ring this shape.
+    pub ring_epoch: u64,
 }
 
 impl Placement {
@@ -66,6 +68,7 @@ impl Placement {
             ring: Ring::new(&members, map.vnodes_per_node, map.replication_factor),
             addrs: map.nodes.iter().map(|n| (n.id, n.addr.clone())).collect(),
             shape: (members, map.replication_factor, map.vnodes_per_node),
+            ring_epoch: map.epoch,
         }
     }
 

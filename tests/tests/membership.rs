@@ -1,0 +1,345 @@
+//! Changing the cluster under load: `POST /admin/v1/nodes` adds a fourth
+//! node and `DELETE /admin/v1/nodes/{id}` removes one, while a writer and a
+//! reader keep going through the router. Every acknowledged key stays
+//! readable with its value throughout; afterwards every node holds exactly
+//! the keys of its ranges on the new ring (read from each node itself);
+//! stale-epoch changes are refused with 409.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use caskade_common::Ring;
+use caskade_router::config::NodePolicy;
+use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+/// How long data may take to settle on the new ring.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+
+fn policy() -> NodePolicy {
+    NodePolicy {
+        health_interval_ms: 100,
+        ..NodePolicy::default()
+    }
+}
+
+/// Acknowledged writes: key → value.
+type Acked = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// A writer and a reader through the router until `stop`: the writer puts
+/// new keys at `w=quorum`, the reader reads acknowledged keys back and
+/// counts every answer that is not that key's value.
+struct Load {
+    acked: Acked,
+    bad_reads: Arc<AtomicUsize>,
+    reads: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    fn start(tc: &TestCluster, acked: Acked) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bad_reads = Arc::new(AtomicUsize::new(0));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        {
+            let (client, url, token) = (
+                tc.new_client().unwrap(),
+                tc.url.clone(),
+                tc.writer_token.clone(),
+            );
+            let (acked, stop) = (Arc::clone(&acked), Arc::clone(&stop));
+            tasks.spawn(async move {
+                let mut n = acked.lock().await.len();
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("load-{n}");
+                    let value = format!("value {n}");
+                    let sent = client
+                        .put(format!("{url}/v1/kv/{key}?w=quorum"))
+                        .bearer_auth(&token)
+                        .body(value.clone())
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status().is_success()) {
+                        acked.lock().await.insert(key, value);
+                    }
+                    n += 1;
+                }
+            });
+        }
+        {
+            let (client, url, token) = (
+                tc.new_client().unwrap(),
+                tc.url.clone(),
+                tc.writer_token.clone(),
+            );
+            let (acked, stop) = (Arc::clone(&acked), Arc::clone(&stop));
+            let (bad_reads, reads) = (Arc::clone(&bad_reads), Arc::clone(&reads));
+            tasks.spawn(async move {
+                let mut turn = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let pick = {
+                        let acked = acked.lock().await;
+                        if acked.is_empty() {
+                            None
+                        } else {
+                            acked
+                                .iter()
+                                .nth(turn % acked.len())
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                        }
+                    };
+                    turn = turn.wrapping_add(7);
+                    let Some((key, value)) = pick else {
+                        tokio::task::yield_now().await;
+                        continue;
+                    };
+                    let response = client
+                        .get(format!("{url}/v1/kv/{key}"))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                        .unwrap();
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    let status = response.status();
+                    let body = response.text().await.unwrap_or_default();
+                    if status != StatusCode::OK || body != value {
+                        eprintln!("read of {key} during the change: {status} {body}");
+                        bad_reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        Load {
+            acked,
+            bad_reads,
+            reads,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn writes(&self) -> usize {
+        self.acked.lock().await.len()
+    }
+
+    /// Stops the load; the number of reads that did not return the value.
+    async fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        while let Some(done) = self.tasks.join_next().await {
+            done.unwrap();
+        }
+        assert!(
+            self.reads.load(Ordering::Relaxed) > 0,
+            "the reader read nothing"
+        );
+        self.bad_reads.load(Ordering::Relaxed)
+    }
+}
+
+async fn cluster_page(tc: &TestCluster) -> Value {
+    tc.client()
+        .get(tc.at("/admin/v1/cluster"))
+        .bearer_auth(&tc.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The ring of the router's current map, and the ids of its members.
+async fn current_ring(tc: &TestCluster) -> (Ring, Vec<u32>, u64) {
+    let page = cluster_page(tc).await;
+    let members: Vec<u32> = page["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["state"] != "leaving")
+        .map(|n| n["id"].as_u64().unwrap() as u32)
+        .collect();
+    let ring = Ring::new(
+        &members,
+        page["vnodes_per_node"].as_u64().unwrap() as u32,
+        page["replication_factor"].as_u64().unwrap() as u32,
+    );
+    (ring, members, page["epoch"].as_u64().unwrap())
+}
+
+/// Waits until each member holds exactly the acknowledged keys its ranges
+/// need, each with its value.
+async fn settled(tc: &TestCluster, acked: &Acked) {
+    let (ring, members, epoch) = current_ring(tc).await;
+    let acked = acked.lock().await.clone();
+    poll_until(
+        &format!("every node to hold exactly its ranges at epoch {epoch}"),
+        SETTLE_DEADLINE,
+        || async {
+            for &id in &members {
+                let held: BTreeMap<String, String> = tc
+                    .scan_node(id)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, (_, v, _))| {
+                        (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap())
+                    })
+                    .collect();
+                let wanted: BTreeMap<String, String> = acked
+                    .iter()
+                    .filter(|(k, _)| ring.owns(id, k.as_bytes()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                // Keys written after `acked` was copied may be there too.
+                let extra = held
+                    .keys()
+                    .filter(|k| {
+                        !wanted.contains_key(*k)
+                            && (acked.contains_key(*k) || !ring.owns(id, k.as_bytes()))
+                    })
+                    .count();
+                let missing = wanted
+                    .iter()
+                    .filter(|(k, v)| held.get(*k) != Some(v))
+                    .count();
+                if extra > 0 || missing > 0 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
+    let mut tc = TestCluster::start(ClusterSpec::nodes(3, 3, policy()))
+        .await
+        .unwrap();
+    let ids = tc.node_ids();
+    let acked: Acked = Arc::default();
+    let load = Load::start(&tc, Arc::clone(&acked));
+    poll_until("writes before the change", SETTLE_DEADLINE, || async {
+        load.writes().await >= 200
+    })
+    .await;
+
+    // Add a fourth node.
+    let new = tc.start_spare_node().await.unwrap();
+    let (_, _, epoch) = current_ring(&tc).await;
+    let stale = tc
+        .client()
+        .post(tc.at("/admin/v1/nodes"))
+        .bearer_auth(&tc.admin_token)
+        .json(&json!({"id": new, "addr": tc.addr(new).to_string(), "epoch": epoch - 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        stale.status(),
+        StatusCode::CONFLICT,
+        "a change based on an old epoch"
+    );
+    let added = tc
+        .client()
+        .post(tc.at("/admin/v1/nodes"))
+        .bearer_auth(&tc.admin_token)
+        .json(&json!({"id": new, "addr": tc.addr(new).to_string(), "epoch": epoch}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), StatusCode::OK);
+    let map: Value = added.json().await.unwrap();
+    assert_eq!(map["epoch"], epoch + 1);
+    assert_eq!(map["nodes"].as_array().unwrap().len(), 4);
+    let again = tc
+        .client()
+        .post(tc.at("/admin/v1/nodes"))
+        .bearer_auth(&tc.admin_token)
+        .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status(),
+        StatusCode::CONFLICT,
+        "the node is already in"
+    );
+
+    poll_until("the new node to be ready", SETTLE_DEADLINE, || async {
+        let page = cluster_page(&tc).await;
+        page["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["ready"] == true)
+    })
+    .await;
+    let at = load.writes().await;
+    poll_until("writes after the join", SETTLE_DEADLINE, || async {
+        load.writes().await >= at + 100
+    })
+    .await;
+    let bad = load.finish().await;
+    assert_eq!(bad, 0, "reads that failed while the node joined");
+    settled(&tc, &acked).await;
+
+    // Remove one of the first three.
+    let load = Load::start(&tc, Arc::clone(&acked));
+    let at = load.writes().await;
+    poll_until("writes before the removal", SETTLE_DEADLINE, || async {
+        load.writes().await >= at + 100
+    })
+    .await;
+    let leaving = ids[0];
+    let removed = tc
+        .client()
+        .delete(tc.at(&format!("/admin/v1/nodes/{leaving}")))
+        .bearer_auth(&tc.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        removed.status(),
+        StatusCode::OK,
+        "drained within the deadline"
+    );
+    let map: Value = removed.json().await.unwrap();
+    let ids_left: Vec<u64> = map["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    assert!(!ids_left.contains(&u64::from(leaving)), "{map}");
+    let at = load.writes().await;
+    poll_until("writes after the removal", SETTLE_DEADLINE, || async {
+        load.writes().await >= at + 100
+    })
+    .await;
+    let bad = load.finish().await;
+    assert_eq!(bad, 0, "reads that failed while the node left");
+    settled(&tc, &acked).await;
+
+    let too_few = tc
+        .client()
+        .delete(tc.at(&format!("/admin/v1/nodes/{}", ids[1])))
+        .bearer_auth(&tc.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        too_few.status(),
+        StatusCode::CONFLICT,
+        "three nodes are needed for RF 3"
+    );
+    tc.shutdown().await.unwrap();
+}

@@ -55,6 +55,8 @@ pub struct LocalOptions {
     pub engine: EngineConfig,
     /// Per-node policy of the router.
     pub node_policy: NodePolicy,
+    /// Replicas per key (default: 3, or fewer with fewer nodes).
+    pub replication_factor: Option<u32>,
 }
 
 /// A running local cluster.
@@ -115,7 +117,11 @@ impl LocalCluster {
             node_addrs.push(node.grpc_addr());
             nodes.push(tokio::spawn(node.serve(until_stopped())));
         }
-        let channels = write_cluster_map(&certs, &node_addrs).await?;
+        let replication_factor = options
+            .replication_factor
+            .unwrap_or(3)
+            .clamp(1, options.nodes.max(1));
+        let channels = write_cluster_map(&certs, &node_addrs, replication_factor).await?;
         wait_until_serving(&channels).await?;
 
         let config = RouterConfig {
@@ -214,6 +220,7 @@ async fn wait_until_serving(channels: &[Channel]) -> anyhow::Result<()> {
 async fn write_cluster_map(
     certs: &ClusterCertFiles,
     addrs: &[SocketAddr],
+    replication_factor: u32,
 ) -> anyhow::Result<Vec<Channel>> {
     let tls = TlsMaterial::load(&certs.client)?;
     let mut clients = Vec::with_capacity(addrs.len());
@@ -236,10 +243,9 @@ async fn write_cluster_map(
             .map;
         epoch = epoch.max(stored.map_or(0, |m| m.epoch));
     }
-    let count = u32::try_from(addrs.len())?;
     let map = ClusterMap {
         epoch: epoch + 1,
-        replication_factor: count.min(3),
+        replication_factor,
         vnodes_per_node: VNODES_PER_NODE,
         nodes: addrs
             .iter()

@@ -83,6 +83,7 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
             nodes: args.nodes,
             engine: EngineConfig::default(),
             node_policy: NodePolicy::default(),
+            replication_factor: None,
         })
         .await?;
         let ca = cluster.certs.ca.display();

@@ -28,6 +28,7 @@ pub async fn start_local(
             ..EngineConfig::default()
         },
         node_policy,
+        replication_factor: None,
     })
     .await?;
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&cluster.certs.ca)?)?;

@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
             ..EngineConfig::default()
         },
         node_policy: NodePolicy::default(),
+        replication_factor: None,
     })
     .await?;
     // Two disjoint key sets, so that no phase overwrites the other's keys.

@@ -84,6 +84,7 @@ impl RestCluster {
                 ..EngineConfig::default()
             },
             node_policy: NodePolicy::default(),
+            replication_factor: None,
         })
         .await
         .expect("the local cluster starts");

@@ -105,6 +105,12 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
             token_file.display(),
             cluster.url
         );
+        println!("The cluster map, each node's readiness and its replication lag:");
+        println!(
+            "  curl --cacert {ca} -H \"Authorization: Bearer $(cat {})\" {}/admin/v1/cluster",
+            token_file.display(),
+            cluster.url
+        );
         println!();
         println!("Ctrl-C stops it; data stays in {}.", args.data_dir.display());
         telemetry::shutdown_signal().await;

@@ -170,6 +170,27 @@ impl Breaker {
         }
     }
 
+    /// The node came back: its health check passes after it failed (it
+    /// restarted, or finished catching up). That is the evidence the open
+    /// wait exists to collect, so the breaker closes now; otherwise the
+    /// keys of a returned node would stay with fewer replicas for the rest
+    /// of the wait, and one more failure meanwhile would leave them none.
+    pub fn node_returned(&self) {
+        let mut inner = self.lock();
+        let closes = match inner.state {
+            State::Open { .. } => true,
+            State::HalfOpen { probing } => !probing,
+            State::Closed => false,
+        };
+        if closes {
+            inner.state = State::Closed;
+            inner.window.clear();
+            inner.failures = 0;
+            drop(inner);
+            (self.on_change)(BreakerPhase::Closed);
+        }
+    }
+
     /// A probe ended without an outcome: let another call probe.
     fn release_probe(&self) {
         let mut inner = self.lock();
@@ -421,6 +442,19 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         breaker.health_check_passed();
         assert_eq!(breaker.phase(), BreakerPhase::Closed);
+    }
+
+    #[test]
+    fn a_node_that_comes_back_closes_the_breaker_at_once() {
+        let breaker = Breaker::new(config(), |_| {});
+        for _ in 0..4 {
+            let pass = breaker.admit().unwrap();
+            breaker.record(pass, true);
+        }
+        assert_eq!(breaker.phase(), BreakerPhase::Open);
+        breaker.node_returned();
+        assert_eq!(breaker.phase(), BreakerPhase::Closed);
+        assert!(breaker.admit().is_ok());
     }
 
     #[tokio::test(start_paused = true)]

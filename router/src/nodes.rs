@@ -249,10 +249,12 @@ impl NodeHandle {
             _ => (false, false),
         };
         self.declined.store(declined, Ordering::Relaxed);
-        if serving {
-            self.breaker.health_check_passed();
-        }
         let was = self.ready.swap(serving, Ordering::Relaxed);
+        match (was, serving) {
+            (false, true) => self.breaker.node_returned(),
+            (true, true) => self.breaker.health_check_passed(),
+            _ => {}
+        }
         if was != serving {
             tracing::info!(node = self.id, addr = %self.addr, ready = serving, "node readiness changed");
         }

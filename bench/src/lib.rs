@@ -1,8 +1,10 @@
 //! caskade-bench's shared parts: the seeded workload (keys, values, read
 //! order), the timed loops and the network load driver, used by the benchmark
 //! binaries: the engine (`caskade-bench`), one node (`caskade-bench-node`)
-//! and the router (`caskade-bench-router`).
+//! the router (`caskade-bench-router`) and replication
+//! (`caskade-bench-replication`).
 
 pub mod drive;
+pub mod http;
 pub mod measure;
 pub mod workload;

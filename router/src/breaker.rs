@@ -155,18 +155,14 @@ impl Breaker {
     /// (its keys are served by other replicas meanwhile) still closes its
     /// breaker when it returns. Before the wait is over it changes nothing.
     pub fn health_check_passed(&self) {
-        let mut inner = self.lock();
+        let inner = self.lock();
         let closes = match inner.state {
             State::Open { until } => Instant::now() >= until,
             State::HalfOpen { probing } => !probing,
             State::Closed => false,
         };
         if closes {
-            inner.state = State::Closed;
-            inner.window.clear();
-            inner.failures = 0;
-            drop(inner);
-            (self.on_change)(BreakerPhase::Closed);
+            self.close(inner);
         }
     }
 
@@ -176,19 +172,24 @@ impl Breaker {
     /// keys of a returned node would stay with fewer replicas for the rest
     /// of the wait, and one more failure meanwhile would leave them none.
     pub fn node_returned(&self) {
-        let mut inner = self.lock();
+        let inner = self.lock();
         let closes = match inner.state {
             State::Open { .. } => true,
             State::HalfOpen { probing } => !probing,
             State::Closed => false,
         };
         if closes {
-            inner.state = State::Closed;
-            inner.window.clear();
-            inner.failures = 0;
-            drop(inner);
-            (self.on_change)(BreakerPhase::Closed);
+            self.close(inner);
         }
+    }
+
+    /// Closes the breaker with a fresh window, then reports it.
+    fn close(&self, mut inner: std::sync::MutexGuard<'_, Inner>) {
+        inner.state = State::Closed;
+        inner.window.clear();
+        inner.failures = 0;
+        drop(inner);
+        (self.on_change)(BreakerPhase::Closed);
     }
 
     /// A probe ended without an outcome: let another call probe.

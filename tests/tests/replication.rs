@@ -87,6 +87,45 @@ fn etag_version(response: &reqwest::Response) -> String {
         .to_string()
 }
 
+/// A version just after the one `response`'s ETag names, from an origin
+/// that is no node of the cluster.
+fn just_after(response: &reqwest::Response) -> Version {
+    let etag = etag_version(response);
+    let (hlc, _) = etag.split_once('-').unwrap();
+    Version {
+        hlc: hlc.parse::<u64>().unwrap() + 1,
+        origin: 99,
+    }
+}
+
+/// Gives node `id` alone a record of `key` (`None`: a tombstone) with
+/// `version`, as a repair would; how many records it applied.
+async fn apply_on(
+    tc: &TestCluster,
+    id: u32,
+    key: &str,
+    value: Option<&str>,
+    version: Version,
+) -> u32 {
+    let record = ReplicatedRecord {
+        key: key.as_bytes().to_vec().into(),
+        value: value.unwrap_or_default().as_bytes().to_vec().into(),
+        tombstone: value.is_none(),
+        version: Some(version),
+        expires_at_ms: 0,
+    };
+    tc.node_replication(id)
+        .await
+        .unwrap()
+        .apply(ApplyRequest {
+            records: vec![record],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .applied
+}
+
 async fn get_level(tc: &TestCluster, key: &str, r: &str) -> reqwest::Response {
     tc.client()
         .get(format!("{}?r={r}", tc.kv_url(key)))
@@ -203,29 +242,9 @@ async fn quorum_reads_return_the_newest_copy_and_repair_stale_replicas() {
 
     // A newer version on A only. Its origin is no node of the cluster, so
     // live replication (which forwards a node's own writes) leaves it there.
-    let (hlc, _) = etag_version(&response)
-        .split_once('-')
-        .map(|(h, o)| (h.parse::<u64>().unwrap(), o.to_string()))
-        .unwrap();
-    let newer = Version {
-        hlc: hlc + 1,
-        origin: 99,
-    };
-    let mut replication = tc.node_replication(a).await.unwrap();
-    let applied = replication
-        .apply(ApplyRequest {
-            records: vec![ReplicatedRecord {
-                key: b"repaired".to_vec().into(),
-                value: b"new".to_vec().into(),
-                tombstone: false,
-                version: Some(newer),
-                expires_at_ms: 0,
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(applied.applied, 1);
+    let newer = just_after(&response);
+    let applied = apply_on(&tc, a, "repaired", Some("new"), newer).await;
+    assert_eq!(applied, 1);
     assert_eq!(node_value(&tc, b, "repaired").await.unwrap().0, "old");
 
     let response = get_level(&tc, "repaired", "quorum").await;
@@ -246,27 +265,7 @@ async fn quorum_reads_return_the_newest_copy_and_repair_stale_replicas() {
     // it was given, so the delete's version is taken from the value's.)
     let response = tc.put_level("gone", "x", "quorum").await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    let (hlc, _) = etag_version(&response)
-        .split_once('-')
-        .map(|(h, o)| (h.parse::<u64>().unwrap(), o.to_string()))
-        .unwrap();
-    let newer = Version {
-        hlc: hlc + 1,
-        origin: 99,
-    };
-    let mut replication = tc.node_replication(a).await.unwrap();
-    replication
-        .apply(ApplyRequest {
-            records: vec![ReplicatedRecord {
-                key: b"gone".to_vec().into(),
-                value: Default::default(),
-                tombstone: true,
-                version: Some(newer),
-                expires_at_ms: 0,
-            }],
-        })
-        .await
-        .unwrap();
+    apply_on(&tc, a, "gone", None, just_after(&response)).await;
     let response = get_level(&tc, "gone", "quorum").await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     poll_until("B to learn of the delete", NOTICE_DEADLINE, || async {

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use caskade_bench::drive::{Phase, drive};
+use caskade_bench::drive::Phase;
+use caskade_bench::http::router_phase;
 use caskade_bench::workload::{VALUE_LEN, Workload};
 use caskade_cli::local::{LocalCluster, LocalOptions};
 use caskade_common::certs::{ClusterCertFiles, ensure_cluster_certs};
@@ -141,7 +142,7 @@ async fn levels(
     for (i, (w, _)) in levels.iter().enumerate() {
         eprintln!("RF {rf}: puts at w={w}…");
         let keys = Arc::new(Workload::new(args.keys, args.seed ^ (i as u64 + 1)));
-        let phase = http_phase(&base, args.streams, &keys, &format!("w={w}")).await?;
+        let phase = router_phase(&base, args.streams, &keys, false, &format!("w={w}")).await?;
         rows.push((rf, "puts", format!("w={w}"), phase));
         written.push(keys);
     }
@@ -153,68 +154,11 @@ async fn levels(
     }
     for r in reads {
         eprintln!("RF {rf}: gets at r={r}…");
-        let phase = http_phase(&base, args.streams, &written[0], &format!("r={r}")).await?;
+        let phase = router_phase(&base, args.streams, &written[0], true, &format!("r={r}")).await?;
         rows.push((rf, "gets", format!("r={r}"), phase));
     }
     cluster.stop().await?;
     Ok(rows)
-}
-
-/// Puts every key of `workload` (query `level` is `w=…`) or reads them
-/// back in random order (`r=…`) through the router.
-async fn http_phase(
-    base: &Arc<(reqwest::Client, String, String)>,
-    streams: usize,
-    workload: &Arc<Workload>,
-    level: &str,
-) -> anyhow::Result<Phase> {
-    let gets = level.starts_with("r=");
-    let (base, workload) = (Arc::clone(base), Arc::clone(workload));
-    let order = Arc::new(workload.read_order());
-    let level = Arc::new(level.to_string());
-    drive(streams, workload.len(), move |n| {
-        let (base, workload, order, level) = (
-            Arc::clone(&base),
-            Arc::clone(&workload),
-            Arc::clone(&order),
-            Arc::clone(&level),
-        );
-        async move {
-            let (client, url, auth) = &*base;
-            let i = if gets { order[n] as usize } else { n };
-            let key: String = workload
-                .key(i)
-                .iter()
-                .map(|b| format!("%{b:02X}"))
-                .collect();
-            let url = format!("{url}/v1/kv/{key}?{level}");
-            if gets {
-                let response = client.get(url).header("authorization", auth).send().await?;
-                ensure!(
-                    response.status().is_success(),
-                    "get #{i}: {}",
-                    response.status()
-                );
-                workload.check(i, Some(&response.bytes().await?))?;
-            } else {
-                let mut value = [0u8; VALUE_LEN];
-                workload.value_into(i, &mut value);
-                let response = client
-                    .put(url)
-                    .header("authorization", auth)
-                    .body(value.to_vec())
-                    .send()
-                    .await?;
-                ensure!(
-                    response.status().is_success(),
-                    "put #{i}: {}",
-                    response.status()
-                );
-            }
-            Ok(())
-        }
-    })
-    .await
 }
 
 /// What the catch-up part measured.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail, ensure};
 use caskade_bench::drive::{Phase, drive};
+use caskade_bench::http::router_phase;
 use caskade_bench::workload::{VALUE_LEN, Workload};
 use caskade_cli::local::{LocalCluster, LocalOptions};
 use caskade_common::tls::{TlsMaterial, install_crypto_provider};
@@ -90,8 +91,8 @@ async fn main() -> anyhow::Result<()> {
         cluster.url.clone(),
         format!("Bearer {}", cluster.admin_token),
     ));
-    let router_puts = http_phase(&base, args.streams, &router_keys, false).await?;
-    let router_gets = http_phase(&base, args.streams, &router_keys, true).await?;
+    let router_puts = router_phase(&base, args.streams, &router_keys, false, "").await?;
+    let router_gets = router_phase(&base, args.streams, &router_keys, true, "").await?;
     cluster.stop().await?;
 
     println!(
@@ -152,55 +153,6 @@ async fn grpc_phase(
                     ..PutRequest::default()
                 };
                 kv.put(request).await?;
-            }
-            Ok(())
-        }
-    })
-    .await
-}
-
-async fn http_phase(
-    base: &Arc<(reqwest::Client, String, String)>,
-    streams: usize,
-    workload: &Arc<Workload>,
-    gets: bool,
-) -> anyhow::Result<Phase> {
-    let (base, workload) = (Arc::clone(base), Arc::clone(workload));
-    let order = Arc::new(workload.read_order());
-    drive(streams, workload.len(), move |n| {
-        let (base, workload, order) =
-            (Arc::clone(&base), Arc::clone(&workload), Arc::clone(&order));
-        async move {
-            let (client, url, auth) = &*base;
-            let i = if gets { order[n] as usize } else { n };
-            let key: String = workload
-                .key(i)
-                .iter()
-                .map(|b| format!("%{b:02X}"))
-                .collect();
-            let url = format!("{url}/v1/kv/{key}");
-            if gets {
-                let response = client.get(url).header("authorization", auth).send().await?;
-                ensure!(
-                    response.status().is_success(),
-                    "get #{i}: {}",
-                    response.status()
-                );
-                workload.check(i, Some(&response.bytes().await?))?;
-            } else {
-                let mut value = [0u8; VALUE_LEN];
-                workload.value_into(i, &mut value);
-                let response = client
-                    .put(url)
-                    .header("authorization", auth)
-                    .body(value.to_vec())
-                    .send()
-                    .await?;
-                ensure!(
-                    response.status().is_success(),
-                    "put #{i}: {}",
-                    response.status()
-                );
             }
             Ok(())
         }

@@ -121,7 +121,7 @@ impl Hlc {
         // When the wall clock has not moved past `last` the counter advances;
         // a counter overflow carries into the millisecond part, which is the
         // standard HLC answer to more than 65,536 writes in one millisecond.
-        *last = physical.max(*last + 1);
+        *last = physical.max(last.saturating_add(1));
         Version::new(*last, self.origin)
     }
 

@@ -222,7 +222,7 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
             content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
             body: body.clone(),
         };
-        let keep = !never_applied(parts.status);
+        let keep = !never_applied(parts.status, &body);
         task_state
             .idempotency
             .finish(&task_scope, fingerprint, keep.then_some(answer));
@@ -237,15 +237,22 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
     }
 }
 
-/// Statuses that prove the write was not applied: forgotten, so a retry runs.
-fn never_applied(status: StatusCode) -> bool {
-    matches!(
-        status,
-        StatusCode::TOO_MANY_REQUESTS
-            | StatusCode::SERVICE_UNAVAILABLE
-            | StatusCode::INSUFFICIENT_STORAGE
-    )
+/// Answers that prove the write was not applied: forgotten, so a retry runs.
+fn never_applied(status: StatusCode, body: &[u8]) -> bool {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::INSUFFICIENT_STORAGE => true,
+        // A 503 `write_level_not_met` was applied (on too few replicas):
+        // retrying it would write again. Every other 503 was not.
+        StatusCode::SERVICE_UNAVAILABLE => !body
+            .windows(WRITE_LEVEL_NOT_MET.len())
+            .any(|w| w == WRITE_LEVEL_NOT_MET),
+        _ => false,
+    }
 }
+
+/// The `error.code` of a write applied below its write level, as it
+/// appears in the JSON body.
+const WRITE_LEVEL_NOT_MET: &[u8] = b"\"write_level_not_met\"";
 
 fn replay(answer: Answer) -> Response {
     let mut response = Response::new(Body::from(answer.body));

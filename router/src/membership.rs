@@ -135,6 +135,9 @@ pub async fn remove(
         )));
     }
     let mut map = map.clone();
+    // The epoch whose ring the others must have pulled from the node under;
+    // for a node already leaving, each node's own ring epoch.
+    let mut since = 0;
     if node.state() != NodeState::Leaving {
         let mut leaving = map.clone();
         leaving.epoch += 1;
@@ -145,9 +148,10 @@ pub async fn remove(
         }
         publish(&state, &request_id, &map, &leaving).await?;
         tracing::info!(node = id, epoch = leaving.epoch, "node leaving; draining");
+        since = leaving.epoch;
         map = leaving;
     }
-    if !drained(&state, &map, id).await {
+    if !drained(&state, &map, id, since).await {
         let body = json!({
             "state": "leaving",
             "message": "the remaining nodes are still pulling from this node; send the same DELETE again to finish",
@@ -255,10 +259,10 @@ async fn publish(
 /// Waits (up to [`DRAIN_DEADLINE`]) until every node on the ring of `map`
 /// reports it pulled everything of its ranges from `leaving` since its ring
 /// took its current shape.
-async fn drained(state: &AppState, map: &ClusterMap, leaving: u32) -> bool {
+async fn drained(state: &AppState, map: &ClusterMap, leaving: u32, since: u64) -> bool {
     let started = Instant::now();
     loop {
-        if all_pulled_from(state, map, leaving).await {
+        if all_pulled_from(state, map, leaving, since).await {
             return true;
         }
         if started.elapsed() > DRAIN_DEADLINE {
@@ -268,7 +272,7 @@ async fn drained(state: &AppState, map: &ClusterMap, leaving: u32) -> bool {
     }
 }
 
-async fn all_pulled_from(state: &AppState, map: &ClusterMap, leaving: u32) -> bool {
+async fn all_pulled_from(state: &AppState, map: &ClusterMap, leaving: u32, since: u64) -> bool {
     for id in map.ring_members() {
         let Some(node) = map.nodes.iter().find(|n| n.id == id) else {
             return false;
@@ -282,9 +286,11 @@ async fn all_pulled_from(state: &AppState, map: &ClusterMap, leaving: u32) -> bo
             return false;
         };
         let stats = stats.into_inner();
-        let pulled = stats.peers.iter().any(|p| {
-            p.peer_id == leaving && p.refilled_epoch >= stats.ring_epoch && stats.ring_epoch > 0
-        });
+        let needed = since.max(stats.ring_epoch).max(1);
+        let pulled = stats
+            .peers
+            .iter()
+            .any(|p| p.peer_id == leaving && p.refilled_epoch >= needed);
         if !pulled {
             return false;
         }

@@ -154,6 +154,20 @@ impl NodeCore {
     /// Stores `map` if its epoch is newer than the stored one, and puts it
     /// into effect (ABORTED otherwise).
     pub async fn adopt_map(self: &Arc<Self>, map: ClusterMap) -> Result<(), Status> {
+        if let Some(peers) = self.replication.peers_to_pull_again(&map) {
+            // The cursor reset is durable before the map is: a crash in
+            // between restarts with the old map and pulls too much, never
+            // with the new map and cursors that skip its new ranges.
+            let core = Arc::clone(self);
+            run_blocking(move || {
+                core.replication.cursors.reset(peers);
+                core.replication
+                    .cursors
+                    .persist(&core.engine)
+                    .map_err(|e| engine_status(&e))
+            })
+            .await?;
+        }
         let stored = map.clone();
         let store = Arc::clone(&self.maps);
         run_blocking(move || store.set(map)).await?;

@@ -343,3 +343,93 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
     );
     tc.shutdown().await.unwrap();
 }
+
+/// A ring change sends every cursor back to 0. When the peers have merged
+/// deletes away (retention 0 here), those pulls become snapshot copies, and
+/// a snapshot from a node that is itself still receiving ranges must not be
+/// read as "every key it lacks was deleted". Four nodes, RF 3: removing one
+/// moves its ranges to a node that does not hold them yet, which the others
+/// copy snapshots from; after the removal every surviving key is still on
+/// its replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
+    let spec = ClusterSpec {
+        configure: |config| {
+            config.engine.merge.tombstone_retention_secs = 0;
+            config.engine.merge.auto = false;
+            config.engine.max_file_size = 16 << 10;
+            config.replication.feed_bytes = 0;
+        },
+        ..ClusterSpec::nodes(4, 3, policy())
+    };
+    let tc = TestCluster::start(spec).await.unwrap();
+    let survivors: Acked = Arc::default();
+    // Values large enough that the small files rotate and merge has work.
+    let value = "v".repeat(200);
+    for n in 0..300 {
+        let key = format!("kept-{n}");
+        let response = tc.put_level(&key, &value, "all").await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        if n % 3 == 0 {
+            let response = tc
+                .client()
+                .delete(format!("{}?w=all", tc.kv_url(&key)))
+                .bearer_auth(&tc.writer_token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        } else {
+            survivors.lock().await.insert(key, value.clone());
+        }
+    }
+    for id in tc.node_ids() {
+        let merged = tc
+            .client()
+            .post(tc.at(&format!("/admin/v1/nodes/{id}/merge")))
+            .bearer_auth(&tc.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(merged.status(), StatusCode::OK);
+        let report: Value = merged.json().await.unwrap();
+        assert!(report["records_dropped"].as_u64().unwrap() > 0, "{report}");
+    }
+    let leaving = tc.node_ids()[3];
+    let removed = tc
+        .client()
+        .delete(tc.at(&format!("/admin/v1/nodes/{leaving}")))
+        .bearer_auth(&tc.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), StatusCode::OK);
+    poll_until("every node to be ready", SETTLE_DEADLINE, || async {
+        let page = cluster_page(&tc).await;
+        page["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["ready"] == true)
+    })
+    .await;
+    settled(&tc, &survivors).await;
+    let page = cluster_page(&tc).await;
+    let full: u64 = page["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| {
+            n["stats"]["replication"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|p| p["full_catch_ups"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        full > 0,
+        "the merged deletes made the re-pulls snapshot copies: {page}"
+    );
+    tc.shutdown().await.unwrap();
+}

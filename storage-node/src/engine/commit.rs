@@ -99,6 +99,7 @@ struct Leading<'a> {
 
 impl Drop for Leading<'_> {
     fn drop(&mut self) {
+        let panicked = self.outcomes.is_none();
         let outcomes = self.outcomes.take().unwrap_or_else(|| {
             // Records may be on disk but neither fsynced nor published:
             // nothing more may be written until a reopen sorts it out.
@@ -108,11 +109,24 @@ impl Drop for Leading<'_> {
                 .map(|_| Err(self.inner.poisoned_error()))
                 .collect()
         });
-        let next_leader = {
+        let (next_leader, refused) = {
             let mut queue = lock(&self.inner.commit.queue);
             queue.drain(..self.batch.len());
-            queue.front().cloned()
+            if panicked {
+                // The engine is poisoned: everyone still queued fails now.
+                // Handing the lead on could give it to a later write of the
+                // panicking thread itself (`write_committed_all`), which is
+                // unwinding and would never lead, parking the rest for good.
+                (None, queue.drain(..).collect::<Vec<_>>())
+            } else {
+                (queue.front().cloned(), Vec::new())
+            }
         };
+        for pending in refused {
+            *lock(&pending.outcome) = Some(Err(self.inner.poisoned_error()));
+            pending.state.store(DONE, Ordering::Release);
+            pending.thread.unpark();
+        }
         for (index, (pending, outcome)) in self.batch.iter().zip(outcomes).enumerate() {
             *lock(&pending.outcome) = Some(outcome);
             pending.state.store(DONE, Ordering::Release);

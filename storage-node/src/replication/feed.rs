@@ -135,14 +135,15 @@ impl Feed {
         self.last_seq.subscribe()
     }
 
-    /// Up to `max` records after `after` for which `wanted` holds, looking
-    /// at no more than `max_examined` records; `None` if records after
-    /// `after` are no longer held in memory.
+    /// Up to `max` records (and about `max_bytes`) after `after` for which
+    /// `wanted` holds, looking at no more than `max_examined` records;
+    /// `None` if records after `after` are no longer held in memory.
     pub fn read(
         &self,
         after: u64,
         max: usize,
         max_examined: usize,
+        max_bytes: usize,
         wanted: impl Fn(&FeedRecord) -> bool,
     ) -> Option<Tail> {
         let candidates: Vec<Arc<FeedRecord>> = {
@@ -160,12 +161,14 @@ impl Feed {
         };
         let mut through = after;
         let mut records = Vec::new();
+        let mut bytes = 0;
         for record in candidates {
-            if records.len() == max {
+            if records.len() == max || bytes >= max_bytes {
                 break;
             }
             through = record.seq;
             if wanted(&record) {
+                bytes += record.size();
                 records.push(record);
             }
         }
@@ -199,25 +202,29 @@ mod tests {
             push(&feed, seq, &format!("k{seq}"), (seq % 2) as u32);
         }
         assert_eq!(feed.last_seq(), 20);
-        let all = feed.read(10, 100, 100, |_| true).unwrap();
+        let all = feed.read(10, 100, 100, usize::MAX, |_| true).unwrap();
         assert_eq!(all.records.len(), 10);
         assert_eq!(all.through, 20);
 
-        let even = feed.read(12, 3, 100, |r| r.version.origin == 0).unwrap();
+        let even = feed
+            .read(12, 3, 100, usize::MAX, |r| r.version.origin == 0)
+            .unwrap();
         let seqs: Vec<u64> = even.records.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, vec![14, 16, 18]);
         assert_eq!(even.through, 18, "stops at the last record returned");
 
-        let bounded = feed.read(10, 100, 4, |r| r.version.origin == 7).unwrap();
+        let bounded = feed
+            .read(10, 100, 4, usize::MAX, |r| r.version.origin == 7)
+            .unwrap();
         assert!(bounded.records.is_empty());
         assert_eq!(bounded.through, 14, "covers what it examined");
 
-        let nothing_new = feed.read(20, 100, 100, |_| true).unwrap();
+        let nothing_new = feed.read(20, 100, 100, usize::MAX, |_| true).unwrap();
         assert!(nothing_new.records.is_empty());
         assert_eq!(nothing_new.through, 20);
 
         assert!(
-            feed.read(9, 100, 100, |_| true).is_none(),
+            feed.read(9, 100, 100, usize::MAX, |_| true).is_none(),
             "before the start"
         );
     }
@@ -229,8 +236,8 @@ mod tests {
         for seq in 1..=100 {
             push(&feed, seq, "key", 1);
         }
-        assert!(feed.read(0, 100, 100, |_| true).is_none());
-        let recent = feed.read(95, 100, 100, |_| true).unwrap();
+        assert!(feed.read(0, 100, 100, usize::MAX, |_| true).is_none());
+        let recent = feed.read(95, 100, 100, usize::MAX, |_| true).unwrap();
         assert_eq!(recent.records.len(), 5);
         assert_eq!(recent.through, 100);
     }

@@ -63,20 +63,28 @@ impl Replication {
         let ring_changed = old.as_ref().is_none_or(|p| !p.same_ring(&new));
         if ring_changed {
             let peers: HashSet<u32> = new.peers_of(self.id).into_iter().collect();
-            let handoff = (member && !peers.is_empty()).then(|| {
+            let mut current = self.handoff.write().unwrap_or_else(PoisonError::into_inner);
+            // Ranges gained by an earlier change and not yet received are
+            // not held: they stay refused until this change's pulls are done.
+            let before = match current.take() {
+                Some(unfinished) => unfinished.before,
+                None => old.clone().filter(|_| was_member),
+            };
+            *current = (member && !peers.is_empty()).then(|| {
                 // Before the new placement is published, so that no pull
-                // under it starts from an old cursor.
+                // under it starts from an old cursor; a pull already under
+                // way cannot move a cursor past the reset.
+                self.cursors.reset(peers.iter().copied());
                 for &peer in &peers {
-                    self.cursors.set(peer, 0);
                     self.note_lag(peer, |lag| lag.refill_epoch = new.epoch);
                 }
                 Handoff {
                     epoch: new.epoch,
-                    before: old.clone().filter(|_| was_member),
+                    before,
                     pending: peers,
                 }
             });
-            *self.handoff.write().unwrap_or_else(PoisonError::into_inner) = handoff;
+            drop(current);
             if was_member {
                 *self
                     .drop_pending
@@ -92,6 +100,17 @@ impl Replication {
         self.placement.send_replace(Some(new));
         self.acks.peers_changed();
         self.update_ready();
+    }
+
+    /// The peers whose logs this node must pull again from the start if it
+    /// adopts `map`: all of them when `map` is newer and changes the ring
+    /// with this node on it; `None` otherwise.
+    pub fn peers_to_pull_again(&self, map: &ClusterMap) -> Option<Vec<u32>> {
+        let new = Placement::of(map);
+        let old = self.placement();
+        let newer = old.as_ref().is_none_or(|p| p.epoch < new.epoch);
+        let ring_changed = old.as_ref().is_none_or(|p| !p.same_ring(&new));
+        (newer && ring_changed && new.ring.contains(self.id)).then(|| new.peers_of(self.id))
     }
 
     /// Whether the node is joining: it held no range before the change it
@@ -177,6 +196,14 @@ impl Replication {
         }
     }
 
+    /// Whether ranges gained with a map change are still being pulled.
+    pub fn handoff_pending(&self) -> bool {
+        self.handoff
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
     /// Whether start-up catch-up is over.
     pub fn started_up(&self) -> bool {
         self.started_up.load(Ordering::Acquire)
@@ -203,7 +230,9 @@ pub async fn drop_lost_ranges(
         let Some(placement) = core.replication.placement() else {
             continue;
         };
-        if placement.epoch != epoch || !placement.ring.contains(core.id) {
+        // A later map that kept the ring (a leaving node removed) does not
+        // change what was lost.
+        if placement.ring_epoch != epoch || !placement.ring.contains(core.id) {
             continue;
         }
         if !every_peer_refilled(&core, &tls, &placement).await {
@@ -256,7 +285,7 @@ async fn every_peer_refilled(core: &NodeCore, tls: &TlsMaterial, placement: &Pla
             .into_inner()
             .peers
             .iter()
-            .any(|p| p.peer_id == core.id && p.refilled_epoch >= placement.epoch);
+            .any(|p| p.peer_id == core.id && p.refilled_epoch >= placement.ring_epoch);
         if !refilled {
             return false;
         }

@@ -167,6 +167,10 @@ pub struct Replication {
     /// walking through (one per peer; a pull from elsewhere replaces it).
     sessions: Mutex<HashMap<u32, SinceIter>>,
     started: Instant,
+    /// Differs at every start of this node (see `PullResponse.incarnation`).
+    pub incarnation: u64,
+    /// The last seq of the log when this incarnation started.
+    pub start_seq: u64,
 }
 
 impl Replication {
@@ -180,6 +184,7 @@ impl Replication {
         cursors: Cursors,
         map: Option<&ClusterMap>,
     ) -> Replication {
+        let start_seq = feed.last_seq();
         let placement = map.map(|m| Arc::new(Placement::of(m)));
         let has_peers = placement
             .as_ref()
@@ -199,6 +204,8 @@ impl Replication {
             lag: Mutex::new(BTreeMap::new()),
             sessions: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            incarnation: new_incarnation(),
+            start_seq,
         }
     }
 
@@ -319,6 +326,23 @@ impl Replication {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(peer, session);
+    }
+}
+
+/// A number that differs at every start: the wall clock in nanoseconds
+/// (never 0, which means "unknown" on the wire).
+fn new_incarnation() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    nanos.max(1)
+}
+
+impl Replication {
+    /// Whether the node holds all of its ranges: started up, and not
+    /// receiving ranges from a map change.
+    pub fn holds_all_ranges(&self) -> bool {
+        self.started_up() && !self.handoff_pending()
     }
 }
 

@@ -23,7 +23,8 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use super::Placement;
-use super::service::{apply, from_proto};
+use super::cursors::{Cursor, Reading};
+use super::service::{LOG_REPLACED_METADATA, apply, from_proto};
 use crate::engine::{Latest, Record};
 use crate::kv::NodeCore;
 
@@ -256,7 +257,8 @@ impl Puller {
             return Err(tonic::Status::failed_precondition("no cluster map"));
         };
         let config = &replication.config;
-        let after = replication.cursors.get(self.peer);
+        let reading = replication.cursors.read(self.peer);
+        let after = reading.cursor.seq;
         // Until the first answer, ask without waiting: the answer says
         // whether this node is caught up, which readiness waits for.
         let starting = self.gate.is_pending(self.peer);
@@ -272,6 +274,7 @@ impl Puller {
                 config.pull_wait_ms as u32
             },
             live: replication.is_ready() && !refilling,
+            incarnation: reading.cursor.incarnation,
         };
         let timeout = if starting {
             STARTUP_ANSWER_TIMEOUT
@@ -281,17 +284,47 @@ impl Puller {
         let answer = match tokio::time::timeout(timeout, self.client.pull(request)).await {
             Ok(Ok(answer)) => answer.into_inner(),
             Ok(Err(status)) if status.code() == Code::OutOfRange => {
-                tracing::info!(peer = self.peer, cursor = after, reason = %status.message(), "full catch-up from a snapshot");
-                return self.full_catch_up(&placement, labels).await;
+                // Deletes may only be inferred from a snapshot when this
+                // node's cursor was a real position in the peer's log that
+                // the peer has merged past; not when the peer's log was
+                // replaced, nor when re-pulling after a map change.
+                let log_replaced = status.metadata().contains_key(LOG_REPLACED_METADATA);
+                let infer_deletes = !log_replaced && !refilling && after > 0;
+                tracing::info!(peer = self.peer, cursor = after, infer_deletes, reason = %status.message(), "full catch-up from a snapshot");
+                return self
+                    .full_catch_up(&placement, reading, infer_deletes, labels)
+                    .await;
             }
-            Ok(Err(status)) if status.code() == Code::Aborted => {
-                // Another epoch: the newer map wins, wherever it is.
+            Ok(Err(status))
+                if matches!(status.code(), Code::Aborted | Code::FailedPrecondition) =>
+            {
+                // Another epoch, or no map at all: the newer map wins,
+                // wherever it is.
                 self.exchange_maps().await;
                 return Err(status);
             }
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(tonic::Status::deadline_exceeded("pull timed out")),
         };
+        if reading.cursor.incarnation != 0
+            && answer.incarnation != reading.cursor.incarnation
+            && after > answer.start_seq
+        {
+            // The peer restarted, and records after its new start may be
+            // numbered like ones it lost: pull again from where it started.
+            tracing::info!(
+                peer = self.peer,
+                cursor = after,
+                resume_at = answer.start_seq,
+                "peer restarted; pulling again from its start"
+            );
+            let rewound = Cursor {
+                seq: answer.start_seq,
+                incarnation: answer.incarnation,
+            };
+            replication.cursors.advance(self.peer, reading, rewound);
+            return Ok(());
+        }
         let records = answer
             .records
             .into_iter()
@@ -299,18 +332,23 @@ impl Puller {
             .collect::<Result<Vec<Record>, _>>()?;
         let count = records.len() as u64;
         apply(&self.core, records).await?;
-        if replication.placement().map(|p| p.epoch) != Some(placement.epoch) {
-            // The map changed meanwhile and may have sent the cursor back.
-            return Ok(());
-        }
-        replication.cursors.set(self.peer, answer.through);
-        self.observe(
-            placement.epoch,
-            answer.through,
-            answer.last_seq,
-            count,
-            labels,
+        let moved = replication.cursors.advance(
+            self.peer,
+            reading,
+            Cursor {
+                seq: answer.through,
+                incarnation: answer.incarnation,
+            },
         );
+        if moved {
+            self.observe(
+                placement.epoch,
+                answer.through,
+                answer.last_seq,
+                count,
+                labels,
+            );
+        }
         Ok(())
     }
 
@@ -364,17 +402,21 @@ impl Puller {
         }
     }
 
-    /// Copies the peer's records of this node's ranges page by page, then
-    /// deletes keys of ranges both hold that the peer no longer has and that
-    /// are older than its retention (their deletes were merged away there).
+    /// Copies the peer's records of this node's ranges page by page. With
+    /// `infer_deletes`, also deletes keys of ranges both hold that the peer
+    /// no longer has and that are older than its retention (their deletes
+    /// were merged away there); that needs a peer holding all its ranges,
+    /// and waits for one.
     async fn full_catch_up(
         &mut self,
         placement: &Arc<Placement>,
+        reading: Reading,
+        infer_deletes: bool,
         labels: &[(&'static str, String); 2],
     ) -> Result<(), tonic::Status> {
         let replication = &self.core.replication;
         let mut after = Bytes::new();
-        let mut as_of = None;
+        let mut first: Option<(u64, u64)> = None;
         let mut copied = 0u64;
         loop {
             let request = SnapshotRequest {
@@ -384,7 +426,17 @@ impl Puller {
                 max_records: replication.config.pull_max_records,
             };
             let page = self.client.snapshot(request).await?.into_inner();
-            let as_of_seq = *as_of.get_or_insert(page.as_of_seq);
+            if infer_deletes && !page.complete {
+                return Err(tonic::Status::unavailable(
+                    "the peer is still receiving ranges; full catch-up waits for it",
+                ));
+            }
+            let (as_of_seq, incarnation) = *first.get_or_insert((page.as_of_seq, page.incarnation));
+            if page.incarnation != incarnation {
+                return Err(tonic::Status::unavailable(
+                    "the peer restarted during a full catch-up",
+                ));
+            }
             let held: HashSet<Bytes> = page.records.iter().map(|r| r.key.clone()).collect();
             let records = page
                 .records
@@ -393,29 +445,37 @@ impl Puller {
                 .collect::<Result<Vec<Record>, _>>()?;
             copied += records.len() as u64;
             apply(&self.core, records).await?;
-            let cutoff_ms = page.now_ms.saturating_sub(page.retention_ms);
-            let (start, end) = (after.clone(), page.next.clone());
-            let peer = self.peer;
-            let placement_for_delete = Arc::clone(placement);
-            let deleted = self
-                .core
-                .read(move |core| {
-                    Ok(absent_since(
-                        core,
-                        &placement_for_delete,
-                        peer,
-                        &start,
-                        end.as_deref(),
-                        &held,
-                        cutoff_ms,
-                    ))
-                })
-                .await?;
-            apply(&self.core, deleted).await?;
+            if infer_deletes {
+                let cutoff_ms = page.now_ms.saturating_sub(page.retention_ms);
+                let (start, end) = (after.clone(), page.next.clone());
+                let peer = self.peer;
+                let placement_for_delete = Arc::clone(placement);
+                let deleted = self
+                    .core
+                    .read(move |core| {
+                        Ok(absent_since(
+                            core,
+                            &placement_for_delete,
+                            peer,
+                            &start,
+                            end.as_deref(),
+                            &held,
+                            cutoff_ms,
+                        ))
+                    })
+                    .await?;
+                apply(&self.core, deleted).await?;
+            }
             match page.next {
                 Some(next) => after = next,
                 None => {
-                    replication.cursors.set(self.peer, as_of_seq);
+                    let done = Cursor {
+                        seq: as_of_seq,
+                        incarnation,
+                    };
+                    if !replication.cursors.advance(self.peer, reading, done) {
+                        return Ok(());
+                    }
                     replication.note_lag(self.peer, |lag| lag.full_catch_ups += 1);
                     counter!("caskade_node_replication_full_catch_ups_total", labels).increment(1);
                     tracing::info!(

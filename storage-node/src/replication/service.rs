@@ -39,6 +39,16 @@ const EXAMINED_PER_RECORD: usize = 16;
 const MAX_WAIT: Duration = Duration::from_secs(30);
 /// Most records in one repair.
 const MAX_APPLY_RECORDS: usize = 1000;
+/// Record bytes per answer, past which it ends early (it always holds at
+/// least one record).
+const MAX_ANSWER_BYTES: usize = 8 << 20;
+/// How far ahead of this node's clock a repaired record's version may be: a
+/// version far in the future would drag this node's clock along with it.
+const MAX_CLOCK_AHEAD_MS: u64 = 10 * 60 * 1000;
+/// Metadata on an OUT_OF_RANGE pull: the cursor is past the end of this
+/// node's log, which was replaced (restored, or wiped); no deletes may be
+/// inferred from its snapshot.
+pub const LOG_REPLACED_METADATA: &str = "x-caskade-log-replaced";
 
 /// The `Replication` service.
 #[derive(Debug, Clone)]
@@ -96,7 +106,16 @@ impl ReplicationApi for ReplicationService {
                 )));
             }
             let mut records = Vec::with_capacity(request.records.len());
+            let horizon = unix_millis().saturating_add(MAX_CLOCK_AHEAD_MS);
             for record in request.records {
+                if record
+                    .version
+                    .is_some_and(|v| Version::new(v.hlc, v.origin).physical_ms() > horizon)
+                {
+                    return Err(Status::invalid_argument(
+                        "a record's version is more than 10 minutes ahead of this node's clock",
+                    ));
+                }
                 // A router with an older map may repair a node that no
                 // longer holds the key; that copy would only be dropped again.
                 if core.replication.check_replica(&record.key).is_ok() {
@@ -159,18 +178,30 @@ async fn pull(core: Arc<NodeCore>, request: PullRequest) -> Result<PullResponse,
     let peer = request.node_id;
     let after = request.after;
     if after > replication.feed.last_seq() {
-        return Err(Status::out_of_range(format!(
+        let mut status = Status::out_of_range(format!(
             "cursor {after} is past the end of this node's log ({}): its data was replaced; take a snapshot",
             replication.feed.last_seq()
-        )));
+        ));
+        status.metadata_mut().insert(
+            LOG_REPLACED_METADATA,
+            tonic::metadata::MetadataValue::from(1u64),
+        );
+        return Err(status);
     }
-    replication.acks.record(peer, after);
+    // Only a cursor into this incarnation's log acknowledges anything: one
+    // from before a crash may count records that were lost.
+    let acknowledges = request.incarnation == replication.incarnation;
+    if acknowledges {
+        replication.acks.record(peer, after);
+    }
     if after == replication.feed.last_seq() && request.wait_ms > 0 {
         let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_WAIT);
         let mut appended = replication.feed.subscribe();
         let _ = tokio::time::timeout(wait, appended.wait_for(|&last| last > after)).await;
         // Waiting is being up: keep counting the peer in write levels.
-        replication.acks.record(peer, after);
+        if acknowledges {
+            replication.acks.record(peer, after);
+        }
     }
     let max = match request.max_records {
         0 => DEFAULT_MAX_RECORDS,
@@ -178,16 +209,20 @@ async fn pull(core: Arc<NodeCore>, request: PullRequest) -> Result<PullResponse,
     } as usize;
     let me = core.id;
     let live = request.live;
-    let tail = replication
-        .feed
-        .read(after, max, max * EXAMINED_PER_RECORD, |record| {
-            (!live || record.version.origin == me) && placement.ring.owns(peer, &record.key)
-        });
+    let tail = replication.feed.read(
+        after,
+        max,
+        max * EXAMINED_PER_RECORD,
+        MAX_ANSWER_BYTES,
+        |record| (!live || record.version.origin == me) && placement.ring.owns(peer, &record.key),
+    );
     if let Some(tail) = tail {
         return Ok(PullResponse {
             records: tail.records.iter().map(|r| feed_to_proto(r)).collect(),
             through: tail.through,
             last_seq: replication.feed.last_seq(),
+            incarnation: replication.incarnation,
+            start_seq: replication.start_seq,
         });
     }
     core.read(move |core| read_log(core, &placement, peer, after, max))
@@ -212,8 +247,9 @@ fn read_log(
     };
     let mut records = Vec::new();
     let mut examined = 0;
+    let mut bytes = 0;
     let mut exhausted = false;
-    while records.len() < max && examined < max * EXAMINED_PER_RECORD {
+    while records.len() < max && examined < max * EXAMINED_PER_RECORD && bytes < MAX_ANSWER_BYTES {
         match since.next() {
             None => {
                 exhausted = true;
@@ -223,6 +259,7 @@ fn read_log(
             Some(Ok(record)) => {
                 examined += 1;
                 if placement.ring.owns(peer, &record.key) {
+                    bytes += record.key.len() + record.value.as_ref().map_or(0, Vec::len);
                     records.push(record_to_proto(record));
                 }
             }
@@ -239,6 +276,8 @@ fn read_log(
         records,
         through,
         last_seq: replication.feed.last_seq(),
+        incarnation: replication.incarnation,
+        start_seq: replication.start_seq,
     })
 }
 
@@ -252,6 +291,7 @@ fn snapshot_page(
     // Read first: records written while the pages are read are covered by
     // pulling from here afterwards.
     let as_of_seq = core.replication.feed.last_seq();
+    let complete = core.replication.holds_all_ranges();
     let now_ms = unix_millis();
     let max = match request.max_records {
         0 => DEFAULT_MAX_RECORDS,
@@ -260,21 +300,27 @@ fn snapshot_page(
     let mut after = (!request.after.is_empty()).then(|| request.after.to_vec());
     let mut records = Vec::new();
     let mut examined = 0;
+    let mut bytes = 0;
     let mut next = None;
-    'pages: while records.len() < max {
+    'pages: while records.len() < max && bytes < MAX_ANSWER_BYTES {
         let keys = core.engine.keys_after(after.as_deref(), 1024);
         if keys.is_empty() {
             break;
         }
         for key in keys {
-            if records.len() == max || examined == max * EXAMINED_PER_RECORD {
+            if records.len() == max
+                || examined == max * EXAMINED_PER_RECORD
+                || bytes >= MAX_ANSWER_BYTES
+            {
                 break 'pages;
             }
             examined += 1;
             if placement.ring.owns(request.node_id, &key)
                 && let Some(latest) = core.engine.latest(&key).map_err(|e| engine_status(&e))?
             {
-                records.push(latest_to_proto(&key, latest));
+                let record = latest_to_proto(&key, latest);
+                bytes += record.key.len() + record.value.len();
+                records.push(record);
             }
             next = Some(key.clone());
             after = Some(key);
@@ -291,6 +337,8 @@ fn snapshot_page(
         now_ms,
         retention_ms: u64::try_from(core.engine.tombstone_retention().as_millis())
             .unwrap_or(u64::MAX),
+        complete,
+        incarnation: core.replication.incarnation,
     })
 }
 

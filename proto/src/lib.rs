@@ -24,3 +24,21 @@ impl ClusterMap {
             .collect()
     }
 }
+
+/// gRPC metadata keys of the node API, set by nodes, read by routers and peers.
+pub mod metadata {
+    /// On FAILED_PRECONDITION (a write's condition did not hold): the key's
+    /// current version, `<hlc>-<origin>`, if it has one.
+    pub const CURRENT_VERSION: &str = "x-caskade-current-version";
+    /// On UNAVAILABLE for a write applied below its write level: how many
+    /// replicas hold it.
+    pub const ACKS: &str = "x-caskade-acks";
+    /// ... how many replicas the level needed.
+    pub const REQUIRED_ACKS: &str = "x-caskade-required-acks";
+    /// ... and the version it was written with.
+    pub const WRITTEN_VERSION: &str = "x-caskade-version";
+    /// On OUT_OF_RANGE from `Replication/Pull`: the cursor is past the end of
+    /// the node's log, which was replaced; no deletes may be inferred from
+    /// its snapshot.
+    pub const LOG_REPLACED: &str = "x-caskade-log-replaced";
+}

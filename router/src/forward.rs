@@ -22,13 +22,10 @@ use crate::cluster::ClusterView;
 use crate::error::ApiError;
 use crate::nodes::{NodeHandle, NodeService, Shed};
 
-/// Metadata key of the current version in a failed-condition status (set by the node).
-const CURRENT_VERSION_METADATA: &str = "x-caskade-current-version";
-/// Metadata keys of a write applied below its write level (set by the node):
-/// replicas holding it, replicas needed, version written.
-const ACKS_METADATA: &str = "x-caskade-acks";
-const REQUIRED_ACKS_METADATA: &str = "x-caskade-required-acks";
-const WRITTEN_VERSION_METADATA: &str = "x-caskade-version";
+use caskade_proto::metadata::{
+    ACKS as ACKS_METADATA, CURRENT_VERSION as CURRENT_VERSION_METADATA,
+    REQUIRED_ACKS as REQUIRED_ACKS_METADATA, WRITTEN_VERSION as WRITTEN_VERSION_METADATA,
+};
 
 /// Whether a request only reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,16 +14,10 @@ use tonic::{Code, Status};
 
 use crate::engine::EngineError;
 
-/// Metadata key carrying the key's current version when a condition fails.
-pub const CURRENT_VERSION_METADATA: &str = "x-caskade-current-version";
-/// Metadata keys of a write that was applied but did not meet its write
-/// level (UNAVAILABLE): the replicas holding it, the replicas the level
-/// needed, and the version it was written with.
-pub const ACKS_METADATA: &str = "x-caskade-acks";
-/// See [`ACKS_METADATA`].
-pub const REQUIRED_ACKS_METADATA: &str = "x-caskade-required-acks";
-/// See [`ACKS_METADATA`].
-pub const WRITTEN_VERSION_METADATA: &str = "x-caskade-version";
+pub use caskade_proto::metadata::{
+    ACKS as ACKS_METADATA, CURRENT_VERSION as CURRENT_VERSION_METADATA,
+    REQUIRED_ACKS as REQUIRED_ACKS_METADATA, WRITTEN_VERSION as WRITTEN_VERSION_METADATA,
+};
 
 /// The status a client sees for `error`. Server-side details are logged.
 pub fn engine_status(error: &EngineError) -> Status {

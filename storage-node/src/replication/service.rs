@@ -45,10 +45,7 @@ const MAX_ANSWER_BYTES: usize = 8 << 20;
 /// How far ahead of this node's clock a repaired record's version may be: a
 /// version far in the future would drag this node's clock along with it.
 const MAX_CLOCK_AHEAD_MS: u64 = 10 * 60 * 1000;
-/// Metadata on an OUT_OF_RANGE pull: the cursor is past the end of this
-/// node's log, which was replaced (restored, or wiped); no deletes may be
-/// inferred from its snapshot.
-pub const LOG_REPLACED_METADATA: &str = "x-caskade-log-replaced";
+pub use caskade_proto::metadata::LOG_REPLACED as LOG_REPLACED_METADATA;
 
 /// The `Replication` service.
 #[derive(Debug, Clone)]

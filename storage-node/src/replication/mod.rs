@@ -164,8 +164,9 @@ pub struct Replication {
     /// Peer id → lag, as the pullers last saw it.
     lag: Mutex<BTreeMap<u32, PeerLag>>,
     /// Peer id → the on-disk read of this node's log that peer's pulls are
-    /// walking through (one per peer; a pull from elsewhere replaces it).
-    sessions: Mutex<HashMap<u32, SinceIter>>,
+    /// walking through (one per peer; a pull from elsewhere replaces it),
+    /// and when it was last used.
+    sessions: Mutex<HashMap<u32, (Instant, SinceIter)>>,
     started: Instant,
     /// Differs at every start of this node (see `PullResponse.incarnation`).
     pub incarnation: u64,
@@ -319,13 +320,23 @@ impl Replication {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&peer)
+            .map(|(_, session)| session)
     }
 
     fn keep_session(&self, peer: u32, session: SinceIter) {
         self.sessions
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(peer, session);
+            .insert(peer, (Instant::now(), session));
+    }
+
+    /// Drops the on-disk reads of peers that stopped pulling: each holds
+    /// data files open, so files merged away meanwhile keep their space.
+    pub fn expire_sessions(&self, idle: Duration) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, (used, _)| used.elapsed() < idle);
     }
 }
 

@@ -33,6 +33,11 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A pull answers within its wait plus this, or counts as failed.
 const PULL_SLACK: Duration = Duration::from_secs(10);
+/// An on-disk read of this node's log that its peer has not continued for
+/// this long is dropped (the peer starts a new one if it comes back).
+const IDLE_SESSION: Duration = Duration::from_secs(30);
+/// Failed pulls in a row after which a peer no longer holds up readiness.
+const GIVE_UP_AFTER_FAILURES: u32 = 10;
 /// Connecting to a peer gives up after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// At start-up, a peer that has not answered a pull within this long counts
@@ -168,6 +173,7 @@ async fn persist_cursors(core: Arc<NodeCore>, mut stop: watch::Receiver<bool>) {
             () = tokio::time::sleep(period) => false,
             _ = stop.wait_for(|s| *s) => true,
         };
+        core.replication.expire_sessions(IDLE_SESSION);
         let persisted = core
             .write(|core| {
                 core.replication
@@ -201,6 +207,7 @@ impl Puller {
         mut node_stop: watch::Receiver<bool>,
     ) {
         let mut backoff = MIN_BACKOFF;
+        let mut failures = 0u32;
         let labels = [
             ("node", self.core.id.to_string()),
             ("peer", self.peer.to_string()),
@@ -215,8 +222,12 @@ impl Puller {
                 _ = node_stop.wait_for(|s| *s) => return,
             };
             match result {
-                Ok(()) => backoff = MIN_BACKOFF,
+                Ok(()) => {
+                    backoff = MIN_BACKOFF;
+                    failures = 0;
+                }
                 Err(status) => {
+                    failures += 1;
                     let unreachable = matches!(
                         status.code(),
                         Code::Unavailable
@@ -229,11 +240,16 @@ impl Puller {
                         .note_lag(self.peer, |lag| lag.reachable = false);
                     if unreachable {
                         tracing::debug!(peer = self.peer, error = %status.message(), "peer unreachable");
-                        // Nothing to catch up from a peer that is down.
-                        self.gate.done(&self.core, self.peer);
-                        self.core.replication.refill_skipped(self.peer);
                     } else {
                         tracing::warn!(peer = self.peer, code = ?status.code(), error = %status.message(), "pull failed");
+                    }
+                    // Nothing to catch up from a peer that is down, or that
+                    // keeps refusing (mismatched settings): waiting for it
+                    // would keep this node out of service for good. Pulling
+                    // from it goes on.
+                    if unreachable || failures >= GIVE_UP_AFTER_FAILURES {
+                        self.gate.done(&self.core, self.peer);
+                        self.core.replication.refill_skipped(self.peer);
                     }
                     counter!("caskade_node_replication_pull_failures_total", &labels).increment(1);
                     tokio::select! {

@@ -700,6 +700,29 @@ impl TestCluster {
             .with_context(|| format!("node {id} missing from {page}"))
     }
 
+    /// Whether the admin page shows every node of the map ready.
+    pub async fn all_nodes_ready(&self) -> bool {
+        self.admin_cluster().await.is_ok_and(|page| {
+            page["nodes"]
+                .as_array()
+                .is_some_and(|nodes| nodes.iter().all(|n| n["ready"] == true))
+        })
+    }
+
+    /// `POST /admin/v1/nodes/{id}/merge` as the admin; the merge report.
+    pub async fn merge_node(&self, id: u32) -> anyhow::Result<Value> {
+        let response = self
+            .client
+            .post(self.at(&format!("/admin/v1/nodes/{id}/merge")))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await?;
+        if response.status() != StatusCode::OK {
+            bail!("merge of node {id} answered {}", response.status());
+        }
+        Ok(response.json().await?)
+    }
+
     /// `nodes_ready` of `/readyz` (which, unlike the admin page, calls no node).
     pub async fn nodes_ready(&self) -> Option<usize> {
         let response = self.client.get(self.at("/readyz")).send().await.ok()?;
@@ -823,6 +846,27 @@ async fn stop_occupant(occupant: Occupant) -> anyhow::Result<()> {
         Occupant::Nothing => {}
     }
     Ok(())
+}
+
+/// A [`ClusterSpec::configure`] for suites about merged-away deletes: merge
+/// keeps no tombstone (retention 0) and runs only when asked, files are
+/// small so that records reach immutable files, and nothing is kept in the
+/// replication feed, so pulls read the data files where the deletes are gone.
+pub fn deletes_merge_away(config: &mut NodeConfig) {
+    config.engine.merge.tombstone_retention_secs = 0;
+    config.engine.merge.auto = false;
+    config.engine.max_file_size = 16 << 10;
+    config.replication.feed_bytes = 0;
+}
+
+/// Full catch-ups a node of the admin page reports, summed over its peers.
+pub fn full_catch_ups(node: &Value) -> u64 {
+    node["stats"]["replication"].as_array().map_or(0, |peers| {
+        peers
+            .iter()
+            .filter_map(|p| p["full_catch_ups"].as_u64())
+            .sum()
+    })
 }
 
 /// One node's copy of a key: version `(hlc, origin)`, value, expiry.

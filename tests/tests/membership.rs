@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use caskade_common::Ring;
 use caskade_router::config::NodePolicy;
-use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
+use caskade_tests::cluster::{
+    ClusterSpec, TestCluster, deletes_merge_away, full_catch_ups, poll_until,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
@@ -129,6 +131,15 @@ impl Load {
         self.acked.lock().await.len()
     }
 
+    /// Waits until `count` more writes are acknowledged.
+    async fn more_writes(&self, count: usize, what: &str) {
+        let at = self.writes().await;
+        poll_until(what, SETTLE_DEADLINE, || async {
+            self.writes().await >= at + count
+        })
+        .await;
+    }
+
     /// Stops the load; the number of reads that did not return the value.
     async fn finish(mut self) -> usize {
         self.stop.store(true, Ordering::Relaxed);
@@ -144,15 +155,7 @@ impl Load {
 }
 
 async fn cluster_page(tc: &TestCluster) -> Value {
-    tc.client()
-        .get(tc.at("/admin/v1/cluster"))
-        .bearer_auth(&tc.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    tc.admin_cluster().await.unwrap()
 }
 
 /// The ring of the router's current map, and the ids of its members.
@@ -227,10 +230,7 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
     let ids = tc.node_ids();
     let acked: Acked = Arc::default();
     let load = Load::start(&tc, Arc::clone(&acked));
-    poll_until("writes before the change", SETTLE_DEADLINE, || async {
-        load.writes().await >= 200
-    })
-    .await;
+    load.more_writes(200, "writes before the change").await;
 
     // Add a fourth node.
     let new = tc.start_spare_node().await.unwrap();
@@ -275,30 +275,17 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
     );
 
     poll_until("the new node to be ready", SETTLE_DEADLINE, || async {
-        let page = cluster_page(&tc).await;
-        page["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["ready"] == true)
+        tc.all_nodes_ready().await
     })
     .await;
-    let at = load.writes().await;
-    poll_until("writes after the join", SETTLE_DEADLINE, || async {
-        load.writes().await >= at + 100
-    })
-    .await;
+    load.more_writes(100, "writes after the join").await;
     let bad = load.finish().await;
     assert_eq!(bad, 0, "reads that failed while the node joined");
     settled(&tc, &acked).await;
 
     // Remove one of the first three.
     let load = Load::start(&tc, Arc::clone(&acked));
-    let at = load.writes().await;
-    poll_until("writes before the removal", SETTLE_DEADLINE, || async {
-        load.writes().await >= at + 100
-    })
-    .await;
+    load.more_writes(100, "writes before the removal").await;
     let leaving = ids[0];
     let removed = tc
         .client()
@@ -320,11 +307,7 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
         .map(|n| n["id"].as_u64().unwrap())
         .collect();
     assert!(!ids_left.contains(&u64::from(leaving)), "{map}");
-    let at = load.writes().await;
-    poll_until("writes after the removal", SETTLE_DEADLINE, || async {
-        load.writes().await >= at + 100
-    })
-    .await;
+    load.more_writes(100, "writes after the removal").await;
     let bad = load.finish().await;
     assert_eq!(bad, 0, "reads that failed while the node left");
     settled(&tc, &acked).await;
@@ -354,12 +337,7 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
     let spec = ClusterSpec {
-        configure: |config| {
-            config.engine.merge.tombstone_retention_secs = 0;
-            config.engine.merge.auto = false;
-            config.engine.max_file_size = 16 << 10;
-            config.replication.feed_bytes = 0;
-        },
+        configure: deletes_merge_away,
         ..ClusterSpec::nodes(4, 3, policy())
     };
     let tc = TestCluster::start(spec).await.unwrap();
@@ -384,15 +362,7 @@ async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
         }
     }
     for id in tc.node_ids() {
-        let merged = tc
-            .client()
-            .post(tc.at(&format!("/admin/v1/nodes/{id}/merge")))
-            .bearer_auth(&tc.admin_token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(merged.status(), StatusCode::OK);
-        let report: Value = merged.json().await.unwrap();
+        let report = tc.merge_node(id).await.unwrap();
         assert!(report["records_dropped"].as_u64().unwrap() > 0, "{report}");
     }
     let leaving = tc.node_ids()[3];
@@ -405,12 +375,7 @@ async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
         .unwrap();
     assert_eq!(removed.status(), StatusCode::OK);
     poll_until("every node to be ready", SETTLE_DEADLINE, || async {
-        let page = cluster_page(&tc).await;
-        page["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["ready"] == true)
+        tc.all_nodes_ready().await
     })
     .await;
     settled(&tc, &survivors).await;
@@ -419,13 +384,7 @@ async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|n| {
-            n["stats"]["replication"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|p| p["full_catch_ups"].as_u64().unwrap_or(0))
+        .map(full_catch_ups)
         .sum();
     assert!(
         full > 0,

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use caskade_proto::{ApplyRequest, GetRequest, ReplicatedRecord, Version};
 use caskade_router::config::NodePolicy;
-use caskade_tests::cluster::{ClusterSpec, NodeCopy, TestCluster, poll_until};
+use caskade_tests::cluster::{
+    ClusterSpec, NodeCopy, TestCluster, deletes_merge_away, full_catch_ups, poll_until,
+};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -498,14 +500,7 @@ async fn a_killed_primary_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_catch_up_does_not_resurrect_deleted_keys() {
     let spec = ClusterSpec {
-        configure: |config| {
-            config.engine.merge.tombstone_retention_secs = 0;
-            config.engine.merge.auto = false;
-            config.engine.max_file_size = 16 << 10;
-            // Nothing in memory: pulls read the data files, where the
-            // merged-away deletes are gone.
-            config.replication.feed_bytes = 0;
-        },
+        configure: deletes_merge_away,
         ..ClusterSpec::nodes(3, 3, policy())
     };
     let mut tc = TestCluster::start(spec).await.unwrap();
@@ -527,14 +522,7 @@ async fn full_catch_up_does_not_resurrect_deleted_keys() {
         assert_eq!(fresh.status(), StatusCode::CREATED);
     }
     for &id in &ids[..2] {
-        let response = tc
-            .client()
-            .post(tc.at(&format!("/admin/v1/nodes/{id}/merge")))
-            .bearer_auth(&tc.admin_token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
+        tc.merge_node(id).await.unwrap();
         let node = tc.admin_node(id).await.unwrap();
         assert!(
             node["stats"]["tombstones"].as_u64().unwrap() < 100,
@@ -558,13 +546,10 @@ async fn full_catch_up_does_not_resurrect_deleted_keys() {
         assert!(content.contains_key(format!("new-{n}").as_bytes()));
     }
     let node = tc.admin_node(away).await.unwrap();
-    let full: u64 = node["stats"]["replication"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["full_catch_ups"].as_u64().unwrap())
-        .sum();
-    assert!(full >= 1, "the node took the full catch-up path: {node}");
+    assert!(
+        full_catch_ups(&node) >= 1,
+        "the node took the full catch-up path: {node}"
+    );
     tc.shutdown().await.unwrap();
 }
 

@@ -3,10 +3,11 @@
 
 use std::error::Error;
 
-const PROTOS: [&str; 3] = [
+const PROTOS: [&str; 4] = [
     "proto/caskade/v1/kv.proto",
     "proto/caskade/v1/admin.proto",
     "proto/caskade/v1/replication.proto",
+    "proto/caskade/v1/raft.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

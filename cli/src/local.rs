@@ -5,9 +5,11 @@
 //! Layout of `<data-dir>`: `certs/` (CA and certificates, reused on the next
 //! run), `jwt-secret` (the router's HS256 secret, reused), `admin.token` (an
 //! admin JWT valid 24 h, rewritten on every start), `node-<i>/` (each node's
-//! data) and `node-<i>-backups/`. Nodes listen on ports the OS picks, so
-//! every start writes the cluster map with a new epoch to every node before
-//! the router is started.
+//! data), `node-<i>-backups/` and `node-addrs` (where each node listens).
+//! On the first start the nodes listen on ports the OS picks and form the
+//! cluster from them (the same Raft bootstrap as separate processes, with
+//! the addresses as initial members); `node-addrs` keeps those ports, so a
+//! later start finds its nodes where the cluster map says they are.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,12 +19,12 @@ use anyhow::{Context, bail};
 use caskade_common::certs::{ClusterCertFiles, ensure_cluster_certs};
 use caskade_common::config::LogConfig;
 use caskade_common::tls::TlsMaterial;
-use caskade_node::config::{EngineConfig, MetricsConfig, ReplicationConfig, ServerConfig};
-use caskade_node::{Node, NodeConfig, NodeError};
-use caskade_proto::admin_client::AdminClient;
-use caskade_proto::{
-    ClusterMap, ClusterNode, GetClusterMapRequest, NodeState, SetClusterMapRequest,
+use caskade_node::config::{
+    ClusterConfig, EngineConfig, InitialMembers, MetricsConfig, ReplicationConfig, ServerConfig,
 };
+use caskade_node::{Node, NodeConfig, NodeError};
+use caskade_proto::GetClusterMapRequest;
+use caskade_proto::admin_client::AdminClient;
 use caskade_router::auth::{
     AuthConfig, Role, SecretKeyFile, TokenRequest, issue_hs256, load_hs256_secret,
 };
@@ -35,8 +37,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// Ring points per node of the map `caskade local` writes.
+/// Ring points per node of the map `caskade local` forms.
 const VNODES_PER_NODE: u32 = 64;
+/// Where `caskade local` records its nodes' addresses.
+const NODE_ADDRS_FILE: &str = "node-addrs";
 /// How long the nodes may take to catch up with each other at start.
 const NODES_READY_DEADLINE: Duration = Duration::from_secs(120);
 /// How long the printed admin token is valid.
@@ -78,7 +82,7 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Starts the nodes, writes the cluster map, starts the router.
+    /// Starts the nodes, waits until they form the cluster, starts the router.
     pub async fn start(options: LocalOptions) -> anyhow::Result<LocalCluster> {
         if options.nodes == 0 {
             bail!("--nodes must be at least 1");
@@ -96,32 +100,63 @@ impl LocalCluster {
             }
         };
 
+        let addrs_file = dir.join(NODE_ADDRS_FILE);
+        let known_addrs = read_node_addrs(&addrs_file, options.nodes)?;
+        let replication_factor = options
+            .replication_factor
+            .unwrap_or(3)
+            .clamp(1, options.nodes.max(1));
         let mut node_addrs = Vec::new();
-        let mut nodes = Vec::new();
+        let mut started = Vec::new();
         for id in 1..=options.nodes {
+            let listen = known_addrs
+                .as_ref()
+                .and_then(|addrs| addrs.get(id as usize - 1).copied())
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
             let config = NodeConfig {
                 id,
-                listen: "127.0.0.1:0".parse()?,
+                listen,
                 data_dir: dir.join(format!("node-{id}")),
                 backup_dir: Some(dir.join(format!("node-{id}-backups"))),
                 tls: certs.nodes[id as usize - 1].clone(),
                 engine: options.engine.clone(),
+                cluster: ClusterConfig {
+                    replication_factor,
+                    vnodes_per_node: VNODES_PER_NODE,
+                    ..ClusterConfig::default()
+                },
                 replication: ReplicationConfig::default(),
                 server: ServerConfig::default(),
                 metrics: MetricsConfig::default(),
                 log: LogConfig::default(),
             };
-            let node = Node::start(config)
-                .await
-                .with_context(|| format!("starting node {id}"))?;
+            let node = Node::start(config).await.with_context(|| {
+                format!(
+                    "starting node {id} on {listen} (see {})",
+                    addrs_file.display()
+                )
+            })?;
             node_addrs.push(node.grpc_addr());
+            started.push(node);
+        }
+        if known_addrs.is_none() {
+            write_node_addrs(&addrs_file, &node_addrs)?;
+        }
+        let members = InitialMembers::try_from(
+            node_addrs
+                .iter()
+                .zip(1..)
+                .map(|(addr, id)| format!("{id}={addr}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let mut nodes = Vec::new();
+        for mut node in started {
+            node.set_initial_members(members.clone())?;
             nodes.push(tokio::spawn(node.serve(until_stopped())));
         }
-        let replication_factor = options
-            .replication_factor
-            .unwrap_or(3)
-            .clamp(1, options.nodes.max(1));
-        let channels = write_cluster_map(&certs, &node_addrs, replication_factor).await?;
+        let channels = connect_nodes(&certs, &node_addrs).await?;
         wait_until_serving(&channels).await?;
 
         let config = RouterConfig {
@@ -189,25 +224,34 @@ impl LocalCluster {
     }
 }
 
-/// Waits until every node reports SERVING: each catches up with its peers
-/// after it is given the map (immediate on a new cluster).
+/// Waits until every node holds the committed cluster map and reports
+/// SERVING: the cluster forms (a Raft leader is elected and commits the
+/// first map), then each node catches up with its peers.
 async fn wait_until_serving(channels: &[Channel]) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     for channel in channels {
         let mut health = HealthClient::new(channel.clone());
+        let mut admin = AdminClient::new(channel.clone());
         loop {
+            let has_map = admin
+                .get_cluster_map(GetClusterMapRequest::default())
+                .await
+                .is_ok_and(|r| r.get_ref().map.is_some());
             let request = HealthCheckRequest {
                 service: "caskade.v1.Kv".into(),
             };
-            let serving = health
-                .check(request)
-                .await
-                .is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32);
+            let serving = has_map
+                && health
+                    .check(request)
+                    .await
+                    .is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32);
             if serving {
                 break;
             }
             if started.elapsed() > NODES_READY_DEADLINE {
-                bail!("the storage nodes did not catch up within {NODES_READY_DEADLINE:?}");
+                bail!(
+                    "the storage nodes did not form a cluster and catch up within {NODES_READY_DEADLINE:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -215,15 +259,12 @@ async fn wait_until_serving(channels: &[Channel]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes a map with a higher epoch than any node holds, to every node;
-/// returns a channel to each.
-async fn write_cluster_map(
+/// A channel to each node, as the operator's client.
+async fn connect_nodes(
     certs: &ClusterCertFiles,
     addrs: &[SocketAddr],
-    replication_factor: u32,
 ) -> anyhow::Result<Vec<Channel>> {
     let tls = TlsMaterial::load(&certs.client)?;
-    let mut clients = Vec::with_capacity(addrs.len());
     let mut channels = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let channel = Endpoint::from_shared(format!("https://{addr}"))?
@@ -231,40 +272,38 @@ async fn write_cluster_map(
             .connect()
             .await
             .with_context(|| format!("connecting to node at {addr}"))?;
-        channels.push(channel.clone());
-        clients.push(AdminClient::new(channel));
-    }
-    let mut epoch = 0;
-    for client in &mut clients {
-        let stored = client
-            .get_cluster_map(GetClusterMapRequest {})
-            .await?
-            .into_inner()
-            .map;
-        epoch = epoch.max(stored.map_or(0, |m| m.epoch));
-    }
-    let map = ClusterMap {
-        epoch: epoch + 1,
-        replication_factor,
-        vnodes_per_node: VNODES_PER_NODE,
-        nodes: addrs
-            .iter()
-            .zip(1..)
-            .map(|(addr, id)| ClusterNode {
-                id,
-                addr: addr.to_string(),
-                state: NodeState::Active as i32,
-            })
-            .collect(),
-    };
-    for client in &mut clients {
-        client
-            .set_cluster_map(SetClusterMapRequest {
-                map: Some(map.clone()),
-            })
-            .await?;
+        channels.push(channel);
     }
     Ok(channels)
+}
+
+/// The node addresses of an earlier start, if they were recorded for as
+/// many nodes.
+fn read_node_addrs(path: &Path, nodes: u32) -> anyhow::Result<Option<Vec<SocketAddr>>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let addrs = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.trim().parse::<SocketAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: one address per line", path.display()))?;
+    if addrs.len() != nodes as usize {
+        bail!(
+            "{} lists {} nodes, not {nodes}: this data directory holds a cluster of another size",
+            path.display(),
+            addrs.len()
+        );
+    }
+    Ok(Some(addrs))
+}
+
+fn write_node_addrs(path: &Path, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+    let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+    write_private(path, text.as_bytes())
 }
 
 /// Creates the HS256 secret (32 random bytes, hex) unless it exists.

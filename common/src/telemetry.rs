@@ -31,12 +31,16 @@ const LATENCY_BUCKETS: [f64; 16] = [
     1.0, 2.5, 10.0,
 ];
 
+/// Directives added to `log.level`: the Raft library logs every election
+/// step at INFO and WARN; caskade logs what an operator needs of them.
+const QUIET_DEPENDENCIES: &str = "openraft=error";
+
 /// Installs the process's log subscriber. Later calls (another server in the
 /// same process) keep the first one. `RUST_LOG`, when set, overrides `level`.
 pub fn init_logging(config: &LogConfig) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives),
-        _ => EnvFilter::try_new(&config.level),
+        _ => EnvFilter::try_new(format!("{},{QUIET_DEPENDENCIES}", config.level)),
     }
     .map_err(|e| format!("log.level {:?}: {e}", config.level))?;
     let builder = tracing_subscriber::fmt()

@@ -2,9 +2,10 @@
 //! the tonic/prost code generated from it at build time.
 //!
 //! Services: [`kv_server::Kv`] (get, put, delete, scan, batch) and
-//! [`admin_server::Admin`] (cluster map, stats, merge, backup) and
+//! [`admin_server::Admin`] (cluster map, stats, merge, backup),
 //! [`replication_server::Replication`] (pull, snapshot, apply between nodes and
-//! for read repair). Readiness uses
+//! for read repair) and [`raft_server::Raft`] (consensus on the cluster map
+//! between nodes). Readiness uses
 //! the standard `grpc.health.v1` protocol (tonic-health), not a service here.
 
 #![allow(missing_docs, missing_debug_implementations, clippy::all)]
@@ -22,6 +23,11 @@ impl ClusterMap {
             .filter(|n| n.state() != NodeState::Leaving)
             .map(|n| n.id)
             .collect()
+    }
+
+    /// Whether node `id` is marked down.
+    pub fn is_down(&self, id: u32) -> bool {
+        self.nodes.iter().any(|n| n.id == id && n.down)
     }
 }
 

@@ -65,6 +65,16 @@ pub async fn cluster(
                     "merges": s.merges,
                     "last_seq": s.last_seq,
                     "caught_up": s.ready,
+                    "map_epoch": s.map_epoch,
+                    "raft": s.raft.as_ref().map(|r| json!({
+                        "role": r.role,
+                        "term": r.term,
+                        "leader": r.leader_id,
+                        "last_log_index": r.last_log_index,
+                        "last_applied_index": r.last_applied_index,
+                        "voters": r.voters,
+                        "learners": r.learners,
+                    })),
                     "replication": s.peers.iter().map(|p| json!({
                         "peer": p.peer_id,
                         "cursor": p.cursor,
@@ -83,6 +93,7 @@ pub async fn cluster(
                 "id": entry.id,
                 "addr": entry.addr,
                 "state": state_name(entry.state()),
+                "down": entry.down,
                 "ready": handle.is_some_and(|h| h.is_ready()),
                 "breaker": handle.map(|h| h.breaker().as_str()),
                 "in_flight": handle.map(|h| h.in_flight()),
@@ -90,8 +101,16 @@ pub async fn cluster(
             })
         })
         .collect();
+    let leader = by_node
+        .values()
+        .filter_map(|s| s.as_ref().ok())
+        .filter_map(|s| s.raft.as_ref())
+        .filter(|r| r.role == "leader")
+        .max_by_key(|r| r.term)
+        .map(|r| r.leader_id);
     Ok(Json(json!({
         "epoch": view.map.epoch,
+        "leader": leader,
         "replication_factor": view.map.replication_factor,
         "vnodes_per_node": view.map.vnodes_per_node,
         "nodes": nodes,

@@ -1,10 +1,15 @@
 //! The router's view of the cluster: the cluster map it last adopted, the
 //! ring built from it, and a [`NodeHandle`] per node.
 //!
-//! The router stores nothing: it fetches the map from any seed node at
-//! start-up (retrying until one answers) and adopts any higher epoch it sees
-//! later. Views are immutable and swapped whole, so a request routes on one
-//! consistent map even while a new one arrives. Active health checks run
+//! The router stores nothing: the map is committed by the nodes' Raft
+//! group, and the router fetches it from any seed node at start-up
+//! (retrying until one answers), then follows new epochs with a long poll
+//! (`GetClusterMap` answers as soon as the node applies a newer map) and,
+//! as a safety net against a node cut off from the group, asks every node
+//! every ten health intervals. It adopts only higher epochs. Views are
+//! immutable and swapped whole, so a request routes on one consistent map
+//! even while a new one arrives. Nodes marked down in the map are skipped
+//! by every request until they are marked up. Active health checks run
 //! here, one round per `health_interval_ms`.
 
 use std::collections::BTreeMap;
@@ -32,6 +37,11 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// Whether the map marks node `id` down.
+    pub fn is_down(&self, id: u32) -> bool {
+        self.map.is_down(id)
+    }
+
     /// The nodes of `key`'s preference list, in order.
     pub fn preference_list(&self, key: &[u8]) -> Vec<Arc<NodeHandle>> {
         self.ring
@@ -164,9 +174,10 @@ impl Cluster {
         for addr in addrs {
             let cluster = Arc::clone(self);
             fetches.spawn(async move {
-                let fetched = tokio::time::timeout(timeout, cluster.fetch_map(&addr))
-                    .await
-                    .unwrap_or_else(|_| Err("no answer in time".into()));
+                let fetched =
+                    tokio::time::timeout(timeout, cluster.fetch_map(&addr, 0, Duration::ZERO))
+                        .await
+                        .unwrap_or_else(|_| Err("no answer in time".into()));
                 (addr, fetched)
             });
         }
@@ -193,9 +204,17 @@ impl Cluster {
         }
     }
 
-    async fn fetch_map(&self, addr: &str) -> Result<Option<ClusterMap>, String> {
+    /// The map of the node at `addr`; with a `wait`, once it is newer than
+    /// `after_epoch` or the wait is over.
+    async fn fetch_map(
+        &self,
+        addr: &str,
+        after_epoch: u64,
+        wait: Duration,
+    ) -> Result<Option<ClusterMap>, String> {
         let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
-        let timeout = Duration::from_millis(self.policy.timeout_ms);
+        let connect = Duration::from_millis(self.policy.timeout_ms);
+        let timeout = connect + wait;
         let channel = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| e.to_string())?
             .tls_config(
@@ -203,13 +222,16 @@ impl Cluster {
                     .grpc_client(host.trim_start_matches('[').trim_end_matches(']')),
             )
             .map_err(|e| e.to_string())?
-            .connect_timeout(timeout)
+            .connect_timeout(connect)
             .timeout(timeout)
             .connect()
             .await
             .map_err(|e| e.to_string())?;
         let response = AdminClient::new(channel)
-            .get_cluster_map(GetClusterMapRequest {})
+            .get_cluster_map(GetClusterMapRequest {
+                after_epoch,
+                wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+            })
             .await
             .map_err(|e| e.to_string())?;
         Ok(response.into_inner().map)
@@ -246,8 +268,9 @@ impl Cluster {
                 }
             })
         };
-        // Aborts the map loop when this task is aborted (router shutdown).
+        // Aborts the map loops when this task is aborted (router shutdown).
         let _maps = AbortOnDrop(maps);
+        let _follow = AbortOnDrop(tokio::spawn(Arc::clone(&self).follow()));
         loop {
             self.check_health().await;
             let pause = if self.view().is_none() {
@@ -259,6 +282,49 @@ impl Cluster {
         }
     }
 }
+
+impl Cluster {
+    /// Long-polls one node after another for maps newer than the current
+    /// one, so a committed change reaches this router within a round trip.
+    async fn follow(self: Arc<Self>) {
+        let mut turn = 0usize;
+        loop {
+            let Some(view) = self.view() else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let mut addrs: Vec<String> = view
+                .nodes
+                .values()
+                .filter(|n| !view.is_down(n.id))
+                .map(|n| n.addr.clone())
+                .collect();
+            if addrs.is_empty() {
+                addrs = self.seeds.clone();
+            }
+            let Some(addr) = addrs.get(turn % addrs.len().max(1)).cloned() else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            match self.fetch_map(&addr, view.map.epoch, MAP_LONG_POLL).await {
+                Ok(Some(map)) if map.epoch > view.map.epoch => {
+                    if let Err(e) = self.adopt(map) {
+                        tracing::warn!(error = %e, "could not adopt the cluster map");
+                    }
+                }
+                Ok(_) => {}
+                Err(reason) => {
+                    tracing::debug!(%addr, %reason, "long poll for the cluster map failed");
+                    turn += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+/// How long one long poll for a newer map waits on a node.
+const MAP_LONG_POLL: Duration = Duration::from_secs(20);
 
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

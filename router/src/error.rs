@@ -55,6 +55,10 @@ pub enum ApiError {
     /// No replica of the key could be reached.
     #[error("no replica is available for this key")]
     Unavailable,
+    /// A cluster map change could not be committed: no Raft leader, no
+    /// quorum of nodes, or no node reachable. It may still commit.
+    #[error("{0}")]
+    ClusterUnavailable(String),
     /// The write was applied on fewer replicas than its write level needs.
     /// It is not rolled back: the others get it when they catch up.
     #[error(
@@ -102,9 +106,9 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable | ApiError::WriteLevelNotMet { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable
+            | ApiError::ClusterUnavailable(_)
+            | ApiError::WriteLevelNotMet { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -125,6 +129,7 @@ impl ApiError {
             ApiError::TooLarge(_) => "too_large",
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable => "unavailable",
+            ApiError::ClusterUnavailable(_) => "cluster_unavailable",
             ApiError::WriteLevelNotMet { .. } => "write_level_not_met",
             ApiError::InsufficientStorage => "insufficient_storage",
             ApiError::Timeout => "timeout",
@@ -158,7 +163,7 @@ impl IntoResponse for ApiError {
                     response.headers_mut().insert(header::ETAG, etag);
                 }
             }
-            ApiError::Overloaded | ApiError::Unavailable => {
+            ApiError::Overloaded | ApiError::Unavailable | ApiError::ClusterUnavailable(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -56,12 +56,13 @@ pub enum Order {
 /// The replicas of `key` to try, in order: healthy ones (ready, breaker not
 /// open) by `order`, then the others in preference-list order, which may
 /// have recovered since the last check. A node that answered its health
-/// check with NOT_SERVING (shutting down, catching up) is never tried.
+/// check with NOT_SERVING (shutting down, catching up), or that the map
+/// marks down, is never tried.
 pub fn replicas(view: &ClusterView, key: &[u8], order: Order) -> Vec<Arc<NodeHandle>> {
     let (mut healthy, others): (Vec<_>, Vec<_>) = view
         .preference_list(key)
         .into_iter()
-        .filter(|n| !n.declined())
+        .filter(|n| !n.declined() && !view.is_down(n.id))
         .partition(|n| n.is_healthy());
     if order == Order::LeastLoaded {
         // Stable: equally loaded replicas keep preference order.

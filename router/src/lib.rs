@@ -161,3 +161,33 @@ pub async fn run(
 ) -> Result<(), RouterError> {
     Router::start(config).await?.serve(shutdown).await
 }
+
+/// The caskade router: HTTPS REST API in front of the storage nodes.
+#[derive(Debug, clap::Parser)]
+#[command(name = "caskade-router", version)]
+struct Args {
+    /// TOML configuration file; `CASKADE_ROUTER_*` environment variables override it.
+    #[arg(long, short)]
+    config: Option<std::path::PathBuf>,
+}
+
+/// The `caskade-router` command: parses its flags, loads the configuration
+/// and runs the router until SIGTERM or Ctrl-C.
+pub fn main() -> std::process::ExitCode {
+    use clap::Parser as _;
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("caskade-router: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let config = RouterConfig::load(args.config.as_deref());
+        caskade_common::process::run_server("caskade-router", config, |c| &c.log, run).await
+    })
+}

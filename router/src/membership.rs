@@ -1,21 +1,24 @@
 //! `POST /admin/v1/nodes` and `DELETE /admin/v1/nodes/{id}`: changing who
 //! is in the cluster.
 //!
-//! A change is a new cluster map with the next epoch, written with
-//! `Admin/SetClusterMap` to every node of the old and the new map, then
-//! adopted by this router (others find it by their refresh). A node that
-//! already holds a different map of that epoch or a newer one refuses it,
-//! and the change is a 409: two operators racing cannot both win. The
-//! nodes move the data themselves: each pulls its new ranges and drops the
-//! ones it lost once the new owners have them.
+//! Every change is a proposal to the nodes' Raft group (`Admin/ChangeCluster`
+//! on any node, which passes it to the leader), based on the epoch of the
+//! map this router holds (or the `epoch` the operator gives): if the map
+//! moved meanwhile, the change is refused with 409 and nothing changes, so
+//! two operators racing through two routers cannot both win. The router
+//! never writes the map itself. The nodes move the data: each pulls its new
+//! ranges and drops the ones it lost once the new owners have them.
 //!
-//! Adding a node puts it on the ring at once; it reports not ready until it
-//! has pulled its ranges, and routers skip it until then. Removing a node
-//! is two changes: it is first marked leaving (off the ring, still in the
-//! map, so the others pull from it), and removed once every remaining node
-//! reports it has pulled everything of its ranges since the ring took that
-//! shape. If that takes longer than [`DRAIN_DEADLINE`], the answer is 202
-//! with the node still leaving, and the same DELETE finishes it later.
+//! Adding a node makes it a Raft learner that catches up with the map's
+//! log, then puts it on the ring; it reports not ready until it has pulled
+//! its ranges, and routers skip it until then. Removing a live node is two
+//! changes: it is first marked leaving (off the ring, still in the map, so
+//! the others pull from it), and removed once every remaining node reports
+//! it has pulled everything of its ranges since the ring took that shape.
+//! If that takes longer than [`DRAIN_DEADLINE`], the answer is 202 with the
+//! node still leaving, and the same DELETE finishes it later. A node marked
+//! down (dead) is removed at once: its ranges are pulled again from their
+//! surviving replicas.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,9 +28,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use caskade_proto::{ClusterMap, ClusterNode, NodeState, SetClusterMapRequest, StatsRequest};
+use caskade_proto::change_cluster_request::Change;
+use caskade_proto::{ChangeClusterRequest, ClusterMap, NodeAddress, NodeState, StatsRequest};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tonic::{Code, Status};
 
 use crate::app::{AppState, RequestId, read_body};
 use crate::auth::Role;
@@ -39,8 +44,9 @@ use crate::params::Query;
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 /// Pause between two checks of the remaining nodes while draining.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
-/// How long one node may take to store a new map.
-const MAP_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a proposal may take through one node (a new node's catch-up
+/// as a learner included).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(35);
 /// Largest body of `POST /admin/v1/nodes`.
 const MAX_ADD_BODY: usize = 4096;
 
@@ -72,26 +78,17 @@ pub async fn add(
     let map = state.view()?.map.clone();
     check_epoch(&map, add.epoch)?;
     validate_addr(&add.addr)?;
-    if let Some(node) = map.nodes.iter().find(|n| n.id == add.id) {
-        return Err(ApiError::Conflict(format!(
-            "node {} is already in the cluster map ({})",
-            node.id, node.addr
-        )));
+    if add.id == 0 {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            "node ids start at 1",
+        ));
     }
-    if let Some(node) = map.nodes.iter().find(|n| n.addr == add.addr) {
-        return Err(ApiError::Conflict(format!(
-            "address {} is node {}'s",
-            add.addr, node.id
-        )));
-    }
-    let mut next = map.clone();
-    next.epoch += 1;
-    next.nodes.push(ClusterNode {
+    let change = Change::Add(NodeAddress {
         id: add.id,
         addr: add.addr.clone(),
-        state: NodeState::Active as i32,
     });
-    publish(&state, &request_id, &map, &next).await?;
+    let next = propose(&state, &request_id, add.epoch.unwrap_or(map.epoch), change).await?;
     tracing::info!(node = add.id, addr = %add.addr, epoch = next.epoch, "node added");
     Ok(Json(map_json(&next)))
 }
@@ -134,19 +131,20 @@ pub async fn remove(
             map.replication_factor
         )));
     }
+    let expected = expected.unwrap_or(map.epoch);
+    if node.down {
+        // A dead node has nothing to drain: its ranges come back from
+        // their surviving replicas once it is off the ring.
+        let next = propose(&state, &request_id, expected, Change::Remove(id)).await?;
+        tracing::info!(node = id, epoch = next.epoch, "down node removed");
+        return Ok(Json(map_json(&next)).into_response());
+    }
     let mut map = map.clone();
     // The epoch whose ring the others must have pulled from the node under;
     // for a node already leaving, each node's own ring epoch.
     let mut since = 0;
     if node.state() != NodeState::Leaving {
-        let mut leaving = map.clone();
-        leaving.epoch += 1;
-        for n in &mut leaving.nodes {
-            if n.id == id {
-                n.state = NodeState::Leaving as i32;
-            }
-        }
-        publish(&state, &request_id, &map, &leaving).await?;
+        let leaving = propose(&state, &request_id, expected, Change::Leave(id)).await?;
         tracing::info!(node = id, epoch = leaving.epoch, "node leaving; draining");
         since = leaving.epoch;
         map = leaving;
@@ -159,10 +157,9 @@ pub async fn remove(
         });
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
-    let mut next = map.clone();
-    next.epoch += 1;
-    next.nodes.retain(|n| n.id != id);
-    publish(&state, &request_id, &map, &next).await?;
+    // Other changes (a node marked down or up) may have moved the epoch
+    // while draining; removing a leaving node is right whatever they were.
+    let next = propose(&state, &request_id, 0, Change::Remove(id)).await?;
     tracing::info!(node = id, epoch = next.epoch, "node removed");
     Ok(Json(map_json(&next)).into_response())
 }
@@ -192,68 +189,72 @@ fn validate_addr(addr: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Writes `next` to every node of `current` and `next`, then adopts it.
-async fn publish(
+/// Proposes `change` based on `expected_epoch` to the cluster through any
+/// node that answers, and adopts the map it committed.
+async fn propose(
     state: &AppState,
     request_id: &str,
-    current: &ClusterMap,
-    next: &ClusterMap,
-) -> Result<(), ApiError> {
-    let mut targets: Vec<Arc<NodeHandle>> = Vec::new();
-    for node in current.nodes.iter().chain(&next.nodes) {
-        if targets.iter().any(|t| t.id == node.id) {
-            continue;
-        }
-        let handle = state.cluster.handle_for(node.id, &node.addr).map_err(|e| {
-            tracing::warn!(node = node.id, error = %e, "no channel to node");
-            ApiError::bad_request(
-                "invalid_argument",
-                format!("node {} has an unusable address", node.id),
-            )
-        })?;
-        targets.push(handle);
-    }
-    let mut unreachable = Vec::new();
-    for node in &targets {
+    expected_epoch: u64,
+    change: Change,
+) -> Result<ClusterMap, ApiError> {
+    let view = state.view()?;
+    // Ready nodes first: any node passes the change to the leader.
+    let mut nodes: Vec<Arc<NodeHandle>> = view.nodes.values().cloned().collect();
+    nodes.sort_by_key(|n| (!n.is_ready(), view.map.is_down(n.id)));
+    let mut last_error = String::from("no node of the cluster map answered");
+    for node in nodes {
         let request = crate::admin::with_id(
-            SetClusterMapRequest {
-                map: Some(next.clone()),
+            ChangeClusterRequest {
+                expected_epoch,
+                change: Some(change.clone()),
             },
             request_id,
         );
         let answer =
-            tokio::time::timeout(MAP_WRITE_TIMEOUT, node.operator().set_cluster_map(request)).await;
-        match answer {
-            Ok(Ok(_)) => {}
-            Ok(Err(status)) if status.code() == tonic::Code::Aborted => {
-                return Err(ApiError::Conflict(format!(
-                    "node {} holds a newer or different cluster map; read the map and retry",
-                    node.id
-                )));
+            tokio::time::timeout(CHANGE_TIMEOUT, node.operator().change_cluster(request)).await;
+        let status = match answer {
+            Ok(Ok(answer)) => {
+                let map = answer.into_inner().map.ok_or_else(|| {
+                    ApiError::ClusterUnavailable("the node answered no map".into())
+                })?;
+                if let Err(e) = state.cluster.adopt(map.clone()) {
+                    tracing::warn!(error = %e, "adopting the new map");
+                }
+                return Ok(map);
             }
-            Ok(Err(status)) => {
-                tracing::warn!(node = node.id, code = ?status.code(), "writing the cluster map failed");
-                unreachable.push(node.id);
+            Ok(Err(status)) => status,
+            Err(_) => {
+                last_error = format!("node {} did not answer in time", node.id);
+                continue;
             }
-            Err(_) => unreachable.push(node.id),
+        };
+        match status.code() {
+            Code::Aborted => return Err(ApiError::Conflict(status.message().to_owned())),
+            Code::NotFound => return Err(ApiError::NotFound("no such node")),
+            Code::InvalidArgument => {
+                return Err(ApiError::bad_request(
+                    "invalid_argument",
+                    status.message().to_owned(),
+                ));
+            }
+            // The node answered: the change reached the cluster, whose
+            // answer this is (no leader, no quorum, not committed in time).
+            Code::Unavailable if !is_transport_error(&status) => {
+                return Err(ApiError::ClusterUnavailable(status.message().to_owned()));
+            }
+            _ => {
+                tracing::debug!(node = node.id, code = ?status.code(), "proposing through node failed");
+                last_error = format!("node {}: {}", node.id, status.message());
+            }
         }
     }
-    // Nodes that missed it learn the new map from their peers' pulls.
-    if unreachable.len() == targets.len() {
-        return Err(ApiError::Unavailable);
-    }
-    if !unreachable.is_empty() {
-        tracing::warn!(
-            ?unreachable,
-            epoch = next.epoch,
-            "nodes did not take the new map; peers will pass it on"
-        );
-    }
-    if let Err(e) = state.cluster.adopt(next.clone()) {
-        tracing::error!(error = %e, "adopting the new map");
-        return Err(ApiError::Internal);
-    }
-    Ok(())
+    Err(ApiError::ClusterUnavailable(last_error))
+}
+
+/// Whether `status` is tonic's report of a connection that failed, rather
+/// than the node's own answer.
+fn is_transport_error(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
 }
 
 /// Waits (up to [`DRAIN_DEADLINE`]) until every node on the ring of `map`
@@ -263,6 +264,10 @@ async fn drained(state: &AppState, map: &ClusterMap, leaving: u32, since: u64) -
     let started = Instant::now();
     loop {
         if all_pulled_from(state, map, leaving, since).await {
+            return true;
+        }
+        // A node that died while draining has nothing more to give.
+        if state.view().is_ok_and(|v| v.map.is_down(leaving)) {
             return true;
         }
         if started.elapsed() > DRAIN_DEADLINE {
@@ -308,6 +313,7 @@ pub fn map_json(map: &ClusterMap) -> Value {
             "id": n.id,
             "addr": n.addr,
             "state": crate::admin::state_name(n.state()),
+            "down": n.down,
         })).collect::<Vec<_>>(),
     })
 }

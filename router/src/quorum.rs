@@ -28,7 +28,10 @@ pub async fn read(
 ) -> Result<GetResponse, ApiError> {
     let list = view.preference_list(key);
     let needed = list.len() / 2 + 1;
-    let candidates: Vec<Arc<NodeHandle>> = list.into_iter().filter(|n| !n.declined()).collect();
+    let candidates: Vec<Arc<NodeHandle>> = list
+        .into_iter()
+        .filter(|n| !n.declined() && !view.is_down(n.id))
+        .collect();
     if candidates.len() < needed {
         return Err(ApiError::Unavailable);
     }

@@ -1,34 +1,39 @@
-//! The `Admin` gRPC service: the cluster map this node stores, engine
-//! counters, merge and backup.
+//! The `Admin` gRPC service: the cluster map (read, long-polled, changed
+//! through the Raft group), engine counters, merge and backup.
 //!
-//! The cluster map is kept in `<data_dir>/cluster-map.pb` (protobuf, written
-//! to a temporary file, fsynced and renamed), so a node restarts with the map
-//! it last accepted. A map is accepted only with a higher epoch than the
-//! stored one: two operators racing with the same base epoch cannot both win.
-//! Storing the stored map again succeeds and changes nothing, so a retried
-//! write, or one that a peer passed on first, is not an error.
+//! The map this node has *put into effect* is kept in
+//! `<data_dir>/cluster-map.pb` (protobuf, written to a temporary file,
+//! fsynced and renamed): the Raft group decides the map, and this record
+//! says how far the node's data layer has followed it, so a node restarts
+//! with the ranges it last served and catches up on later maps from the
+//! Raft log. It only moves to higher epochs.
 
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use caskade_common::version::unix_millis;
 use caskade_proto::admin_server::Admin;
 use caskade_proto::{
-    BackupRequest, BackupResponse, ClusterMap, GetClusterMapRequest, GetClusterMapResponse,
-    MergeRequest, MergeResponse, PeerReplication, SetClusterMapRequest, SetClusterMapResponse,
+    BackupRequest, BackupResponse, ChangeClusterRequest, ChangeClusterResponse, ClusterMap,
+    GetClusterMapRequest, GetClusterMapResponse, MergeRequest, MergeResponse, PeerReplication,
     StatsRequest, StatsResponse,
 };
 use prost::Message;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::kv::{NodeCore, run_blocking};
 use crate::status::engine_status;
 
+/// Longest long poll of `GetClusterMap`.
+const MAX_MAP_WAIT: Duration = Duration::from_secs(30);
+
 /// File name of the stored cluster map.
-const MAP_FILE: &str = "cluster-map.pb";
+pub(crate) const MAP_FILE: &str = "cluster-map.pb";
 
 /// The cluster map as stored on this node.
 #[derive(Debug)]
@@ -141,12 +146,19 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 pub struct AdminService {
     core: Arc<NodeCore>,
     backup_dir: PathBuf,
+    /// Set when the node stops: long polls answer at once, so that a
+    /// graceful shutdown does not wait for them.
+    stopping: watch::Receiver<bool>,
 }
 
 impl AdminService {
     /// A service over `core`, writing backups under `backup_dir`.
-    pub fn new(core: Arc<NodeCore>, backup_dir: PathBuf) -> Self {
-        AdminService { core, backup_dir }
+    pub fn new(core: Arc<NodeCore>, backup_dir: PathBuf, stopping: watch::Receiver<bool>) -> Self {
+        AdminService {
+            core,
+            backup_dir,
+            stopping,
+        }
     }
 }
 
@@ -186,25 +198,46 @@ impl Admin for AdminService {
             .core
             .observer
             .start("GetClusterMap", request.metadata());
-        let map = self.core.maps.get();
-        call.finish(Ok(Response::new(GetClusterMapResponse { map })))
+        let request = request.into_inner();
+        let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_MAP_WAIT);
+        let map = if wait.is_zero() {
+            self.core.cluster.map()
+        } else {
+            let mut stopping = self.stopping.clone();
+            tokio::select! {
+                map = self.core.cluster.map_after(request.after_epoch, wait) => map,
+                _ = stopping.wait_for(|s| *s) => self.core.cluster.map(),
+            }
+        };
+        call.finish(Ok(Response::new(GetClusterMapResponse {
+            map: map.map(|m| m.to_proto()),
+            leader_id: self.core.cluster.leader().unwrap_or(0),
+        })))
     }
 
-    async fn set_cluster_map(
+    async fn change_cluster(
         &self,
-        request: Request<SetClusterMapRequest>,
-    ) -> Result<Response<SetClusterMapResponse>, Status> {
+        request: Request<ChangeClusterRequest>,
+    ) -> Result<Response<ChangeClusterResponse>, Status> {
         let call = self
             .core
             .observer
-            .start("SetClusterMap", request.metadata());
-        let map = request.into_inner().map;
+            .start("ChangeCluster", request.metadata());
+        let request = request.into_inner();
         let result = async move {
-            let map = map.ok_or_else(|| Status::invalid_argument("map is required"))?;
-            let epoch = map.epoch;
-            self.core.adopt_map(map).await?;
-            tracing::info!(epoch, "cluster map updated");
-            Ok(Response::new(SetClusterMapResponse {}))
+            let change = request
+                .change
+                .ok_or_else(|| Status::invalid_argument("change is required"))
+                .and_then(crate::cluster::from_proto_change)?;
+            let map = self
+                .core
+                .cluster
+                .change(request.expected_epoch, change.clone())
+                .await?;
+            tracing::info!(epoch = map.epoch, ?change, "cluster map change committed");
+            Ok(Response::new(ChangeClusterResponse {
+                map: Some(map.to_proto()),
+            }))
         }
         .instrument(call.span())
         .await;
@@ -291,6 +324,8 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
         tombstone_horizon: stats.tombstone_horizon,
         ready: core.replication.is_ready(),
         ring_epoch: core.replication.placement().map_or(0, |p| p.ring_epoch),
+        raft: Some(core.cluster.status()),
+        map_epoch: core.maps.get().map_or(0, |m| m.epoch),
         peers: core
             .replication
             .lag()

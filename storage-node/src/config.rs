@@ -38,6 +38,9 @@ pub struct NodeConfig {
     /// Storage engine settings.
     #[serde(default)]
     pub engine: EngineConfig,
+    /// The cluster this node forms or joins.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Replication between nodes.
     #[serde(default)]
     pub replication: ReplicationConfig,
@@ -57,9 +60,19 @@ fn default_listen() -> SocketAddr {
 }
 
 impl NodeConfig {
-    /// Loads `path` (if any) and the `CASKADE_NODE_` environment.
+    /// Loads `path` (if any) and the `CASKADE_NODE_` environment, and validates it.
     pub fn load(path: Option<&Path>) -> Result<NodeConfig, ConfigError> {
-        config::load(path, ENV_PREFIX)
+        let config: NodeConfig = config::load(path, ENV_PREFIX)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: the cluster settings against this node's id.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(ConfigError::Invalid("id: node ids start at 1".into()));
+        }
+        self.cluster.validate(self.id)
     }
 
     /// The backup directory, resolved.
@@ -105,6 +118,161 @@ impl Default for EngineConfig {
             merge: MergeConfig::default(),
         }
     }
+}
+
+/// `[cluster]`: the Raft group that holds the cluster map, and how a new
+/// cluster forms (etcd's `--initial-cluster`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The members of a new cluster, `id=host:port` separated by commas, the
+    /// same on every one of them (default: none; the node then waits to be
+    /// added to a cluster with `POST /admin/v1/nodes`). A node that already
+    /// belongs to a cluster ignores it.
+    pub initial_members: Option<InitialMembers>,
+    /// Replicas per key in a new cluster (default 3; at most the number of
+    /// initial members).
+    pub replication_factor: u32,
+    /// Ring points per node in a new cluster (default 64, at most 4096).
+    pub vnodes_per_node: u32,
+    /// How long a node must be unreachable before the Raft leader marks it
+    /// down and routers send its requests to the next replicas (default
+    /// 5000 ms; 0 never marks nodes down).
+    pub failover_after_ms: u64,
+    /// Raft leader heartbeat period (default 250 ms).
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for this long (randomized up to twice
+    /// as long) starts an election (default 1500 ms; at least 3 heartbeats).
+    pub election_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            initial_members: None,
+            replication_factor: 3,
+            vnodes_per_node: 64,
+            failover_after_ms: 5000,
+            heartbeat_ms: 250,
+            election_timeout_ms: 1500,
+        }
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self, id: u32) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(format!("cluster.{message}")));
+        if self.heartbeat_ms == 0 || self.election_timeout_ms < self.heartbeat_ms * 3 {
+            return invalid(format!(
+                "election_timeout_ms ({}) must be at least three heartbeats (heartbeat_ms {})",
+                self.election_timeout_ms, self.heartbeat_ms
+            ));
+        }
+        if self.vnodes_per_node == 0 || self.vnodes_per_node > 4096 {
+            return invalid(format!(
+                "vnodes_per_node {} must be between 1 and 4096",
+                self.vnodes_per_node
+            ));
+        }
+        let Some(members) = &self.initial_members else {
+            return Ok(());
+        };
+        if !members.0.iter().any(|m| m.id == id) {
+            return invalid(format!(
+                "initial_members does not name this node (id {id}): {members}"
+            ));
+        }
+        let count = members.0.len() as u32;
+        if self.replication_factor == 0 || self.replication_factor > count {
+            return invalid(format!(
+                "replication_factor {} must be between 1 and the number of initial members ({count})",
+                self.replication_factor
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One member of a new cluster: its node id and the `host:port` where the
+/// other nodes and the routers reach its gRPC listener.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InitialMember {
+    /// The node's id.
+    pub id: u32,
+    /// Its advertised gRPC address.
+    pub addr: String,
+}
+
+/// `cluster.initial_members`: `id=host:port,id=host:port,…`, ids and
+/// addresses unique, sorted by id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct InitialMembers(pub Vec<InitialMember>);
+
+impl TryFrom<String> for InitialMembers {
+    type Error = String;
+
+    fn try_from(list: String) -> Result<Self, String> {
+        let mut members = Vec::new();
+        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (id, addr) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("`{entry}` is not id=host:port"))?;
+            let id: u32 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&id| id > 0)
+                .ok_or_else(|| format!("`{entry}`: the id must be a number from 1"))?;
+            let addr = addr.trim();
+            validate_addr(addr).map_err(|why| format!("`{entry}`: {why}"))?;
+            if members.iter().any(|m: &InitialMember| m.id == id) {
+                return Err(format!("node id {id} is listed twice"));
+            }
+            if members.iter().any(|m: &InitialMember| m.addr == addr) {
+                return Err(format!("address {addr} is listed twice"));
+            }
+            members.push(InitialMember {
+                id,
+                addr: addr.to_owned(),
+            });
+        }
+        if members.is_empty() {
+            return Err("the list is empty; expected id=host:port,id=host:port,…".into());
+        }
+        members.sort();
+        Ok(InitialMembers(members))
+    }
+}
+
+impl std::fmt::Display for InitialMembers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list: Vec<String> = self
+            .0
+            .iter()
+            .map(|m| format!("{}={}", m.id, m.addr))
+            .collect();
+        f.write_str(&list.join(","))
+    }
+}
+
+/// Checks that `addr` is `host:port` with a port from 1 to 65535.
+pub fn validate_addr(addr: &str) -> Result<(), String> {
+    let port = addr
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && host != &"[]")
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .filter(|&port| port != 0);
+    if port.is_none()
+        || addr
+            .chars()
+            .any(|c| c.is_whitespace() || c == '/' || c == '@')
+    {
+        return Err(format!(
+            "`{addr}` is not host:port with a port from 1 to 65535"
+        ));
+    }
+    Ok(())
 }
 
 /// `[replication]`: how this node pulls from its peers and waits for them.

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::admin::ClusterMapStore;
+use crate::cluster::Cluster;
 use crate::engine::{
     Condition, DeleteOptions, Engine, EngineError, Latest, PutOptions, WriteOutcome,
 };
@@ -61,8 +62,10 @@ pub struct NodeCore {
     pub writes_wait_for_fsync: bool,
     /// Placement, peers' acknowledgements, catch-up state and readiness.
     pub replication: Replication,
-    /// The cluster map as stored on this node.
+    /// The cluster map this node has put into effect.
     pub maps: Arc<ClusterMapStore>,
+    /// The cluster map's Raft group.
+    pub cluster: Arc<Cluster>,
 }
 
 impl NodeCore {

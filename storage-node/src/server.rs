@@ -17,6 +17,7 @@ use caskade_common::telemetry::{self, serve_metrics};
 use caskade_common::tls::{TlsError, TlsMaterial};
 use caskade_proto::admin_server::AdminServer;
 use caskade_proto::kv_server::KvServer;
+use caskade_proto::raft_server::RaftServer;
 use caskade_proto::replication_server::ReplicationServer;
 use metrics::{counter, gauge, histogram};
 use thiserror::Error;
@@ -26,6 +27,10 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, ClusterMapStore, stats_of};
+use crate::cluster::service::RaftServer as RaftService;
+use crate::cluster::store::RaftDb;
+use crate::cluster::{self, Cluster, ClusterError};
+use crate::config::InitialMembers;
 use crate::config::{DurabilityMode, NodeConfig};
 use crate::engine::{Engine, EngineError, FsyncObserver};
 use crate::engine_threads::EngineThreads;
@@ -61,6 +66,13 @@ pub enum NodeError {
     /// Invalid log settings.
     #[error("{0}")]
     Log(String),
+    /// Settings that do not fit together.
+    #[error(transparent)]
+    Config(#[from] caskade_common::config::ConfigError),
+    /// The cluster map's Raft state could not be opened, or the cluster
+    /// could not be formed as configured.
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterError),
 }
 
 /// A started node: engine open, listeners bound, not yet serving.
@@ -79,6 +91,18 @@ impl Node {
         // Metric handles taken before the recorder exists would record nothing.
         telemetry::metrics_handle();
         let tls = TlsMaterial::load(&config.tls)?;
+        // First: a new node checks its initial members before it writes anything.
+        let new_raft_state = !RaftDb::exists(&config.data_dir);
+        let cluster =
+            Arc::new(Cluster::open(config.id, &config.data_dir, &config.cluster, &tls).await?);
+        if new_raft_state {
+            // A map stored before the cluster map was decided by Raft is
+            // not authoritative; the Raft group's map replaces it.
+            let legacy = config.data_dir.join(crate::admin::MAP_FILE);
+            if legacy.exists() {
+                std::fs::remove_file(&legacy)?;
+            }
+        }
         let node_label = config.id.to_string();
         let mut options = config.engine.options();
         let fsync_seconds =
@@ -118,6 +142,7 @@ impl Node {
             writes_wait_for_fsync: config.engine.durability == DurabilityMode::Always,
             replication,
             maps: Arc::new(map),
+            cluster,
         });
         Ok(Node {
             config,
@@ -141,6 +166,14 @@ impl Node {
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.config.data_dir.clone()
+    }
+
+    /// Sets the members of a new cluster after the listeners are bound: for
+    /// clusters in one process (`caskade local`, tests) whose nodes listen
+    /// on ports the OS picks. Ignored by a node that belongs to a cluster.
+    pub fn set_initial_members(&mut self, members: InitialMembers) -> Result<(), NodeError> {
+        self.config.cluster.initial_members = Some(members);
+        Ok(self.config.validate()?)
     }
 
     /// Serves until `shutdown` resolves, then stops gracefully.
@@ -195,6 +228,16 @@ impl Node {
             })
         };
         let pullers = tokio::spawn(puller::run(Arc::clone(&core), tls.clone(), stop_rx.clone()));
+        core.cluster
+            .bootstrap(config.cluster.initial_members.as_ref())
+            .await?;
+        let maps = tokio::spawn(follow_maps(Arc::clone(&core), stop_rx.clone()));
+        let leader = tokio::spawn(cluster::leader::run(
+            Arc::clone(&core.cluster),
+            config.cluster.initial_members.clone(),
+            tls.clone(),
+            stop_rx.clone(),
+        ));
 
         let max_message = config
             .engine
@@ -207,7 +250,18 @@ impl Node {
         let replication = ReplicationServer::new(ReplicationService::new(Arc::clone(&core)))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        let admin = AdminServer::new(AdminService::new(Arc::clone(&core), config.backup_dir()));
+        let admin = AdminServer::new(AdminService::new(
+            Arc::clone(&core),
+            config.backup_dir(),
+            stop_rx.clone(),
+        ));
+        let raft = RaftServer::new(RaftService::new(
+            core.id,
+            core.cluster.raft().clone(),
+            Arc::clone(core.cluster.identity()),
+        ))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
         let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
         let tls_config = tls.grpc_server().timeout(Duration::from_secs(
             config.server.tls_handshake_timeout_secs,
@@ -218,7 +272,8 @@ impl Node {
             .add_service(health_service)
             .add_service(kv)
             .add_service(replication)
-            .add_service(admin);
+            .add_service(admin)
+            .add_service(raft);
 
         tracing::info!(node = core.id, grpc = %grpc_addr, data_dir = %config.data_dir.display(), "serving");
         let drain = Duration::from_millis(config.server.shutdown_drain_ms);
@@ -253,6 +308,13 @@ impl Node {
         if let Some(task) = metrics_task {
             task.abort();
         }
+        // Both hold the node's state; they are gone once awaited, so the
+        // engine and the Raft database close (and unlock) below.
+        leader.abort();
+        maps.abort();
+        let _ = leader.await;
+        let _ = maps.await;
+        core.cluster.shutdown().await;
         // The pullers stop with the server and store their cursors last.
         if let Err(e) = pullers.await {
             tracing::error!(error = %e, "replication task failed");
@@ -267,6 +329,34 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     Node::start(config).await?.serve(shutdown).await
+}
+
+/// Puts every map the Raft group commits into effect on this node (ranges
+/// to pull, to refuse, to drop), in epoch order. A map that could not be
+/// put into effect (a failed cursor write) is tried again.
+async fn follow_maps(core: Arc<NodeCore>, stop: watch::Receiver<bool>) {
+    let mut maps = core.cluster.watch();
+    loop {
+        let committed = maps.borrow_and_update().clone();
+        if let Some(map) = committed {
+            let adopted = core.maps.get().map_or(0, |m| m.epoch);
+            if map.epoch > adopted {
+                let epoch = map.epoch;
+                if let Err(status) = core.adopt_map(map.to_proto()).await {
+                    tracing::error!(epoch, error = %status.message(), "putting the cluster map into effect; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = stopped(stop.clone()) => return,
+                    }
+                }
+                tracing::info!(epoch, "cluster map in effect");
+            }
+        }
+        tokio::select! {
+            changed = maps.changed() => if changed.is_err() { return },
+            () = stopped(stop.clone()) => return,
+        }
+    }
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

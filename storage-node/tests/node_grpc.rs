@@ -11,7 +11,9 @@ use caskade_proto::{
     StatsRequest, batch_op, batch_result, condition,
 };
 use prost::bytes::Bytes;
-use support::{RunningNode, admin_client, certs, channel, kv_client, node_config};
+use std::time::Duration;
+
+use support::{RunningNode, admin_client, certs, channel, eventually, kv_client, node_config};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -340,64 +342,107 @@ async fn bad_input_is_invalid_argument_and_writes_nothing() {
 }
 
 #[tokio::test]
-async fn the_cluster_map_only_moves_to_higher_epochs_and_survives_restart() {
-    use caskade_proto::{
-        ClusterMap, ClusterNode, GetClusterMapRequest, NodeState, SetClusterMapRequest,
-    };
+async fn a_single_node_forms_its_cluster_refuses_bad_changes_and_keeps_its_map() {
+    use caskade_node::config::InitialMembers;
+    use caskade_proto::change_cluster_request::Change;
+    use caskade_proto::{ChangeClusterRequest, GetClusterMapRequest, NodeAddress};
 
     let dir = tempfile::tempdir().unwrap();
     let certs = certs(dir.path());
-    let node = RunningNode::start(node_config(dir.path(), &certs)).await;
+    let mut config = node_config(dir.path(), &certs);
+    config.listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    config.cluster.initial_members =
+        Some(InitialMembers::try_from(format!("1={}", config.listen)).unwrap());
+    config.cluster.replication_factor = 1;
+    config.cluster.heartbeat_ms = 50;
+    config.cluster.election_timeout_ms = 300;
+    let node = RunningNode::start(config.clone()).await;
     let mut admin = admin_client(&node, &certs).await;
-    let map = |epoch: u64| ClusterMap {
-        epoch,
-        replication_factor: 1,
-        vnodes_per_node: 64,
-        nodes: vec![ClusterNode {
-            id: 1,
-            addr: node.grpc.to_string(),
-            state: NodeState::Active as i32,
-        }],
-    };
-    let set = |map: ClusterMap| SetClusterMapRequest { map: Some(map) };
+    let map = eventually(Duration::from_secs(20), "the first map", || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_cluster_map(GetClusterMapRequest::default())
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().map)
+        }
+    })
+    .await;
+    assert_eq!(map.epoch, 1);
+    assert_eq!(map.replication_factor, 1);
+    assert_eq!(map.nodes.len(), 1);
+    assert_eq!(map.nodes[0].addr, config.listen.to_string());
 
-    assert_eq!(
-        admin
-            .get_cluster_map(GetClusterMapRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .map,
-        None
-    );
-    admin.set_cluster_map(set(map(2))).await.unwrap();
-    // The same map again is a retry, not a conflict.
-    admin.set_cluster_map(set(map(2))).await.unwrap();
-    let rival = ClusterMap {
-        vnodes_per_node: 32,
-        ..map(2)
+    let change = |expected_epoch, change| ChangeClusterRequest {
+        expected_epoch,
+        change: Some(change),
     };
-    for stale in [map(1), rival] {
-        let status = admin.set_cluster_map(set(stale.clone())).await.unwrap_err();
-        assert_eq!(status.code(), Code::Aborted, "{stale:?}");
+    let add = |id, addr: &str| {
+        Change::Add(NodeAddress {
+            id,
+            addr: addr.into(),
+        })
+    };
+    let cases = [
+        (change(0, add(0, "127.0.0.1:9")), Code::InvalidArgument),
+        (change(0, add(2, "no-port")), Code::InvalidArgument),
+        (change(0, add(2, "127.0.0.1:0")), Code::InvalidArgument),
+        (change(7, add(2, "127.0.0.1:9")), Code::Aborted),
+        (change(0, add(1, "127.0.0.1:9")), Code::Aborted),
+        (change(0, Change::Remove(9)), Code::NotFound),
+        // The only node of an RF 1 cluster cannot leave it.
+        (change(0, Change::Remove(1)), Code::Aborted),
+        (change(0, Change::Leave(1)), Code::Aborted),
+        (
+            ChangeClusterRequest {
+                expected_epoch: 0,
+                change: None,
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (request, code) in cases {
+        let status = admin.change_cluster(request.clone()).await.unwrap_err();
+        assert_eq!(status.code(), code, "{request:?}: {status:?}");
     }
-    let invalid = ClusterMap {
-        replication_factor: 2,
-        ..map(3)
-    };
-    let status = admin.set_cluster_map(set(invalid)).await.unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+    // Nothing changed.
+    let after = admin
+        .get_cluster_map(GetClusterMapRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .map
+        .unwrap();
+    assert_eq!(after, map);
+    // A long poll for a newer epoch answers with the current map when none comes.
+    let polled = admin
+        .get_cluster_map(GetClusterMapRequest {
+            after_epoch: 1,
+            wait_ms: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(polled.map.map(|m| m.epoch), Some(1));
+    assert_eq!(polled.leader_id, 1);
 
+    // Restarted with other initial settings, the node keeps its cluster's map.
     node.stop().await.unwrap();
-    let node = RunningNode::start(node_config(dir.path(), &certs)).await;
+    let mut changed = config.clone();
+    changed.cluster.vnodes_per_node = 8;
+    let node = RunningNode::start(changed).await;
     let mut admin = admin_client(&node, &certs).await;
     let stored = admin
-        .get_cluster_map(GetClusterMapRequest {})
+        .get_cluster_map(GetClusterMapRequest::default())
         .await
         .unwrap()
         .into_inner()
         .map;
-    assert_eq!(stored.map(|m| m.epoch), Some(2));
+    assert_eq!(stored, Some(map));
     node.stop().await.unwrap();
 }
 

@@ -5,9 +5,13 @@
 //! cluster CA, and tokens. Everything runs in the test's process on loopback
 //! ports the OS picks, over real mutual TLS and real HTTPS.
 //!
-//! It must never reach past the public interfaces: the map is written with
-//! `Admin/SetClusterMap` like an operator would, and what the router
+//! It must never reach past the public interfaces: the nodes form the
+//! cluster from their initial members (the Raft bootstrap of separate
+//! processes, with the addresses the OS picked), and what the router
 //! believes is read from `/readyz`, `/admin/v1/cluster` and `/metrics`.
+//! Automatic failover is off unless a suite turns it on
+//! (`cluster.failover_after_ms` in [`ClusterSpec::configure`]): the
+//! resilience suites test the router's own defences.
 //!
 //! Node ids are unique within the test process (each cluster takes its own
 //! block of 100): the router's metrics recorder is process-global, so two
@@ -26,12 +30,14 @@ use caskade_common::certs::{ClusterCertFiles, ensure_cluster_certs};
 use caskade_common::config::LogConfig;
 use caskade_common::ring::Ring;
 use caskade_common::tls::TlsMaterial;
-use caskade_node::config::{DurabilityMode, EngineConfig, MetricsConfig, ServerConfig};
+use caskade_node::config::{
+    ClusterConfig, DurabilityMode, EngineConfig, InitialMembers, MetricsConfig, ServerConfig,
+};
 use caskade_node::{Node, NodeConfig, NodeError};
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::kv_client::KvClient;
 use caskade_proto::replication_client::ReplicationClient;
-use caskade_proto::{ClusterMap, ClusterNode, NodeState, ScanRequest, SetClusterMapRequest};
+use caskade_proto::{ClusterMap, GetClusterMapRequest, ScanRequest};
 use caskade_router::auth::{AuthConfig, Role, SecretKeyFile, TokenRequest, issue_hs256};
 use caskade_router::config::{HttpsFiles, IdempotencyConfig, LimitsConfig, NodePolicy};
 use caskade_router::{Router, RouterConfig, RouterError};
@@ -50,6 +56,9 @@ use crate::node_process::NodeProcess;
 
 /// How long the router may take to adopt the map and see the nodes ready.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the nodes may take to elect a leader, commit the first map and
+/// catch up with each other.
+const FORM_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a node or the router may take to stop gracefully.
 const STOP_DEADLINE: Duration = Duration::from_secs(15);
 /// Pause between two checks of a polled condition.
@@ -184,8 +193,8 @@ struct Slot {
     id: u32,
     addr: SocketAddr,
     config: NodeConfig,
-    /// Whether the node's data directory holds the cluster map.
-    has_map: bool,
+    /// A storage node (not a hanging listener) when the cluster started.
+    real: bool,
     /// The node runs in a process of its own (started from this executable).
     binary: Option<PathBuf>,
     occupant: Occupant,
@@ -227,10 +236,15 @@ impl TestCluster {
         let certs = ensure_cluster_certs(&dir.path().join("certs"), count + SPARE_NODES, &[])?;
         let block = NEXT_ID_BLOCK.fetch_add(1, Ordering::Relaxed) * 100;
 
+        // First every member gets its address (in-process nodes bind port 0,
+        // processes get a free port), then all learn the initial members.
         let mut slots = Vec::with_capacity(spec.members.len());
+        let mut pending = Vec::new();
         for (index, member) in spec.members.iter().enumerate() {
             let id = block + u32::try_from(index)? + 1;
             let mut config = node_config(dir.path(), &certs, index, id);
+            config.cluster.replication_factor = spec.replication_factor;
+            config.cluster.vnodes_per_node = spec.vnodes_per_node;
             (spec.configure)(&mut config);
             let binary = match member {
                 Member::Process => Some(
@@ -246,7 +260,8 @@ impl TestCluster {
                         .await
                         .with_context(|| format!("starting node {id}"))?;
                     let addr = node.grpc_addr();
-                    (addr, serve_node(node))
+                    pending.push((id, node));
+                    (addr, Occupant::Nothing)
                 }
                 Member::Hanging => {
                     let (hanging, addr) = HangingListener::bind(config.listen).await?;
@@ -254,12 +269,8 @@ impl TestCluster {
                 }
                 Member::Process => {
                     // A free port, chosen by the OS and handed to the process.
-                    config.listen = TcpListener::bind(config.listen).await?.local_addr()?;
-                    let binary = binary.as_deref().context("a node binary")?;
-                    let process = NodeProcess::start(binary, &config)
-                        .await
-                        .with_context(|| format!("starting node process {id}"))?;
-                    (config.listen, Occupant::Process(process))
+                    let addr = TcpListener::bind(config.listen).await?.local_addr()?;
+                    (addr, Occupant::Nothing)
                 }
             };
             // Restarts must come back where the map says the node is.
@@ -268,45 +279,55 @@ impl TestCluster {
                 id,
                 addr,
                 config,
-                has_map: false,
+                real: *member != Member::Hanging,
                 binary,
                 occupant,
             });
         }
-
-        let map = ClusterMap {
-            epoch: 1,
-            replication_factor: spec.replication_factor,
-            vnodes_per_node: spec.vnodes_per_node,
-            nodes: slots
+        let members = InitialMembers::try_from(
+            slots
                 .iter()
-                .map(|slot| ClusterNode {
-                    id: slot.id,
-                    addr: slot.addr.to_string(),
-                    state: NodeState::Active as i32,
-                })
-                .collect(),
-        };
+                .map(|s| format!("{}={}", s.id, s.addr))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .map_err(anyhow::Error::msg)?;
+        for slot in &mut slots {
+            slot.config.cluster.initial_members = Some(members.clone());
+        }
+        for (id, mut node) in pending {
+            node.set_initial_members(members.clone())?;
+            let slot = slots.iter_mut().find(|s| s.id == id).context("slot")?;
+            slot.occupant = serve_node(node);
+        }
+        for slot in slots.iter_mut().filter(|s| s.binary.is_some()) {
+            let binary = slot.binary.as_deref().context("a node binary")?;
+            let process = NodeProcess::start(binary, &slot.config)
+                .await
+                .with_context(|| format!("starting node process {}", slot.id))?;
+            slot.occupant = Occupant::Process(process);
+        }
         let ids: Vec<u32> = slots.iter().map(|s| s.id).collect();
         let ring = Ring::new(&ids, spec.vnodes_per_node, spec.replication_factor);
-        for slot in &mut slots {
-            if matches!(slot.occupant, Occupant::Node { .. } | Occupant::Process(_)) {
-                write_map(&certs, slot.addr, &map).await?;
-                slot.has_map = true;
-            }
-        }
 
-        // A node told its first map catches up with its peers before it
-        // serves; the router starts once they all do.
-        for slot in slots.iter().filter(|s| s.has_map) {
+        // The nodes elect a leader, which commits the first map; each node
+        // then catches up with its peers before it serves. The router
+        // starts once they all do.
+        let mut map = None;
+        for slot in slots.iter().filter(|s| s.real) {
             let addr = slot.addr;
             poll_until(
-                &format!("node {} to serve", slot.id),
-                READY_DEADLINE,
-                || async { node_serving_at(&certs, addr).await == Some(true) },
+                &format!("node {} to hold the cluster map and serve", slot.id),
+                FORM_DEADLINE,
+                || async {
+                    node_map_at(&certs, addr).await.is_some()
+                        && node_serving_at(&certs, addr).await == Some(true)
+                },
             )
             .await;
+            map = node_map_at(&certs, addr).await;
         }
+        let map = map.context("the cluster formed no map")?;
 
         let secret_file = dir.path().join("jwt-secret");
         std::fs::write(&secret_file, JWT_SECRET)?;
@@ -320,7 +341,7 @@ impl TestCluster {
             node_tls: certs.router.clone(),
             seeds: slots
                 .iter()
-                .filter(|s| s.has_map)
+                .filter(|s| s.real)
                 .map(|s| s.addr.to_string())
                 .collect(),
             auth: AuthConfig {
@@ -366,7 +387,7 @@ impl TestCluster {
             configure: spec.configure,
             _dir: dir,
         };
-        let nodes = cluster.slots.iter().filter(|s| s.has_map).count();
+        let nodes = cluster.slots.iter().filter(|s| s.real).count();
         poll_until(
             "the router to see every storage node ready",
             READY_DEADLINE,
@@ -472,7 +493,7 @@ impl TestCluster {
             id,
             addr,
             config,
-            has_map: true,
+            real: true,
             binary: None,
             occupant: serve_node(node),
         });
@@ -538,6 +559,13 @@ impl TestCluster {
         ))
     }
 
+    /// An `Admin` client straight to node `id`, as the operator's client.
+    pub async fn node_admin(&self, id: u32) -> anyhow::Result<AdminClient<Channel>> {
+        Ok(AdminClient::new(
+            node_channel(&self.certs, self.addr(id)).await?,
+        ))
+    }
+
     /// A `Replication` client straight to node `id` (as a router repairing it).
     pub async fn node_replication(&self, id: u32) -> anyhow::Result<ReplicationClient<Channel>> {
         Ok(ReplicationClient::new(
@@ -553,7 +581,7 @@ impl TestCluster {
 
     /// Starts node `id` on its address (its data directory kept) after it
     /// was stopped, or in place of a hanging listener, which is closed
-    /// first. A node that never held the map is given it.
+    /// first (that node joins the cluster from the initial members).
     pub async fn start_node(&mut self, id: u32) -> anyhow::Result<()> {
         let slot = self.slot_mut(id);
         let previous = std::mem::replace(&mut slot.occupant, Occupant::Nothing);
@@ -581,11 +609,6 @@ impl TestCluster {
                     .with_context(|| format!("restarting node {id} on {}", slot.addr))?,
             ),
         };
-        if !slot.has_map {
-            let addr = slot.addr;
-            write_map(&self.certs, addr, &self.map).await?;
-            self.slot_mut(id).has_map = true;
-        }
         Ok(())
     }
 
@@ -889,6 +912,12 @@ fn node_config(
             durability: DurabilityMode::Never,
             ..EngineConfig::default()
         },
+        cluster: ClusterConfig {
+            failover_after_ms: 0,
+            heartbeat_ms: 100,
+            election_timeout_ms: 1000,
+            ..ClusterConfig::default()
+        },
         replication: Default::default(),
         server: ServerConfig {
             shutdown_grace_secs: NODE_SHUTDOWN_GRACE_SECS,
@@ -923,20 +952,15 @@ async fn node_serving_at(certs: &ClusterCertFiles, addr: SocketAddr) -> Option<b
     Some(answer.get_ref().status == ServingStatus::Serving as i32)
 }
 
-/// `Admin/SetClusterMap` on the node at `addr`, as the operator's client.
-async fn write_map(
-    certs: &ClusterCertFiles,
-    addr: SocketAddr,
-    map: &ClusterMap,
-) -> anyhow::Result<()> {
-    let channel = node_channel(certs, addr).await?;
+/// The cluster map the node at `addr` holds, if it answers and has one.
+async fn node_map_at(certs: &ClusterCertFiles, addr: SocketAddr) -> Option<ClusterMap> {
+    let channel = node_channel(certs, addr).await.ok()?;
     AdminClient::new(channel)
-        .set_cluster_map(SetClusterMapRequest {
-            map: Some(map.clone()),
-        })
+        .get_cluster_map(GetClusterMapRequest::default())
         .await
-        .with_context(|| format!("writing the cluster map to {addr}"))?;
-    Ok(())
+        .ok()?
+        .into_inner()
+        .map
 }
 
 #[cfg(test)]

@@ -154,6 +154,29 @@ fn environment(config: &NodeConfig) -> Vec<(String, String)> {
     if let Some(dir) = &config.backup_dir {
         vars.push(("BACKUP_DIR", path(dir)));
     }
+    let cluster = &config.cluster;
+    if let Some(members) = &cluster.initial_members {
+        vars.push(("CLUSTER__INITIAL_MEMBERS", members.to_string()));
+    }
+    vars.extend([
+        (
+            "CLUSTER__REPLICATION_FACTOR",
+            cluster.replication_factor.to_string(),
+        ),
+        (
+            "CLUSTER__VNODES_PER_NODE",
+            cluster.vnodes_per_node.to_string(),
+        ),
+        (
+            "CLUSTER__FAILOVER_AFTER_MS",
+            cluster.failover_after_ms.to_string(),
+        ),
+        ("CLUSTER__HEARTBEAT_MS", cluster.heartbeat_ms.to_string()),
+        (
+            "CLUSTER__ELECTION_TIMEOUT_MS",
+            cluster.election_timeout_ms.to_string(),
+        ),
+    ]);
     vars.into_iter()
         .map(|(k, v)| (format!("{}{k}", caskade_node::config::ENV_PREFIX), v))
         .collect()

@@ -295,7 +295,8 @@ async fn a_cancelled_probe_does_not_wedge_the_breaker() {
         ..quick_policy()
     };
     let mut tc = TestCluster::start(ClusterSpec {
-        members: vec![Member::Node, Member::Hanging],
+        // A third node keeps a Raft quorum while one member hangs.
+        members: vec![Member::Node, Member::Hanging, Member::Node],
         replication_factor: 1,
         vnodes_per_node: 64,
         policy: policy.clone(),
@@ -587,7 +588,8 @@ async fn a_full_node_sheds_load_with_429() {
         ..quick_policy()
     };
     let tc = TestCluster::start(ClusterSpec {
-        members: vec![Member::Node, Member::Hanging],
+        // A third node keeps a Raft quorum while one member hangs.
+        members: vec![Member::Node, Member::Hanging, Member::Node],
         replication_factor: 1,
         vnodes_per_node: 64,
         policy: policy.clone(),

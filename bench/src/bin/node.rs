@@ -94,6 +94,8 @@ fn main() -> anyhow::Result<()> {
             durability: DurabilityMode::Never,
             ..EngineConfig::default()
         },
+        // A node alone, in no cluster: it serves every key.
+        cluster: Default::default(),
         replication: Default::default(),
         server: ServerConfig::default(),
         metrics: MetricsConfig::default(),

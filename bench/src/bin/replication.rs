@@ -27,11 +27,13 @@ use caskade_common::certs::{ClusterCertFiles, ensure_cluster_certs};
 use caskade_common::config::LogConfig;
 use caskade_common::tls::{TlsMaterial, install_crypto_provider};
 use caskade_common::{Hlc, Version};
-use caskade_node::config::{DurabilityMode, EngineConfig, MetricsConfig, ServerConfig};
+use caskade_node::config::{
+    ClusterConfig, DurabilityMode, EngineConfig, InitialMembers, MetricsConfig, ServerConfig,
+};
 use caskade_node::engine::{Engine, PutOptions};
 use caskade_node::{Node, NodeConfig};
 use caskade_proto::admin_client::AdminClient;
-use caskade_proto::{ClusterMap, ClusterNode, NodeState, SetClusterMapRequest, StatsRequest};
+use caskade_proto::{GetClusterMapRequest, StatsRequest};
 use caskade_router::config::NodePolicy;
 use clap::Parser;
 use tokio::sync::oneshot;
@@ -172,17 +174,15 @@ struct CatchUp {
 struct Running {
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), caskade_node::NodeError>>,
-    addr: SocketAddr,
 }
 
 async fn start_node(config: NodeConfig) -> anyhow::Result<Running> {
     let node = Node::start(config).await?;
-    let addr = node.grpc_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(node.serve(async {
         let _ = stopped.await;
     }));
-    Ok(Running { stop, task, addr })
+    Ok(Running { stop, task })
 }
 
 impl Running {
@@ -196,6 +196,12 @@ impl Running {
 async fn catch_up(args: &Args) -> anyhow::Result<CatchUp> {
     let root = tempfile::tempdir().context("creating the temporary directory")?;
     let certs = ensure_cluster_certs(&root.path().join("certs"), 2, &[])?;
+    // Two free ports, so that both nodes know each other from the start
+    // (their initial members) and come back on them.
+    let a_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let b_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let members =
+        InitialMembers::try_from(format!("1={a_addr},2={b_addr}")).map_err(anyhow::Error::msg)?;
     let config = |id: u32, listen: SocketAddr| NodeConfig {
         id,
         listen,
@@ -206,36 +212,19 @@ async fn catch_up(args: &Args) -> anyhow::Result<CatchUp> {
             durability: DurabilityMode::Never,
             ..EngineConfig::default()
         },
+        cluster: ClusterConfig {
+            initial_members: Some(members.clone()),
+            replication_factor: 2,
+            ..ClusterConfig::default()
+        },
         replication: Default::default(),
         server: ServerConfig::default(),
         metrics: MetricsConfig::default(),
         log: LogConfig::default(),
     };
-    let any = "127.0.0.1:0".parse()?;
-    let a = start_node(config(1, any)).await?;
-    let b = start_node(config(2, any)).await?;
-    let (a_addr, b_addr) = (a.addr, b.addr);
-    let map = ClusterMap {
-        epoch: 1,
-        replication_factor: 2,
-        vnodes_per_node: 64,
-        nodes: [(1, a_addr), (2, b_addr)]
-            .into_iter()
-            .map(|(id, addr)| ClusterNode {
-                id,
-                addr: addr.to_string(),
-                state: NodeState::Active as i32,
-            })
-            .collect(),
-    };
-    for addr in [a_addr, b_addr] {
-        admin(&certs, addr)
-            .await?
-            .set_cluster_map(SetClusterMapRequest {
-                map: Some(map.clone()),
-            })
-            .await?;
-    }
+    let a = start_node(config(1, a_addr)).await?;
+    let b = start_node(config(2, b_addr)).await?;
+    wait_serving(&certs, a_addr).await?;
     wait_serving(&certs, b_addr).await?;
     b.stop().await?;
     a.stop().await?;
@@ -318,11 +307,24 @@ async fn admin(certs: &ClusterCertFiles, addr: SocketAddr) -> anyhow::Result<Adm
     Ok(AdminClient::new(channel(certs, addr).await?))
 }
 
-/// Polls the node's readiness until SERVING (at most ten minutes).
+/// Polls the node until it holds the cluster map and reports SERVING (at
+/// most ten minutes).
 async fn wait_serving(certs: &ClusterCertFiles, addr: SocketAddr) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut health = HealthClient::new(channel(certs, addr).await?);
+    let mut admin = admin(certs, addr).await?;
     loop {
+        let has_map = admin
+            .get_cluster_map(GetClusterMapRequest::default())
+            .await
+            .is_ok_and(|r| r.get_ref().map.is_some());
+        if !has_map {
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("the node at {addr} holds no cluster map");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
         let answer = health
             .check(HealthCheckRequest {
                 service: "caskade.v1.Kv".into(),

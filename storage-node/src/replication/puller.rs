@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 
 use caskade_common::Version;
 use caskade_common::tls::{TlsMaterial, server_name};
-use caskade_proto::admin_client::AdminClient;
 use caskade_proto::replication_client::ReplicationClient;
-use caskade_proto::{GetClusterMapRequest, PullRequest, SetClusterMapRequest, SnapshotRequest};
+use caskade_proto::{PullRequest, SnapshotRequest};
 use metrics::counter;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
@@ -121,9 +120,8 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
                         let puller = Puller {
                             core: Arc::clone(&core),
                             peer,
-                            client: ReplicationClient::new(channel.clone())
+                            client: ReplicationClient::new(channel)
                                 .max_decoding_message_size(usize::MAX),
-                            channel,
                             gate: Arc::clone(&gate),
                         };
                         tasks.spawn(puller.run(stopped, stop.clone()));
@@ -155,7 +153,7 @@ fn peers_of(core: &NodeCore, placement: Option<&Placement>) -> BTreeSet<u32> {
 }
 
 /// A lazily connecting mutual-TLS channel to a peer at `addr` (`host:port`).
-pub(super) fn channel(addr: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
+pub(crate) fn channel(addr: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("https://{addr}"))?
         .tls_config(tls.grpc_client(server_name(addr)))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -196,7 +194,6 @@ struct Puller {
     core: Arc<NodeCore>,
     peer: u32,
     client: ReplicationClient<Channel>,
-    channel: Channel,
     gate: Arc<StartupGate>,
 }
 
@@ -314,9 +311,8 @@ impl Puller {
             Ok(Err(status))
                 if matches!(status.code(), Code::Aborted | Code::FailedPrecondition) =>
             {
-                // Another epoch, or no map at all: the newer map wins,
-                // wherever it is.
-                self.exchange_maps().await;
+                // Another epoch, or no map at all: the Raft group brings
+                // the lagging node the committed map; pull again then.
                 return Err(status);
             }
             Ok(Err(status)) => return Err(status),
@@ -366,30 +362,6 @@ impl Puller {
             );
         }
         Ok(())
-    }
-
-    /// Pulls refused for another epoch: fetch the peer's map and adopt it
-    /// if newer, or give it ours if it is behind.
-    async fn exchange_maps(&self) {
-        let mut admin = AdminClient::new(self.channel.clone());
-        let Ok(theirs) = admin.get_cluster_map(GetClusterMapRequest {}).await else {
-            return;
-        };
-        let ours = self.core.maps.get();
-        match (theirs.into_inner().map, ours) {
-            (Some(theirs), ours) if ours.as_ref().is_none_or(|o| o.epoch < theirs.epoch) => {
-                let epoch = theirs.epoch;
-                if let Err(status) = self.core.adopt_map(theirs).await {
-                    tracing::warn!(peer = self.peer, epoch, error = %status.message(), "adopting a peer's newer map");
-                }
-            }
-            (theirs, Some(ours)) if theirs.as_ref().is_none_or(|t| t.epoch < ours.epoch) => {
-                let _ = admin
-                    .set_cluster_map(SetClusterMapRequest { map: Some(ours) })
-                    .await;
-            }
-            _ => {}
-        }
     }
 
     /// Records progress: lag, metrics, and readiness.

@@ -39,6 +39,7 @@ pub fn node_config(dir: &Path, certs: &ClusterCertFiles) -> NodeConfig {
             durability: DurabilityMode::Never,
             ..EngineConfig::default()
         },
+        cluster: Default::default(),
         replication: Default::default(),
         server: Default::default(),
         metrics: MetricsConfig {

@@ -1,0 +1,175 @@
+//! Which cluster a node belongs to, and the checks a new node makes before
+//! it writes anything.
+//!
+//! A cluster's identity is a digest of what formed it: the initial members
+//! (ids and addresses, sorted), the replication factor and the ring points
+//! per node, like etcd's cluster id. Every Raft call carries it and a node
+//! refuses calls from another cluster, so nodes started with disagreeing
+//! initial lists never merge into one group. A node that joins through
+//! `POST /admin/v1/nodes` has no initial list; it takes the identity of the
+//! first leader that calls it.
+//!
+//! Before a new node forms a cluster, it asks every other initial member
+//! that answers who it is (`Raft/Hello`): another node id at a listed
+//! address, or a member of another cluster, is a configuration error that
+//! stops the node before its data directory is touched.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use caskade_common::tls::TlsMaterial;
+use caskade_proto::HelloRequest;
+use caskade_proto::raft_client::RaftClient;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::store::{RaftDb, StoreError};
+use crate::config::{ClusterConfig, InitialMembers};
+use crate::replication::puller::channel;
+
+/// How long a starting node waits for each other member's answer.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The identity of the cluster described by a new cluster's settings.
+pub fn cluster_id(members: &InitialMembers, config: &ClusterConfig) -> String {
+    let description = format!(
+        "caskade-cluster members={members} replication_factor={} vnodes_per_node={}",
+        config.replication_factor, config.vnodes_per_node
+    );
+    format!("{:016x}", xxh3_64(description.as_bytes()))
+}
+
+/// The cluster this node belongs to, shared by the Raft service and client.
+#[derive(Debug)]
+pub struct Identity {
+    db: Arc<RaftDb>,
+    /// `None` until the node forms or joins a cluster.
+    current: Mutex<Option<String>>,
+}
+
+impl Identity {
+    /// The identity stored in `db`.
+    pub fn open(db: Arc<RaftDb>) -> Result<Identity, StoreError> {
+        let current = db.cluster_id()?;
+        Ok(Identity {
+            db,
+            current: Mutex::new(current),
+        })
+    }
+
+    /// The cluster id, if the node belongs to a cluster.
+    pub fn get(&self) -> Option<String> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether a call from cluster `theirs` may be served: it is ours, or
+    /// the node belongs to none yet and joins `theirs` (stored first).
+    pub fn admit(&self, theirs: &str) -> Result<(), String> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        match current.as_deref() {
+            Some(ours) if ours == theirs => Ok(()),
+            Some(ours) => Err(format!(
+                "this node belongs to cluster {ours}, the caller to cluster {theirs}: \
+                 their initial member lists or replication settings disagree"
+            )),
+            None if theirs.is_empty() => Err("the caller belongs to no cluster".into()),
+            None => {
+                self.db
+                    .set_cluster_id(theirs)
+                    .map_err(|e| format!("storing the cluster id: {e}"))?;
+                tracing::info!(cluster = theirs, "joined a cluster");
+                *current = Some(theirs.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Records the identity of the cluster this node forms.
+    pub fn form(&self, id: &str) -> Result<(), StoreError> {
+        self.db.set_cluster_id(id)?;
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(id.to_owned());
+        Ok(())
+    }
+}
+
+/// Why a new node must not form its cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// Another node answers at a member's address.
+    #[error(
+        "initial member {expected} at {addr} answers as node {found}: check cluster.initial_members"
+    )]
+    WrongNode {
+        /// The id the list gives.
+        expected: u32,
+        /// The address.
+        addr: String,
+        /// The id that answered.
+        found: u32,
+    },
+    /// A member belongs to another cluster.
+    #[error(
+        "initial member {id} at {addr} belongs to cluster {theirs}, not {ours}: the initial member lists (or replication settings) of the nodes disagree"
+    )]
+    OtherCluster {
+        /// The member.
+        id: u32,
+        /// Its address.
+        addr: String,
+        /// Its cluster.
+        theirs: String,
+        /// The one this node's settings describe.
+        ours: String,
+    },
+}
+
+/// Asks every other initial member that answers who it is and which
+/// cluster it belongs to; members that do not answer are not checked.
+pub async fn check_members(
+    me: u32,
+    members: &InitialMembers,
+    ours: &str,
+    tls: &TlsMaterial,
+) -> Result<(), BootstrapError> {
+    let checks = members
+        .0
+        .iter()
+        .filter(|m| m.id != me)
+        .map(|member| async move {
+            let Ok(channel) = channel(&member.addr, tls) else {
+                return Ok(());
+            };
+            let request = HelloRequest {
+                cluster_id: ours.to_owned(),
+                expected_id: member.id,
+            };
+            let answer =
+                tokio::time::timeout(HELLO_TIMEOUT, RaftClient::new(channel).hello(request)).await;
+            let Ok(Ok(answer)) = answer else {
+                return Ok(());
+            };
+            let answer = answer.into_inner();
+            if answer.node_id != member.id {
+                return Err(BootstrapError::WrongNode {
+                    expected: member.id,
+                    addr: member.addr.clone(),
+                    found: answer.node_id,
+                });
+            }
+            if !answer.cluster_id.is_empty() && answer.cluster_id != ours {
+                return Err(BootstrapError::OtherCluster {
+                    id: member.id,
+                    addr: member.addr.clone(),
+                    theirs: answer.cluster_id,
+                    ours: ours.to_owned(),
+                });
+            }
+            Ok(())
+        });
+    for result in futures_util::future::join_all(checks).await {
+        result?;
+    }
+    Ok(())
+}

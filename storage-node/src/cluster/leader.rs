@@ -1,0 +1,242 @@
+//! What the Raft leader does on its own, once per tick while it leads:
+//!
+//! - **Forms the map**: a new cluster's first leader proposes the map its
+//!   initial members describe (every initial member would propose the same;
+//!   a second proposal changes nothing).
+//! - **Failover**: it probes every other node's readiness; a node that has
+//!   not answered for `failover_after_ms` is marked down in a new epoch, so
+//!   routers send its requests to the next replicas at once instead of
+//!   each discovering the failure; a down node that answers SERVING again
+//!   (it has caught up with its peers) is marked up. A new leader gives
+//!   every node the full delay again before it marks any down.
+//! - **Keeps Raft's members equal to the map's nodes**: it finishes what a
+//!   leader that crashed mid-change left (a node in the map but not in the
+//!   group becomes a learner, a caught-up learner of the map a voter, a
+//!   member of the group that left the map is removed).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use caskade_common::tls::TlsMaterial;
+use openraft::{BasicNode, ChangeMembers};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::Cluster;
+use super::map::{Change, Command, Map};
+use crate::config::InitialMembers;
+use crate::replication::puller::channel;
+
+/// Tick when failover is disabled.
+const IDLE_TICK: Duration = Duration::from_millis(500);
+/// The readiness the probes ask for.
+const KV_SERVICE: &str = "caskade.v1.Kv";
+
+/// Runs the leader's duties until `stop` is set.
+pub async fn run(
+    cluster: Arc<Cluster>,
+    initial: Option<InitialMembers>,
+    tls: TlsMaterial,
+    mut stop: watch::Receiver<bool>,
+) {
+    let failover_after = Duration::from_millis(cluster.config.failover_after_ms);
+    let tick = if failover_after.is_zero() {
+        IDLE_TICK
+    } else {
+        (failover_after / 5).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    };
+    let mut detector = Detector::new(tls, failover_after);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if cluster.leader() != Some(cluster.me) {
+            detector.not_leading();
+            continue;
+        }
+        let Some(map) = cluster.map() else {
+            if let Some(members) = &initial {
+                let members: Vec<(u32, String)> =
+                    members.0.iter().map(|m| (m.id, m.addr.clone())).collect();
+                let first = Map::initial(
+                    &members,
+                    cluster.config.replication_factor,
+                    cluster.config.vnodes_per_node,
+                );
+                let command = Command {
+                    expected_epoch: 0,
+                    change: Change::Bootstrap(first),
+                };
+                if let Err(e) = cluster.propose(command).await {
+                    tracing::warn!(error = %e, "proposing the first cluster map");
+                }
+            }
+            continue;
+        };
+        // One change per tick: the next decision sees its epoch.
+        let decision = if failover_after.is_zero() {
+            None
+        } else {
+            detector.check(&cluster, &map).await.into_iter().next()
+        };
+        if let Some((id, down)) = decision {
+            let command = Command {
+                // Decided on this map: refused if it changed meanwhile.
+                expected_epoch: map.epoch,
+                change: Change::Down(id, down),
+            };
+            let state = if down { "down" } else { "up" };
+            match cluster.propose(command).await {
+                Ok(next) => tracing::warn!(node = id, epoch = next.epoch, "node marked {state}"),
+                Err(e) => {
+                    tracing::info!(node = id, error = %e, "marking a node {state} failed; will retry")
+                }
+            }
+        }
+        reconcile(&cluster, &map).await;
+    }
+}
+
+/// The leader's failure detector.
+struct Detector {
+    tls: TlsMaterial,
+    failover_after: Duration,
+    /// When this node started leading (the grace period counts from here).
+    leading_since: Option<Instant>,
+    /// When each node last answered a probe.
+    seen: HashMap<u32, Instant>,
+    channels: HashMap<String, Channel>,
+}
+
+impl Detector {
+    fn new(tls: TlsMaterial, failover_after: Duration) -> Detector {
+        Detector {
+            tls,
+            failover_after,
+            leading_since: None,
+            seen: HashMap::new(),
+            channels: HashMap::new(),
+        }
+    }
+
+    fn not_leading(&mut self) {
+        self.leading_since = None;
+        self.seen.clear();
+    }
+
+    /// Probes every other node; returns the nodes to mark down (`true`) or up.
+    async fn check(&mut self, cluster: &Cluster, map: &Map) -> Vec<(u32, bool)> {
+        let since = *self.leading_since.get_or_insert_with(Instant::now);
+        let timeout = (self.failover_after / 2).min(Duration::from_secs(2));
+        let mut probes = Vec::new();
+        for node in map.nodes.iter().filter(|n| n.id != cluster.me) {
+            let channel = match self.channels.get(&node.addr) {
+                Some(channel) => channel.clone(),
+                None => match channel(&node.addr, &self.tls) {
+                    Ok(channel) => {
+                        self.channels.insert(node.addr.clone(), channel.clone());
+                        channel
+                    }
+                    Err(_) => continue,
+                },
+            };
+            let id = node.id;
+            probes.push(async move {
+                let request = HealthCheckRequest {
+                    service: KV_SERVICE.into(),
+                };
+                let answer =
+                    tokio::time::timeout(timeout, HealthClient::new(channel).check(request)).await;
+                let serving = match answer {
+                    Ok(Ok(answer)) => {
+                        Some(answer.get_ref().status == ServingStatus::Serving as i32)
+                    }
+                    _ => None,
+                };
+                (id, serving)
+            });
+        }
+        let answers = futures_util::future::join_all(probes).await;
+        let now = Instant::now();
+        let mut decisions = Vec::new();
+        for (id, serving) in answers {
+            if serving.is_some() {
+                self.seen.insert(id, now);
+            }
+            let Some(node) = map.node(id) else { continue };
+            let last = self.seen.get(&id).copied().unwrap_or(since).max(since);
+            if !node.down && now.duration_since(last) >= self.failover_after {
+                decisions.push((id, true));
+            } else if node.down && serving == Some(true) {
+                decisions.push((id, false));
+            }
+        }
+        self.channels
+            .retain(|addr, _| map.nodes.iter().any(|n| &n.addr == addr));
+        decisions
+    }
+}
+
+/// Brings Raft's membership in line with the map's nodes.
+async fn reconcile(cluster: &Cluster, map: &Map) {
+    // An operator's change in progress owns the membership.
+    let Ok(_one_at_a_time) = cluster.changes.try_lock() else {
+        return;
+    };
+    let metrics = cluster.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership().clone();
+    let in_map: BTreeSet<u64> = map.nodes.iter().map(|n| u64::from(n.id)).collect();
+    let strays: Vec<u64> = membership
+        .nodes()
+        .map(|(id, _)| *id)
+        .filter(|id| !in_map.contains(id))
+        .collect();
+    for stray in strays {
+        tracing::info!(
+            node = stray,
+            "removing a node that left the map from the raft group"
+        );
+        cluster.forget_node(stray).await;
+    }
+    for node in &map.nodes {
+        let id = u64::from(node.id);
+        if membership.get_node(&id).is_none() {
+            tracing::info!(node = node.id, "adding a node of the map to the raft group");
+            if let Err(e) = cluster
+                .raft
+                .add_learner(id, BasicNode::new(&node.addr), false)
+                .await
+            {
+                tracing::warn!(node = node.id, error = %e, "adding a learner");
+            }
+        }
+    }
+    let last = metrics.last_log_index.unwrap_or(0);
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let caught_up: BTreeSet<u64> = membership
+        .learner_ids()
+        .filter(|id| in_map.contains(id) && !voters.contains(id))
+        .filter(|id| {
+            metrics
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(id).copied().flatten())
+                .is_some_and(|matched| matched.index >= last)
+        })
+        .collect();
+    if !caught_up.is_empty() {
+        tracing::info!(nodes = ?caught_up, "promoting caught-up learners to voters");
+        if let Err(e) = cluster
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(caught_up), false)
+            .await
+        {
+            tracing::warn!(error = %e, "promoting learners");
+        }
+    }
+}

@@ -200,6 +200,9 @@ struct Slot {
     occupant: Occupant,
 }
 
+/// A router serving until its sender fires.
+type RunningRouter = (oneshot::Sender<()>, JoinHandle<Result<(), RouterError>>);
+
 /// A running test cluster.
 #[derive(Debug)]
 pub struct TestCluster {
@@ -217,6 +220,10 @@ pub struct TestCluster {
     slots: Vec<Slot>,
     router_stop: oneshot::Sender<()>,
     router: JoinHandle<Result<(), RouterError>>,
+    /// What the router was started with (more routers use it too).
+    router_config: RouterConfig,
+    /// Routers started with [`TestCluster::start_router`].
+    more_routers: Vec<RunningRouter>,
     /// The first id of this cluster's block, and the spec's configuration hook.
     block: u32,
     configure: fn(&mut NodeConfig),
@@ -357,6 +364,7 @@ impl TestCluster {
             log: LogConfig::default(),
         };
         config.validate()?;
+        let router_config = config.clone();
         let router = Router::start(config).await?;
         let url = format!("https://{}", router.local_addr());
         let (router_stop, stopped) = oneshot::channel::<()>();
@@ -383,6 +391,8 @@ impl TestCluster {
             slots,
             router_stop,
             router,
+            router_config,
+            more_routers: Vec::new(),
             block,
             configure: spec.configure,
             _dir: dir,
@@ -404,19 +414,44 @@ impl TestCluster {
             slots,
             router_stop,
             router,
+            more_routers,
             ..
         } = self;
         // Idle keep-alive connections would hold the router's graceful
         // shutdown for its whole grace period.
         drop(client);
-        let _ = router_stop.send(());
-        tokio::time::timeout(STOP_DEADLINE, router)
-            .await
-            .context("the router did not stop in time")???;
+        for (stop, router) in std::iter::once((router_stop, router)).chain(more_routers) {
+            let _ = stop.send(());
+            tokio::time::timeout(STOP_DEADLINE, router)
+                .await
+                .context("a router did not stop in time")???;
+        }
         for slot in slots {
             stop_occupant(slot.occupant).await?;
         }
         Ok(())
+    }
+
+    /// Starts another router in front of the same nodes (its own state,
+    /// seeded like the first); returns its base URL.
+    pub async fn start_router(&mut self) -> anyhow::Result<String> {
+        let router = Router::start(self.router_config.clone()).await?;
+        let url = format!("https://{}", router.local_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(router.serve(async {
+            let _ = stopped.await;
+        }));
+        self.more_routers.push((stop, task));
+        let readyz = format!("{url}/readyz");
+        poll_until("the new router to be ready", READY_DEADLINE, || async {
+            self.client
+                .get(&readyz)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        Ok(url)
     }
 
     /// The node ids of the map, in slot order.

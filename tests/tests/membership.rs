@@ -392,3 +392,218 @@ async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
     );
     tc.shutdown().await.unwrap();
 }
+
+/// The `caskade-node` binary built in this package, for nodes killed with SIGKILL.
+const NODE_BINARY: &str = env!("CARGO_BIN_EXE_caskade-node-process");
+
+/// Failover on: the Raft leader marks a node silent for 1 s down.
+fn quick_failover(config: &mut caskade_node::NodeConfig) {
+    config.cluster.failover_after_ms = 1000;
+}
+
+/// Node `id` as the router's admin page shows it.
+async fn page_node(tc: &TestCluster, id: u32) -> Option<Value> {
+    let page = tc.admin_cluster().await.ok()?;
+    page["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["id"] == id)
+        .cloned()
+}
+
+/// A node killed for good: the Raft leader marks it down, the router stops
+/// sending it requests, and `DELETE` removes it at once (there is nothing
+/// to drain from it). Every key it replicated is pulled again from the
+/// surviving replicas, so each is back on `replication_factor` nodes, and
+/// the node leaves the Raft group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_marked_down_removed_and_its_ranges_get_back_to_three_copies() {
+    let spec = ClusterSpec {
+        configure: quick_failover,
+        ..ClusterSpec::processes(4, 3, policy(), NODE_BINARY)
+    };
+    let mut tc = TestCluster::start(spec).await.unwrap();
+    let dead = tc.node_ids()[3];
+    let acked: Acked = Arc::default();
+    for n in 0..200 {
+        let (key, value) = (format!("kept-{n}"), format!("value {n}"));
+        let response = tc.put_level(&key, &value, "all").await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        acked.lock().await.insert(key, value);
+    }
+
+    tc.kill_node(dead).unwrap();
+    poll_until(
+        "the leader to mark the dead node down",
+        SETTLE_DEADLINE,
+        || async {
+            page_node(&tc, dead)
+                .await
+                .is_some_and(|n| n["down"] == true)
+        },
+    )
+    .await;
+    // Its keys are written and read on the next replicas meanwhile.
+    for n in 0..100 {
+        let (key, value) = (format!("while-down-{n}"), format!("value {n}"));
+        let response = tc.put_level(&key, &value, "quorum").await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{key}");
+        acked.lock().await.insert(key, value);
+    }
+
+    let removed = tc
+        .client()
+        .delete(tc.at(&format!("/admin/v1/nodes/{dead}")))
+        .bearer_auth(&tc.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        removed.status(),
+        StatusCode::OK,
+        "a down node is removed at once"
+    );
+    let map: Value = removed.json().await.unwrap();
+    assert!(
+        map["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["id"] != dead),
+        "{map}"
+    );
+    // Three nodes, RF 3: every node holds every key again.
+    settled(&tc, &acked).await;
+    poll_until(
+        "the dead node to leave the Raft group",
+        SETTLE_DEADLINE,
+        || async {
+            let Ok(page) = tc.admin_cluster().await else {
+                return false;
+            };
+            page["nodes"].as_array().unwrap().iter().all(|n| {
+                let raft = &n["stats"]["raft"];
+                let listed = |field: &str| {
+                    raft[field]
+                        .as_array()
+                        .is_some_and(|ids| ids.iter().any(|id| id == dead))
+                };
+                raft.is_object() && !listed("voters") && !listed("learners")
+            })
+        },
+    )
+    .await;
+    tc.shutdown().await.unwrap();
+}
+
+/// Two operators add two different nodes at the same moment through two
+/// routers, each based on the epoch it read: exactly one change commits,
+/// the other is a 409 that changed nothing (its node is neither in the map
+/// nor in the Raft group), and every node and router ends with one map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_racing_through_two_routers_make_one_change() {
+    let mut tc = TestCluster::start(ClusterSpec::nodes(3, 3, policy()))
+        .await
+        .unwrap();
+    let second = tc.start_router().await.unwrap();
+    let a = tc.start_spare_node().await.unwrap();
+    let b = tc.start_spare_node().await.unwrap();
+    let (_, _, epoch) = current_ring(&tc).await;
+
+    let add = |base: String, id: u32| {
+        let request = tc
+            .client()
+            .post(format!("{base}/admin/v1/nodes"))
+            .bearer_auth(&tc.admin_token)
+            .json(&json!({"id": id, "addr": tc.addr(id).to_string(), "epoch": epoch}));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let ((first_status, first), (second_status, second_body)) =
+        tokio::join!(add(tc.url.clone(), a), add(second.clone(), b));
+    let mut statuses = [first_status, second_status];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::CONFLICT],
+        "{first} {second_body}"
+    );
+    let (winner, loser, loser_body) = if first_status == StatusCode::OK {
+        (a, b, second_body)
+    } else {
+        (b, a, first)
+    };
+    assert_eq!(loser_body["error"]["code"], "conflict", "{loser_body}");
+
+    // One map everywhere: the winner in, the loser out, one epoch further.
+    for base in [tc.url.clone(), second.clone()] {
+        poll_until(
+            "both routers to follow the change",
+            SETTLE_DEADLINE,
+            || async {
+                let page = tc
+                    .client()
+                    .get(format!("{base}/admin/v1/cluster"))
+                    .bearer_auth(&tc.admin_token)
+                    .send()
+                    .await;
+                let Ok(page) = page else { return false };
+                let Ok(page) = page.json::<Value>().await else {
+                    return false;
+                };
+                page["epoch"] == epoch + 1
+            },
+        )
+        .await;
+    }
+    let mut maps = Vec::new();
+    // Every node but the loser, which belongs to no cluster.
+    for id in tc.node_ids().into_iter().filter(|&id| id != loser) {
+        let map = tc
+            .node_admin(id)
+            .await
+            .unwrap()
+            .get_cluster_map(caskade_proto::GetClusterMapRequest {
+                after_epoch: epoch,
+                wait_ms: 3_000,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .map
+            .unwrap();
+        maps.push(map);
+    }
+    assert!(maps.windows(2).all(|w| w[0] == w[1]), "{maps:?}");
+    let ids: Vec<u32> = maps[0].nodes.iter().map(|n| n.id).collect();
+    assert_eq!(maps[0].epoch, epoch + 1);
+    assert!(ids.contains(&winner) && !ids.contains(&loser), "{ids:?}");
+    // The loser never entered the Raft group (or left it again).
+    poll_until(
+        "the Raft group to equal the map",
+        SETTLE_DEADLINE,
+        || async {
+            let Ok(page) = tc.admin_cluster().await else {
+                return false;
+            };
+            page["nodes"].as_array().unwrap().iter().all(|n| {
+                let raft = &n["stats"]["raft"];
+                let mut group: Vec<u64> = ["voters", "learners"]
+                    .iter()
+                    .filter_map(|f| raft[*f].as_array())
+                    .flatten()
+                    .filter_map(Value::as_u64)
+                    .collect();
+                group.sort_unstable();
+                let mut want: Vec<u64> = ids.iter().map(|&i| u64::from(i)).collect();
+                want.sort_unstable();
+                group == want
+            })
+        },
+    )
+    .await;
+    tc.shutdown().await.unwrap();
+}

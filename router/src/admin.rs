@@ -74,6 +74,7 @@ pub async fn cluster(
                         "last_applied_index": r.last_applied_index,
                         "voters": r.voters,
                         "learners": r.learners,
+                        "joined": r.joined,
                     })),
                     "replication": s.peers.iter().map(|p| json!({
                         "peer": p.peer_id,

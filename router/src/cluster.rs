@@ -306,6 +306,9 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
+            // The next poll asks the next node, so that one cut off from
+            // the others (and so never answering a newer map) holds no one up.
+            turn += 1;
             match self.fetch_map(&addr, view.map.epoch, MAP_LONG_POLL).await {
                 Ok(Some(map)) if map.epoch > view.map.epoch => {
                     if let Err(e) = self.adopt(map) {
@@ -315,7 +318,6 @@ impl Cluster {
                 Ok(_) => {}
                 Err(reason) => {
                     tracing::debug!(%addr, %reason, "long poll for the cluster map failed");
-                    turn += 1;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }

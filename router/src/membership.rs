@@ -18,7 +18,8 @@
 //! If that takes longer than [`DRAIN_DEADLINE`], the answer is 202 with the
 //! node still leaving, and the same DELETE finishes it later. A node marked
 //! down (dead) is removed at once: its ranges are pulled again from their
-//! surviving replicas.
+//! surviving replicas; `?force=true` does the same for a node the operator
+//! knows is gone when automatic failover is off.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,7 +89,9 @@ pub async fn add(
         id: add.id,
         addr: add.addr.clone(),
     });
-    let next = propose(&state, &request_id, add.epoch.unwrap_or(map.epoch), change).await?;
+    // Without an operator's epoch the change applies to whatever map is
+    // current; the map itself refuses an id or address already in use.
+    let next = propose(&state, &request_id, add.epoch.unwrap_or(0), change).await?;
     tracing::info!(node = add.id, addr = %add.addr, epoch = next.epoch, "node added");
     Ok(Json(map_json(&next)))
 }
@@ -103,7 +106,17 @@ pub async fn remove(
 ) -> Result<Response, ApiError> {
     let principal = state.authenticate(&headers)?;
     state.authorize(&principal, Role::Admin, None)?;
-    let query = Query::parse(uri.query(), &["epoch"])?;
+    let query = Query::parse(uri.query(), &["epoch", "force"])?;
+    let force = match query.text("force")? {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "force must be true or false",
+            ));
+        }
+    };
     let expected = query
         .text("epoch")?
         .map(|e| {
@@ -131,10 +144,11 @@ pub async fn remove(
             map.replication_factor
         )));
     }
-    let expected = expected.unwrap_or(map.epoch);
-    if node.down {
+    let expected = expected.unwrap_or(0);
+    if node.down || force {
         // A dead node has nothing to drain: its ranges come back from
-        // their surviving replicas once it is off the ring.
+        // their surviving replicas once it is off the ring. `force` does
+        // the same for a node the operator knows is gone for good.
         let next = propose(&state, &request_id, expected, Change::Remove(id)).await?;
         tracing::info!(node = id, epoch = next.epoch, "down node removed");
         return Ok(Json(map_json(&next)).into_response());
@@ -223,9 +237,12 @@ async fn propose(
                 return Ok(map);
             }
             Ok(Err(status)) => status,
+            // The node may have passed it on: trying another could make it twice.
             Err(_) => {
-                last_error = format!("node {} did not answer in time", node.id);
-                continue;
+                return Err(ApiError::ClusterUnavailable(format!(
+                    "node {} did not answer in time; the change may still commit: read the map",
+                    node.id
+                )));
             }
         };
         match status.code() {
@@ -242,9 +259,17 @@ async fn propose(
             Code::Unavailable if !is_transport_error(&status) => {
                 return Err(ApiError::ClusterUnavailable(status.message().to_owned()));
             }
-            _ => {
+            // Connection refused or not made: it never reached the cluster.
+            _ if is_transport_error(&status) => {
                 tracing::debug!(node = node.id, code = ?status.code(), "proposing through node failed");
                 last_error = format!("node {}: {}", node.id, status.message());
+            }
+            _ => {
+                return Err(ApiError::ClusterUnavailable(format!(
+                    "node {}: {}; the change may still commit: read the map",
+                    node.id,
+                    status.message()
+                )));
             }
         }
     }

@@ -162,7 +162,8 @@ impl Default for ClusterConfig {
 impl ClusterConfig {
     fn validate(&self, id: u32) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(format!("cluster.{message}")));
-        if self.heartbeat_ms == 0 || self.election_timeout_ms < self.heartbeat_ms * 3 {
+        if self.heartbeat_ms == 0 || self.election_timeout_ms < self.heartbeat_ms.saturating_mul(3)
+        {
             return invalid(format!(
                 "election_timeout_ms ({}) must be at least three heartbeats (heartbeat_ms {})",
                 self.election_timeout_ms, self.heartbeat_ms

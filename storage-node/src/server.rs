@@ -28,7 +28,6 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, ClusterMapStore, stats_of};
 use crate::cluster::service::RaftServer as RaftService;
-use crate::cluster::store::RaftDb;
 use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::InitialMembers;
 use crate::config::{DurabilityMode, NodeConfig};
@@ -92,15 +91,15 @@ impl Node {
         telemetry::metrics_handle();
         let tls = TlsMaterial::load(&config.tls)?;
         // First: a new node checks its initial members before it writes anything.
-        let new_raft_state = !RaftDb::exists(&config.data_dir);
         let cluster =
             Arc::new(Cluster::open(config.id, &config.data_dir, &config.cluster, &tls).await?);
-        if new_raft_state {
-            // A map stored before the cluster map was decided by Raft is
-            // not authoritative; the Raft group's map replaces it.
-            let legacy = config.data_dir.join(crate::admin::MAP_FILE);
-            if legacy.exists() {
-                std::fs::remove_file(&legacy)?;
+        if cluster.map().is_none() {
+            // The Raft group has given this node no map yet, so a stored
+            // one is not from it (a map written before maps were decided by
+            // Raft, or by a Raft state since lost): it is not authoritative.
+            let stale = config.data_dir.join(crate::admin::MAP_FILE);
+            if stale.exists() {
+                std::fs::remove_file(&stale)?;
             }
         }
         let node_label = config.id.to_string();
@@ -126,6 +125,8 @@ impl Node {
             feed,
             cursors,
             map.get().as_ref(),
+            // In a cluster, or forming one: no map means no ranges yet.
+            config.cluster.initial_members.is_some() || cluster.identity().get().is_some(),
         );
         let grpc = telemetry::bind(config.listen, "gRPC").await?;
         let metrics = match config.metrics.listen {
@@ -227,14 +228,15 @@ impl Node {
                 }
             })
         };
-        let pullers = tokio::spawn(puller::run(Arc::clone(&core), tls.clone(), stop_rx.clone()));
-        core.cluster
+        let initial = core
+            .cluster
             .bootstrap(config.cluster.initial_members.as_ref())
             .await?;
+        let pullers = tokio::spawn(puller::run(Arc::clone(&core), tls.clone(), stop_rx.clone()));
         let maps = tokio::spawn(follow_maps(Arc::clone(&core), stop_rx.clone()));
         let leader = tokio::spawn(cluster::leader::run(
             Arc::clone(&core.cluster),
-            config.cluster.initial_members.clone(),
+            initial,
             tls.clone(),
             stop_rx.clone(),
         ));
@@ -259,6 +261,7 @@ impl Node {
             core.id,
             core.cluster.raft().clone(),
             Arc::clone(core.cluster.identity()),
+            Arc::clone(core.cluster.machine()),
         ))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

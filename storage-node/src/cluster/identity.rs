@@ -12,7 +12,11 @@
 //! Before a new node forms a cluster, it asks every other initial member
 //! that answers who it is (`Raft/Hello`): another node id at a listed
 //! address, or a member of another cluster, is a configuration error that
-//! stops the node before its data directory is touched.
+//! stops the node before its data directory is touched. So is a member that
+//! says this node already took part in the cluster (the leader records each
+//! node once it holds Raft state): its data directory was replaced, and a
+//! voter that forgot its log and its votes could let two leaders commit
+//! different maps for one epoch. Such a node must be removed and added back.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -109,6 +113,14 @@ pub enum BootstrapError {
         /// The id that answered.
         found: u32,
     },
+    /// This node took part in the cluster once and its Raft state is gone.
+    #[error(
+        "node {id} already belongs to this cluster, but its Raft state (raft.redb) is gone: a voter that forgot its log and votes would break the cluster's consensus. Remove it (DELETE /admin/v1/nodes/{id}), then add it back with an empty data directory and no cluster.initial_members"
+    )]
+    StateLost {
+        /// This node.
+        id: u32,
+    },
     /// A member belongs to another cluster.
     #[error(
         "initial member {id} at {addr} belongs to cluster {theirs}, not {ours}: the initial member lists (or replication settings) of the nodes disagree"
@@ -144,6 +156,7 @@ pub async fn check_members(
             let request = HelloRequest {
                 cluster_id: ours.to_owned(),
                 expected_id: member.id,
+                from: me,
             };
             let answer =
                 tokio::time::timeout(HELLO_TIMEOUT, RaftClient::new(channel).hello(request)).await;
@@ -165,6 +178,9 @@ pub async fn check_members(
                     theirs: answer.cluster_id,
                     ours: ours.to_owned(),
                 });
+            }
+            if answer.caller_joined {
+                return Err(BootstrapError::StateLost { id: me });
             }
             Ok(())
         });

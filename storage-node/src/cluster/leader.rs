@@ -6,9 +6,14 @@
 //! - **Failover**: it probes every other node's readiness; a node that has
 //!   not answered for `failover_after_ms` is marked down in a new epoch, so
 //!   routers send its requests to the next replicas at once instead of
-//!   each discovering the failure; a down node that answers SERVING again
-//!   (it has caught up with its peers) is marked up. A new leader gives
+//!   each discovering the failure; a down node is marked up once it answers
+//!   SERVING, has applied the map that marks it down, and has pulled every
+//!   live peer to its end since (a node cut off by a partition never stopped
+//!   serving, so SERVING alone would let it answer with stale data). A new leader gives
 //!   every node the full delay again before it marks any down.
+//! - **Records joins**: each node that holds Raft state is recorded once, so a
+//!   node whose data directory was replaced is refused at its next start
+//!   ([`super::identity`]).
 //! - **Keeps Raft's members equal to the map's nodes**: it finishes what a
 //!   leader that crashed mid-change left (a node in the map but not in the
 //!   group becomes a learner, a caught-up learner of the map a voter, a
@@ -19,6 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caskade_common::tls::TlsMaterial;
+use caskade_proto::StatsRequest;
+use caskade_proto::admin_client::AdminClient;
 use openraft::{BasicNode, ChangeMembers};
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -26,8 +33,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::Cluster;
 use super::map::{Change, Command, Map};
+use super::{COMMIT_TIMEOUT, Cluster};
 use crate::config::InitialMembers;
 use crate::replication::puller::channel;
 
@@ -78,6 +85,7 @@ pub async fn run(
             }
             continue;
         };
+        record_joins(&cluster, &map).await;
         // One change per tick: the next decision sees its epoch.
         let decision = if failover_after.is_zero() {
             None
@@ -98,7 +106,7 @@ pub async fn run(
                 }
             }
         }
-        reconcile(&cluster, &map).await;
+        reconcile(&cluster).await;
     }
 }
 
@@ -172,7 +180,10 @@ impl Detector {
             let last = self.seen.get(&id).copied().unwrap_or(since).max(since);
             if !node.down && now.duration_since(last) >= self.failover_after {
                 decisions.push((id, true));
-            } else if node.down && serving == Some(true) {
+            } else if node.down
+                && serving == Some(true)
+                && self.caught_up(id, &node.addr, map).await
+            {
                 decisions.push((id, false));
             }
         }
@@ -180,12 +191,70 @@ impl Detector {
             .retain(|addr, _| map.nodes.iter().any(|n| &n.addr == addr));
         decisions
     }
+
+    /// Whether down node `id` may serve again: SERVING alone is not enough
+    /// (a node cut off by a partition never restarted, so it never stopped
+    /// serving), so it must have applied the map that marks it down and
+    /// have pulled every live peer to its end since.
+    async fn caught_up(&self, id: u32, addr: &str, map: &Map) -> bool {
+        let Some(channel) = self.channels.get(addr).cloned() else {
+            return false;
+        };
+        let timeout = (self.failover_after / 2).min(Duration::from_secs(2));
+        let mut admin = AdminClient::new(channel);
+        let stats = tokio::time::timeout(timeout, admin.stats(StatsRequest {})).await;
+        let Ok(Ok(stats)) = stats else {
+            return false;
+        };
+        let stats = stats.into_inner();
+        let live_peers = map.nodes.iter().filter(|n| n.id != id && !n.down);
+        stats.ready
+            && stats.map_epoch >= map.epoch
+            && live_peers.into_iter().all(|peer| {
+                stats
+                    .peers
+                    .iter()
+                    .any(|p| p.peer_id == peer.id && p.reachable && p.lag_records == 0)
+            })
+    }
+}
+
+/// Records every node of the map that holds Raft state (this leader, and
+/// every node that acknowledged part of the log), so that one restarted
+/// without it is refused instead of voting with an empty log.
+async fn record_joins(cluster: &Cluster, map: &Map) {
+    let metrics = cluster.raft.metrics().borrow().clone();
+    for node in &map.nodes {
+        if cluster.machine.has_joined(node.id) {
+            continue;
+        }
+        let holds_state = node.id == cluster.me
+            || metrics
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&u64::from(node.id)).copied().flatten())
+                .is_some();
+        if holds_state {
+            let command = Command {
+                expected_epoch: 0,
+                change: Change::Joined(node.id),
+            };
+            if let Err(e) = cluster.propose(command).await {
+                tracing::info!(node = node.id, error = %e, "recording a node's join failed; will retry");
+            }
+        }
+    }
 }
 
 /// Brings Raft's membership in line with the map's nodes.
-async fn reconcile(cluster: &Cluster, map: &Map) {
+async fn reconcile(cluster: &Cluster) {
     // An operator's change in progress owns the membership.
     let Ok(_one_at_a_time) = cluster.changes.try_lock() else {
+        return;
+    };
+    // The map as it is now, under the lock: one read before it (at the top
+    // of the tick) may predate a change that just finished, and would undo it.
+    let Some(map) = cluster.map() else {
         return;
     };
     let metrics = cluster.raft.metrics().borrow().clone();
@@ -207,12 +276,15 @@ async fn reconcile(cluster: &Cluster, map: &Map) {
         let id = u64::from(node.id);
         if membership.get_node(&id).is_none() {
             tracing::info!(node = node.id, "adding a node of the map to the raft group");
-            if let Err(e) = cluster
-                .raft
-                .add_learner(id, BasicNode::new(&node.addr), false)
-                .await
-            {
-                tracing::warn!(node = node.id, error = %e, "adding a learner");
+            let added = tokio::time::timeout(
+                COMMIT_TIMEOUT,
+                cluster
+                    .raft
+                    .add_learner(id, BasicNode::new(&node.addr), false),
+            )
+            .await;
+            if !matches!(added, Ok(Ok(_))) {
+                tracing::warn!(node = node.id, "adding a learner failed; will retry");
             }
         }
     }
@@ -231,12 +303,15 @@ async fn reconcile(cluster: &Cluster, map: &Map) {
         .collect();
     if !caught_up.is_empty() {
         tracing::info!(nodes = ?caught_up, "promoting caught-up learners to voters");
-        if let Err(e) = cluster
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(caught_up), false)
-            .await
-        {
-            tracing::warn!(error = %e, "promoting learners");
+        let promoted = tokio::time::timeout(
+            COMMIT_TIMEOUT,
+            cluster
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(caught_up), false),
+        )
+        .await;
+        if !matches!(promoted, Ok(Ok(_))) {
+            tracing::warn!("promoting learners failed; will retry");
         }
     }
 }

@@ -131,6 +131,9 @@ pub enum Change {
     Remove(u32),
     /// Marks a node down (`true`) or up again (`false`).
     Down(u32, bool),
+    /// Records that a node holds Raft state (it acknowledged the log once).
+    /// Not part of the map: it changes no epoch.
+    Joined(u32),
 }
 
 /// A command of the log: a change, and the epoch it was based on (0: any).
@@ -177,8 +180,8 @@ pub fn apply(current: Option<&Map>, command: &Command) -> Outcome {
     let mut next = map.clone();
     match &command.change {
         // A second bootstrap (another first leader proposed it too): the
-        // cluster keeps the map it has.
-        Change::Bootstrap(_) => return Ok(map.clone()),
+        // cluster keeps the map it has. Joins are kept beside the map.
+        Change::Bootstrap(_) | Change::Joined(_) => return Ok(map.clone()),
         Change::Add { id, addr } => {
             if let Some(node) = map.node(*id) {
                 return Err(Refused::Conflict(format!(

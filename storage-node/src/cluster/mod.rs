@@ -46,7 +46,7 @@ use store::{LogStore, MapMachine, RaftDb, StoreError};
 use types::Raft;
 
 /// How long a proposal may take to commit before it is answered UNAVAILABLE.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new learner may take to catch up with the map's log.
 const LEARNER_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -138,7 +138,7 @@ impl Cluster {
             cluster_name: "caskade".into(),
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: config.election_timeout_ms,
-            election_timeout_max: config.election_timeout_ms * 2,
+            election_timeout_max: config.election_timeout_ms.saturating_mul(2),
             ..openraft::Config::default()
         }
         .validate()
@@ -171,13 +171,18 @@ impl Cluster {
 
     /// Forms the cluster of `initial_members` if this node belongs to none
     /// yet (every initial member does the same; Raft elects one leader).
-    /// A node that already belongs to a cluster ignores the list.
-    pub async fn bootstrap(&self, members: Option<&InitialMembers>) -> Result<(), ClusterError> {
+    /// A node that already belongs to a cluster ignores the list. Returns
+    /// the list if it describes this node's cluster (the first leader
+    /// proposes the map it describes).
+    pub async fn bootstrap(
+        &self,
+        members: Option<&InitialMembers>,
+    ) -> Result<Option<InitialMembers>, ClusterError> {
         let Some(members) = members else {
             if self.identity.get().is_none() {
                 tracing::info!("no cluster.initial_members: waiting to be added to a cluster");
             }
-            return Ok(());
+            return Ok(None);
         };
         let described = identity::cluster_id(members, &self.config);
         match self.identity.get() {
@@ -186,7 +191,7 @@ impl Cluster {
                     cluster = ours,
                     "cluster.initial_members describe another cluster than the one this node belongs to; ignored"
                 );
-                return Ok(());
+                return Ok(None);
             }
             Some(_) => {}
             // The members were checked when the Raft state was created
@@ -199,7 +204,7 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         if initialized {
-            return Ok(());
+            return Ok(Some(members.clone()));
         }
         let nodes: BTreeMap<u64, BasicNode> = members
             .0
@@ -209,11 +214,11 @@ impl Cluster {
         match self.raft.initialize(nodes).await {
             Ok(()) => {
                 tracing::info!(cluster = described, members = %members, "forming a new cluster");
-                Ok(())
+                Ok(Some(members.clone()))
             }
             Err(RaftError::APIError(e)) => {
                 tracing::debug!(error = %e, "raft already initialized");
-                Ok(())
+                Ok(Some(members.clone()))
             }
             Err(e) => Err(ClusterError::Raft(e.to_string())),
         }
@@ -266,6 +271,7 @@ impl Cluster {
             last_applied_index: metrics.last_applied.map_or(0, |l| l.index),
             voters: membership.voter_ids().map(|id| to_u32(&id)).collect(),
             learners: membership.learner_ids().map(|id| to_u32(&id)).collect(),
+            joined: self.machine.joined(),
         }
     }
 
@@ -277,6 +283,11 @@ impl Cluster {
     /// The cluster identity.
     pub fn identity(&self) -> &Arc<Identity> {
         &self.identity
+    }
+
+    /// The map state machine.
+    pub fn machine(&self) -> &Arc<MapMachine> {
+        &self.machine
     }
 
     /// Proposes `change` based on `expected_epoch` (0: any) and waits until
@@ -361,8 +372,14 @@ impl Cluster {
         expected_epoch: u64,
         change: Change,
     ) -> Result<Map, ChangeError> {
-        let _one_at_a_time = self.changes.lock().await;
         self.check_quorum()?;
+        let _one_at_a_time = tokio::time::timeout(COMMIT_TIMEOUT, self.changes.lock())
+            .await
+            .map_err(|_| {
+                ChangeError::Unavailable(
+                    "another membership change is still in progress; retry".into(),
+                )
+            })?;
         let command = Command {
             expected_epoch,
             change: change.clone(),
@@ -392,12 +409,19 @@ impl Cluster {
                 }
                 match self.propose(command).await {
                     Ok(map) => {
-                        if let Err(e) = self
-                            .raft
-                            .change_membership(ChangeMembers::AddVoterIds([node].into()), false)
-                            .await
-                        {
-                            tracing::warn!(node = id, error = %e, "promoting the new node to voter; the leader retries");
+                        let promoted = tokio::time::timeout(
+                            COMMIT_TIMEOUT,
+                            self.raft.change_membership(
+                                ChangeMembers::AddVoterIds([node].into()),
+                                false,
+                            ),
+                        )
+                        .await;
+                        if !matches!(promoted, Ok(Ok(_))) {
+                            tracing::warn!(
+                                node = id,
+                                "promoting the new node to voter failed; the leader retries"
+                            );
                         }
                         Ok(map)
                     }
@@ -412,7 +436,7 @@ impl Cluster {
                 self.forget_node(u64::from(*id)).await;
                 Ok(map)
             }
-            Change::Bootstrap(_) | Change::Leave(_) | Change::Down(..) => {
+            Change::Bootstrap(_) | Change::Leave(_) | Change::Down(..) | Change::Joined(_) => {
                 self.propose(command).await
             }
         }
@@ -495,7 +519,7 @@ fn to_proto_change(change: &Change) -> Option<caskade_proto::change_cluster_requ
         })),
         Change::Leave(id) => Some(Proto::Leave(*id)),
         Change::Remove(id) => Some(Proto::Remove(*id)),
-        Change::Bootstrap(_) | Change::Down(..) => None,
+        Change::Bootstrap(_) | Change::Down(..) | Change::Joined(_) => None,
     }
 }
 

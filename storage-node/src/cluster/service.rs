@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
 use super::identity::Identity;
-use super::store::MachineState;
+use super::store::{MachineState, MapMachine};
 use super::types::{NodeId, Raft, RaftNode, TypeConfig};
 
 /// Serves the Raft calls of the cluster map's group.
@@ -20,6 +20,7 @@ pub struct RaftServer {
     me: u32,
     raft: Raft,
     identity: Arc<Identity>,
+    machine: Arc<MapMachine>,
 }
 
 impl std::fmt::Debug for RaftServer {
@@ -32,8 +33,18 @@ impl std::fmt::Debug for RaftServer {
 
 impl RaftServer {
     /// A service in front of `raft`.
-    pub fn new(me: u32, raft: Raft, identity: Arc<Identity>) -> RaftServer {
-        RaftServer { me, raft, identity }
+    pub fn new(
+        me: u32,
+        raft: Raft,
+        identity: Arc<Identity>,
+        machine: Arc<MapMachine>,
+    ) -> RaftServer {
+        RaftServer {
+            me,
+            raft,
+            identity,
+            machine,
+        }
     }
 
     /// Checks the caller's cluster, decodes its payload.
@@ -88,11 +99,13 @@ impl RaftService for RaftServer {
 
     async fn hello(
         &self,
-        _request: Request<HelloRequest>,
+        request: Request<HelloRequest>,
     ) -> Result<Response<HelloResponse>, Status> {
+        let from = request.into_inner().from;
         Ok(Response::new(HelloResponse {
             node_id: self.me,
             cluster_id: self.identity.get().unwrap_or_default(),
+            caller_joined: from != 0 && self.machine.has_joined(from),
         }))
     }
 }

@@ -349,6 +349,9 @@ pub struct MachineState {
     pub membership: StoredMembership<NodeId, RaftNode>,
     /// The cluster map (`None` until the cluster has formed).
     pub map: Option<Map>,
+    /// Nodes that have held Raft state (acknowledged the log) at least once.
+    #[serde(default)]
+    pub joined: std::collections::BTreeSet<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -387,6 +390,26 @@ impl MapMachine {
     /// The current map.
     pub fn map(&self) -> Option<Map> {
         self.maps.borrow().clone()
+    }
+
+    /// The nodes recorded as holding Raft state.
+    pub fn joined(&self) -> Vec<u32> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .joined
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Whether node `id` has held Raft state in this cluster.
+    pub fn has_joined(&self, id: u32) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .joined
+            .contains(&id)
     }
 
     fn state(&self) -> MachineState {
@@ -440,9 +463,16 @@ impl RaftStateMachine<TypeConfig> for Arc<MapMachine> {
             let outcome = match entry.payload {
                 EntryPayload::Blank => state.map.clone().ok_or(map::Refused::NoMap),
                 EntryPayload::Normal(command) => {
+                    if let map::Change::Joined(id) = command.change {
+                        state.joined.insert(id);
+                    }
                     let outcome = map::apply(state.map.as_ref(), &command);
                     match &outcome {
                         Ok(next) => {
+                            if let map::Change::Remove(id) = command.change {
+                                // Added again later, it starts afresh.
+                                state.joined.remove(&id);
+                            }
                             if state.map.as_ref() != Some(next) {
                                 tracing::info!(epoch = next.epoch, change = ?command.change, "cluster map changed");
                             }

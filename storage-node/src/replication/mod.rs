@@ -156,6 +156,9 @@ pub struct Replication {
     ready: watch::Sender<bool>,
     /// The start-up catch-up is done (or was not needed).
     started_up: AtomicBool,
+    /// The node belongs to a cluster (or is forming one): without a map it
+    /// does not know its ranges and must not serve.
+    needs_map: bool,
     /// Ranges gained with the last map change, still being pulled.
     handoff: RwLock<Option<handoff::Handoff>>,
     /// The epoch of a map change that took ranges away from this node:
@@ -175,15 +178,17 @@ pub struct Replication {
 }
 
 impl Replication {
-    /// State for node `id`, placed by `map` if it has one. Without a map, or
-    /// with a map naming no other node, the node replicates to nobody and
-    /// is ready at once.
+    /// State for node `id`, placed by `map` if it has one. With a map naming
+    /// no other node, or without a map while `needs_map` is false (a node
+    /// alone, in no cluster), the node replicates to nobody and is ready at
+    /// once; with `needs_map` it is not ready until it has a map.
     pub fn new(
         id: u32,
         config: ReplicationConfig,
         feed: Arc<Feed>,
         cursors: Cursors,
         map: Option<&ClusterMap>,
+        needs_map: bool,
     ) -> Replication {
         let start_seq = feed.last_seq();
         let placement = map.map(|m| Arc::new(Placement::of(m)));
@@ -198,8 +203,9 @@ impl Replication {
             cursors,
             placement: watch::Sender::new(placement),
             changing: Mutex::new(()),
-            ready: watch::Sender::new(!has_peers),
+            ready: watch::Sender::new(!(has_peers || needs_map && map.is_none())),
             started_up: AtomicBool::new(!has_peers),
+            needs_map,
             handoff: RwLock::new(None),
             drop_pending: Mutex::new(None),
             lag: Mutex::new(BTreeMap::new()),
@@ -236,9 +242,11 @@ impl Replication {
         self.update_ready();
     }
 
-    /// Ready: started up, and not joining the cluster.
+    /// Ready: started up, not joining the cluster, and placed by a map if
+    /// the node belongs to a cluster.
     fn update_ready(&self) {
-        let ready = self.started_up.load(Ordering::Acquire) && !self.joining();
+        let placed = !self.needs_map || self.placement.borrow().is_some();
+        let ready = self.started_up.load(Ordering::Acquire) && !self.joining() && placed;
         if self.ready.send_replace(ready) != ready {
             tracing::info!(ready, "readiness changed");
         }

@@ -1,0 +1,164 @@
+//! Safety of the cluster map's Raft group against what an operator's
+//! cluster goes through: a node whose Raft state is gone must not vote
+//! again with an empty log, and the leader's own bookkeeping must never undo
+//! a membership change it just answered.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use caskade_proto::StatsRequest;
+use caskade_router::config::NodePolicy;
+use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn policy() -> NodePolicy {
+    NodePolicy {
+        health_interval_ms: 100,
+        ..NodePolicy::default()
+    }
+}
+
+/// The Raft group as node `id` sees it: (role, voters ∪ learners).
+async fn group_of(tc: &TestCluster, id: u32) -> Option<(String, BTreeSet<u32>, BTreeSet<u32>)> {
+    let mut admin = tc.node_admin(id).await.ok()?;
+    let stats = admin.stats(StatsRequest {}).await.ok()?.into_inner();
+    let raft = stats.raft?;
+    Some((
+        raft.role,
+        raft.voters.into_iter().collect(),
+        raft.learners.into_iter().collect(),
+    ))
+}
+
+/// The leader's duties read the map at the start of a tick, then probe the
+/// nodes (2 s against a hanging one). An add that completes meanwhile must
+/// not look like a stray to them: the new voter stays a voter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_add_stays_in_the_raft_group_while_a_node_hangs() {
+    let spec = ClusterSpec {
+        configure: |c| c.cluster.failover_after_ms = 5000,
+        ..ClusterSpec::nodes(3, 2, policy())
+    };
+    let mut tc = TestCluster::start(spec).await.unwrap();
+    let ids = tc.node_ids();
+    // Hang a node that is not the leader, so every probe of it lasts 2 s.
+    let mut leader = None;
+    for &id in &ids {
+        if let Some((role, _, _)) = group_of(&tc, id).await
+            && role == "leader"
+        {
+            leader = Some(id);
+        }
+    }
+    let leader = leader.expect("a leader");
+    let hung = *ids.iter().find(|&&id| id != leader).unwrap();
+    tc.hang_node(hung).await.unwrap();
+    poll_until(
+        "the hung node to be marked down",
+        Duration::from_secs(30),
+        || async {
+            let Ok(page) = tc.admin_cluster().await else {
+                return false;
+            };
+            page["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["id"] == hung && n["down"] == true)
+        },
+    )
+    .await;
+
+    let mut undone = Vec::new();
+    for attempt in 0..2 {
+        let new = tc.start_spare_node().await.unwrap();
+        let added = tc
+            .client()
+            .post(tc.at("/admin/v1/nodes"))
+            .bearer_auth(&tc.admin_token)
+            .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
+            .send()
+            .await
+            .unwrap();
+        let status = added.status();
+        let body: Value = added.json().await.unwrap_or(Value::Null);
+        if status != StatusCode::OK {
+            eprintln!("attempt {attempt}: add answered {status}: {body}");
+            continue;
+        }
+        // The add succeeded: node `new` is in the map and a voter. Watch
+        // the leader's Raft group for 5 s.
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if let Some((_, voters, learners)) = group_of(&tc, leader).await
+                && !voters.contains(&new)
+            {
+                eprintln!(
+                    "attempt {attempt}: node {new} added, then voters={voters:?} learners={learners:?}"
+                );
+                undone.push(new);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                eprintln!(
+                    "attempt {attempt}: 3 s later the leader's group is {:?}",
+                    group_of(&tc, leader).await
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    eprintln!("adds undone: {undone:?}");
+    assert!(
+        undone.is_empty(),
+        "a node whose add was answered 200 left the voters afterwards: {undone:?}"
+    );
+    tc.shutdown().await.unwrap();
+}
+
+/// A member that lost its Raft state (its data directory replaced) and
+/// restarts with the same initial members is refused, with a message that
+/// says how to bring it back, instead of voting again with an empty log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_raft_state_is_gone_is_refused() {
+    let mut tc = TestCluster::start(ClusterSpec::nodes(3, 2, policy()))
+        .await
+        .unwrap();
+    let victim = tc.node_ids()[2];
+    let before = group_of(&tc, victim).await.unwrap();
+    // The leader records each node once it holds Raft state.
+    poll_until(
+        "the victim to be recorded as joined",
+        Duration::from_secs(10),
+        || async {
+            let Ok(page) = tc.admin_cluster().await else {
+                return false;
+            };
+            page["nodes"].as_array().unwrap().iter().any(|n| {
+                n["stats"]["raft"]["joined"]
+                    .as_array()
+                    .is_some_and(|j| j.iter().any(|id| id == victim))
+            })
+        },
+    )
+    .await;
+    tc.stop_node(victim).await.unwrap();
+    let data_dir = tc.node_config(victim).data_dir.clone();
+    std::fs::remove_file(data_dir.join("raft.redb")).unwrap();
+    let started = tc.start_node(victim).await;
+    let error = format!(
+        "{:#}",
+        started.expect_err("a member whose Raft state is gone must be refused")
+    );
+    assert!(error.contains("Raft state"), "{error}");
+    assert!(error.contains("DELETE /admin/v1/nodes"), "{error}");
+    eprintln!("before: {before:?}");
+    // The others still hold it as a voter, and nothing else changed.
+    let others = tc.node_ids().into_iter().filter(|&id| id != victim);
+    for id in others {
+        let (_, voters, _) = group_of(&tc, id).await.unwrap();
+        assert!(voters.contains(&victim), "{voters:?}");
+    }
+    tc.shutdown().await.unwrap();
+}

@@ -94,6 +94,27 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// Checks that `addr` is a node address, `host:port` with a port from 1 to
+/// 65535, usable as the authority of the `https://` URI its channels use.
+pub fn validate_addr(addr: &str) -> Result<(), String> {
+    let port = addr
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && host != &"[]")
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .filter(|&port| port != 0);
+    // The address becomes the authority of an `https://` URI for the
+    // nodes' and routers' channels: it must parse as exactly that.
+    let whole = addr
+        .parse::<http::uri::Authority>()
+        .is_ok_and(|a| a.as_str() == addr && a.port_u16().is_some());
+    if port.is_none() || !whole || addr.contains('@') {
+        return Err(format!(
+            "`{addr}` is not host:port with a port from 1 to 65535"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -189,18 +189,8 @@ fn check_epoch(map: &ClusterMap, expected: Option<u64>) -> Result<(), ApiError> 
 }
 
 fn validate_addr(addr: &str) -> Result<(), ApiError> {
-    let port = addr
-        .rsplit_once(':')
-        .filter(|(host, _)| !host.is_empty())
-        .and_then(|(_, port)| port.parse::<u16>().ok())
-        .filter(|&port| port != 0);
-    if port.is_none() || addr.chars().any(char::is_whitespace) {
-        return Err(ApiError::bad_request(
-            "invalid_argument",
-            "addr must be host:port with a port from 1 to 65535",
-        ));
-    }
-    Ok(())
+    caskade_common::config::validate_addr(addr)
+        .map_err(|why| ApiError::bad_request("invalid_argument", format!("addr: {why}")))
 }
 
 /// Proposes `change` based on `expected_epoch` to the cluster through any

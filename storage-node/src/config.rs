@@ -257,24 +257,7 @@ impl std::fmt::Display for InitialMembers {
     }
 }
 
-/// Checks that `addr` is `host:port` with a port from 1 to 65535.
-pub fn validate_addr(addr: &str) -> Result<(), String> {
-    let port = addr
-        .rsplit_once(':')
-        .filter(|(host, _)| !host.is_empty() && host != &"[]")
-        .and_then(|(_, port)| port.parse::<u16>().ok())
-        .filter(|&port| port != 0);
-    if port.is_none()
-        || addr
-            .chars()
-            .any(|c| c.is_whitespace() || c == '/' || c == '@')
-    {
-        return Err(format!(
-            "`{addr}` is not host:port with a port from 1 to 65535"
-        ));
-    }
-    Ok(())
-}
+pub use caskade_common::config::validate_addr;
 
 /// `[replication]`: how this node pulls from its peers and waits for them.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -446,6 +429,34 @@ mod tests {
         let options = config.engine.options();
         assert!(options.validate().is_ok());
         assert_eq!(options.durability, Durability::Always);
+    }
+
+    #[test]
+    fn initial_members_are_parsed_strictly() {
+        let ok = InitialMembers::try_from("2=b:7002, 1=a:7001,3=[::1]:7003".to_owned()).unwrap();
+        let ids: Vec<u32> = ok.0.iter().map(|m| m.id).collect();
+        assert_eq!(ids, [1, 2, 3], "sorted by id");
+        assert_eq!(ok.to_string(), "1=a:7001,2=b:7002,3=[::1]:7003");
+        for bad in [
+            "",
+            "1=127.0.0.1",
+            "a=127.0.0.1:1",
+            "0=h:1",
+            "1=h:0",
+            "1=h:70000",
+            "1=::1:7000",
+            "1=h:1?x",
+            "1=h:1#x",
+            "1=u@h:1",
+            "1=h/p:1",
+            "1=h:1,1=g:1",
+            "1=h:1,2=h:1",
+        ] {
+            assert!(
+                InitialMembers::try_from(bad.to_owned()).is_err(),
+                "{bad:?} was accepted"
+            );
+        }
     }
 
     #[test]

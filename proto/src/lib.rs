@@ -47,4 +47,7 @@ pub mod metadata {
     /// the node's log, which was replaced; no deletes may be inferred from
     /// its snapshot.
     pub const LOG_REPLACED: &str = "x-caskade-log-replaced";
+    /// On `Admin/ChangeCluster`: a node passed the change on to the node it
+    /// took for the Raft leader, which must not pass it on again.
+    pub const FORWARDED: &str = "x-caskade-forwarded";
 }

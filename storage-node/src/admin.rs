@@ -223,6 +223,9 @@ impl Admin for AdminService {
             .core
             .observer
             .start("ChangeCluster", request.metadata());
+        let forwarded = request
+            .metadata()
+            .contains_key(caskade_proto::metadata::FORWARDED);
         let request = request.into_inner();
         let result = async move {
             let change = request
@@ -232,7 +235,7 @@ impl Admin for AdminService {
             let map = self
                 .core
                 .cluster
-                .change(request.expected_epoch, change.clone())
+                .change(request.expected_epoch, change.clone(), forwarded)
                 .await?;
             tracing::info!(epoch = map.epoch, ?change, "cluster map change committed");
             Ok(Response::new(ChangeClusterResponse {

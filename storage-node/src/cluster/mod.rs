@@ -292,13 +292,25 @@ impl Cluster {
 
     /// Proposes `change` based on `expected_epoch` (0: any) and waits until
     /// it is committed: here if this node leads, otherwise through the leader.
-    pub async fn change(&self, expected_epoch: u64, change: Change) -> Result<Map, ChangeError> {
+    /// A change `forwarded` by another node is not passed on again: two
+    /// nodes that each take the other for the leader cannot bounce it.
+    pub async fn change(
+        &self,
+        expected_epoch: u64,
+        change: Change,
+        forwarded: bool,
+    ) -> Result<Map, ChangeError> {
         let deadline = tokio::time::Instant::now() + COMMIT_TIMEOUT;
         loop {
             let metrics = self.raft.metrics().borrow().clone();
             match metrics.current_leader {
                 Some(leader) if leader == u64::from(self.me) => {
                     return self.change_as_leader(expected_epoch, change).await;
+                }
+                Some(_) if forwarded => {
+                    return Err(ChangeError::Unavailable(
+                        "this node is not the Raft leader any more; retry".into(),
+                    ));
                 }
                 Some(leader) => {
                     let membership = metrics.membership_config.membership();
@@ -331,10 +343,14 @@ impl Cluster {
         };
         let channel =
             channel(addr, &self.tls).map_err(|e| ChangeError::Unavailable(e.to_string()))?;
-        let request = ChangeClusterRequest {
+        let mut request = tonic::Request::new(ChangeClusterRequest {
             expected_epoch,
             change: Some(proto),
-        };
+        });
+        request.metadata_mut().insert(
+            caskade_proto::metadata::FORWARDED,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
         let answer = tokio::time::timeout(
             COMMIT_TIMEOUT + LEARNER_TIMEOUT,
             AdminClient::new(channel).change_cluster(request),

@@ -140,6 +140,32 @@ impl RaftDb {
         self.put(&[(key, encode(value)?)])
     }
 
+    /// Stores `snapshot` unless the stored one is of a later log entry,
+    /// checked and written in one transaction.
+    fn put_snapshot_if_newer(&self, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
+        let encoded = encode(snapshot)?;
+        self.with(|db| {
+            let txn = db.begin_write().map_err(StoreError::of)?;
+            {
+                let mut table = txn.open_table(META).map_err(StoreError::of)?;
+                let stored: Option<StoredSnapshot> = match table
+                    .get(SNAPSHOT)
+                    .map_err(StoreError::of)?
+                {
+                    Some(raw) => Some(serde_json::from_slice(raw.value()).map_err(StoreError::of)?),
+                    None => None,
+                };
+                if stored.is_some_and(|s| s.meta.last_log_id > snapshot.meta.last_log_id) {
+                    return Ok(());
+                }
+                table
+                    .insert(SNAPSHOT, encoded.as_slice())
+                    .map_err(StoreError::of)?;
+            }
+            txn.commit().map_err(StoreError::of)
+        })
+    }
+
     /// The identity of the cluster this node belongs to, if any.
     pub fn cluster_id(&self) -> Result<Option<String>, StoreError> {
         self.get(CLUSTER_ID)
@@ -442,7 +468,7 @@ impl MapMachine {
 }
 
 impl RaftStateMachine<TypeConfig> for Arc<MapMachine> {
-    type SnapshotBuilder = Arc<MapMachine>;
+    type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(
         &mut self,
@@ -498,7 +524,12 @@ impl RaftStateMachine<TypeConfig> for Arc<MapMachine> {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        Arc::clone(self)
+        // openraft builds the snapshot later, on a task of its own: it must
+        // be of the state as of now, not of whatever is applied by then.
+        SnapshotBuilder {
+            db: Arc::clone(&self.db),
+            state: self.state(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<MachineState>> {
@@ -531,9 +562,16 @@ impl RaftStateMachine<TypeConfig> for Arc<MapMachine> {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for Arc<MapMachine> {
+/// A snapshot of the state machine as it was when openraft asked for it.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    db: Arc<RaftDb>,
+    state: MachineState,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let state = self.state();
+        let state = self.state.clone();
         let snapshot_id = match state.last_applied {
             Some(last) => format!("{}-{}", last.leader_id, last.index),
             None => "empty".to_owned(),
@@ -547,7 +585,9 @@ impl RaftSnapshotBuilder<TypeConfig> for Arc<MapMachine> {
             meta: meta.clone(),
             state: state.clone(),
         };
-        blocking(&self.db, move |db| db.put_one(SNAPSHOT, &stored))
+        // A snapshot installed meanwhile may be newer: never replace it
+        // with an older one (the log before it may be purged already).
+        blocking(&self.db, move |db| db.put_snapshot_if_newer(&stored))
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         Ok(Snapshot {

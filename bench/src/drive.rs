@@ -1,6 +1,7 @@
 //! The closed-loop load driver of the network benchmarks: `streams` tasks
-//! share one cursor over `total` operations, each task issuing one request
-//! at a time and timing it on its own.
+//! share one cursor over the operations (a fixed number of them, or as many
+//! as fit in a span of time), each task issuing one request at a time and
+//! timing it on its own.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,8 +27,44 @@ impl Phase {
     }
 }
 
+/// When the tasks stop taking operations.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    /// After operation `total - 1`.
+    Ops(usize),
+    /// At this instant; operations already sent are finished and counted.
+    Until(Instant),
+}
+
+impl Bound {
+    fn reached(self, n: usize) -> bool {
+        match self {
+            Bound::Ops(total) => n >= total,
+            Bound::Until(deadline) => Instant::now() >= deadline,
+        }
+    }
+}
+
 /// Runs `op(n)` for every `n` in `0..total` from `streams` concurrent tasks.
 pub async fn drive<F, Fut>(streams: usize, total: usize, op: F) -> anyhow::Result<Phase>
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    run(streams, Bound::Ops(total), op).await
+}
+
+/// Runs `op(0)`, `op(1)`, … from `streams` concurrent tasks until `duration`
+/// has passed; the phase counts the operations completed.
+pub async fn drive_for<F, Fut>(streams: usize, duration: Duration, op: F) -> anyhow::Result<Phase>
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    run(streams, Bound::Until(Instant::now() + duration), op).await
+}
+
+async fn run<F, Fut>(streams: usize, bound: Bound, op: F) -> anyhow::Result<Phase>
 where
     F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send,
@@ -41,7 +78,7 @@ where
             let mut latency = Histogram::<u64>::new(3)?;
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
+                if bound.reached(n) {
                     break;
                 }
                 let sent = Instant::now();
@@ -57,7 +94,7 @@ where
     }
     Ok(Phase {
         throughput: Throughput {
-            ops: total as u64,
+            ops: latency.len(),
             elapsed: started.elapsed(),
         },
         latency,

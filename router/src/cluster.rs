@@ -284,8 +284,11 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Long-polls one node after another for maps newer than the current
-    /// one, so a committed change reaches this router within a round trip.
+    /// Long-polls up to [`MAP_POLLERS`] nodes at once for maps newer than
+    /// the current one, so that a committed change reaches this router
+    /// within a round trip, and neither a node that hangs (its poll never
+    /// answers) nor one cut off from the others (it never learns a newer
+    /// map) holds the router up: the first newer map wins.
     async fn follow(self: Arc<Self>) {
         let mut turn = 0usize;
         loop {
@@ -302,28 +305,52 @@ impl Cluster {
             if addrs.is_empty() {
                 addrs = self.seeds.clone();
             }
-            let Some(addr) = addrs.get(turn % addrs.len().max(1)).cloned() else {
+            if addrs.is_empty() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
-            };
-            // The next poll asks the next node, so that one cut off from
-            // the others (and so never answering a newer map) holds no one up.
+            }
+            // A different set of nodes each round when there are more.
+            let start = turn % addrs.len();
+            addrs.rotate_left(start);
             turn += 1;
-            match self.fetch_map(&addr, view.map.epoch, MAP_LONG_POLL).await {
-                Ok(Some(map)) if map.epoch > view.map.epoch => {
-                    if let Err(e) = self.adopt(map) {
-                        tracing::warn!(error = %e, "could not adopt the cluster map");
+            let mut polls = tokio::task::JoinSet::new();
+            for addr in addrs.into_iter().take(MAP_POLLERS) {
+                let cluster = Arc::clone(&self);
+                let epoch = view.map.epoch;
+                polls.spawn(async move {
+                    let fetched = cluster.fetch_map(&addr, epoch, MAP_LONG_POLL).await;
+                    (addr, fetched)
+                });
+            }
+            let mut failed = 0;
+            while let Some(joined) = polls.join_next().await {
+                let Ok((addr, fetched)) = joined else {
+                    continue;
+                };
+                match fetched {
+                    Ok(Some(map)) if map.epoch > view.map.epoch => {
+                        if let Err(e) = self.adopt(map) {
+                            tracing::warn!(error = %e, "could not adopt the cluster map");
+                        }
+                        // The others are still waiting for this very map.
+                        polls.abort_all();
+                    }
+                    Ok(_) => {}
+                    Err(reason) => {
+                        tracing::debug!(%addr, %reason, "long poll for the cluster map failed");
+                        failed += 1;
                     }
                 }
-                Ok(_) => {}
-                Err(reason) => {
-                    tracing::debug!(%addr, %reason, "long poll for the cluster map failed");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+            }
+            if failed > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
 }
+
+/// How many nodes a router long-polls at once.
+const MAP_POLLERS: usize = 3;
 
 /// How long one long poll for a newer map waits on a node.
 const MAP_LONG_POLL: Duration = Duration::from_secs(20);

@@ -5,8 +5,8 @@
 //! `<data_dir>/cluster-map.pb` (protobuf, written to a temporary file,
 //! fsynced and renamed): the Raft group decides the map, and this record
 //! says how far the node's data layer has followed it, so a node restarts
-//! with the ranges it last served and catches up on later maps from the
-//! Raft log. It only moves to higher epochs.
+//! with the ranges it last served, then puts the newest committed map into
+//! effect once its Raft state machine has it. It only moves to higher epochs.
 
 use std::fs;
 use std::io::{self, Write as _};

@@ -334,9 +334,12 @@ pub async fn run(
     Node::start(config).await?.serve(shutdown).await
 }
 
-/// Puts every map the Raft group commits into effect on this node (ranges
-/// to pull, to refuse, to drop), in epoch order. A map that could not be
-/// put into effect (a failed cursor write) is tried again.
+/// Puts the maps the Raft group commits into effect on this node (ranges
+/// to pull, to refuse, to drop). Epochs only go up, but maps committed in
+/// quick succession may be skipped to the newest: what a map change does is
+/// computed from the map in effect and the new one, not from each step. A
+/// map that could not be put into effect (a failed cursor write) is tried
+/// again.
 async fn follow_maps(core: Arc<NodeCore>, stop: watch::Receiver<bool>) {
     let mut maps = core.cluster.watch();
     loop {

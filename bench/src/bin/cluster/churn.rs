@@ -32,8 +32,13 @@ pub struct Churn {
 }
 
 /// Adds and removes spare nodes, ids from `first_id` on, until `until`
-/// (the cycle under way then is finished).
-pub async fn churn(d: &mut Deployment, first_id: u32, until: Instant) -> anyhow::Result<Churn> {
+/// (the cycle under way then is finished), pausing `pause` after each change.
+pub async fn churn(
+    d: &mut Deployment,
+    first_id: u32,
+    until: Instant,
+    pause: Duration,
+) -> anyhow::Result<Churn> {
     let mut churn = Churn::default();
     let mut id = first_id;
     while Instant::now() < until {
@@ -51,6 +56,7 @@ pub async fn churn(d: &mut Deployment, first_id: u32, until: Instant) -> anyhow:
             }
         }
         churn.adds.push(started.elapsed());
+        tokio::time::sleep(pause).await;
 
         let started = Instant::now();
         let mut drains = 0;
@@ -67,6 +73,7 @@ pub async fn churn(d: &mut Deployment, first_id: u32, until: Instant) -> anyhow:
         churn.conflicts += conflicts;
         d.discard(id)?;
         id += 1;
+        tokio::time::sleep(pause).await;
     }
     Ok(churn)
 }

@@ -75,6 +75,10 @@ struct Args {
     /// Seconds of put load, once without and once with map churn.
     #[arg(long, default_value_t = 20)]
     load_secs: u64,
+    /// Pause after each map change of the churn (0: one change right after
+    /// the other, the worst case).
+    #[arg(long, default_value_t = 2000)]
+    churn_pause_ms: u64,
     /// The nodes' `cluster.failover_after_ms`: how long a node must be
     /// unreachable before the Raft leader marks it down.
     #[arg(long, default_value_t = 2000)]
@@ -241,7 +245,12 @@ async fn load(d: &mut Deployment, args: &Args, report: &mut Report) -> anyhow::R
             duration,
             &failures
         ),
-        churn(d, FOUNDERS + 1, until),
+        churn(
+            d,
+            FOUNDERS + 1,
+            until,
+            Duration::from_millis(args.churn_pause_ms)
+        ),
     );
     let (loaded, churned) = (loaded?, churned?);
     let epoch_after = d.admin().epoch().await?;

@@ -231,12 +231,15 @@ impl Admin for AdminService {
             let change = request
                 .change
                 .ok_or_else(|| Status::invalid_argument("change is required"))
-                .and_then(crate::cluster::from_proto_change)?;
+                .and_then(|c| {
+                    crate::cluster::from_proto_change(c).map_err(crate::status::change_status)
+                })?;
             let map = self
                 .core
                 .cluster
                 .change(request.expected_epoch, change.clone(), forwarded)
-                .await?;
+                .await
+                .map_err(crate::status::change_status)?;
             tracing::info!(epoch = map.epoch, ?change, "cluster map change committed");
             Ok(Response::new(ChangeClusterResponse {
                 map: Some(map.to_proto()),

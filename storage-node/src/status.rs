@@ -12,12 +12,31 @@ use std::io::ErrorKind;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
+use crate::cluster::ChangeError;
+use crate::cluster::map::Refused;
 use crate::engine::EngineError;
 
 pub use caskade_proto::metadata::{
     ACKS as ACKS_METADATA, CURRENT_VERSION as CURRENT_VERSION_METADATA,
     REQUIRED_ACKS as REQUIRED_ACKS_METADATA, WRITTEN_VERSION as WRITTEN_VERSION_METADATA,
 };
+
+/// The status an operator's `Admin/ChangeCluster` gets for `error`: the
+/// router maps ABORTED to 409, NOT_FOUND to 404, INVALID_ARGUMENT to 400
+/// and an UNAVAILABLE the node chose to give to 503 `cluster_unavailable`.
+pub fn change_status(error: ChangeError) -> Status {
+    match error {
+        ChangeError::Refused(Refused::Conflict(why)) => Status::aborted(why),
+        ChangeError::Refused(refused @ Refused::NotFound(_)) => {
+            Status::not_found(refused.to_string())
+        }
+        ChangeError::Refused(Refused::NoMap) => {
+            Status::unavailable("the cluster has not formed yet")
+        }
+        ChangeError::Unavailable(why) => Status::unavailable(why),
+        ChangeError::Invalid(why) => Status::invalid_argument(why),
+    }
+}
 
 /// The status a client sees for `error`. Server-side details are logged.
 pub fn engine_status(error: &EngineError) -> Status {

@@ -18,8 +18,9 @@
 //! voter that forgot its log and its votes could let two leaders commit
 //! different maps for one epoch. Such a node must be removed and added back.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use caskade_common::tls::TlsMaterial;
 use caskade_proto::HelloRequest;
@@ -30,6 +31,8 @@ use super::store::{RaftDb, StoreError};
 use crate::config::{ClusterConfig, InitialMembers};
 use crate::replication::puller::channel;
 
+/// How often a refused Raft call between two nodes is logged as an error.
+const SHOUT_EVERY: Duration = Duration::from_secs(30);
 /// How long a starting node waits for each other member's answer.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -48,6 +51,9 @@ pub struct Identity {
     db: Arc<RaftDb>,
     /// `None` until the node forms or joins a cluster.
     current: Mutex<Option<String>>,
+    /// When a refusal between this node and each peer was last logged as
+    /// an error (Raft retries every half second).
+    shouted: Mutex<HashMap<u32, Instant>>,
 }
 
 impl Identity {
@@ -57,6 +63,7 @@ impl Identity {
         Ok(Identity {
             db,
             current: Mutex::new(current),
+            shouted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -86,6 +93,20 @@ impl Identity {
                 tracing::info!(cluster = theirs, "joined a cluster");
                 *current = Some(theirs.to_owned());
                 Ok(())
+            }
+        }
+    }
+
+    /// Whether a refusal between this node and `peer` should be logged as an
+    /// error now: once per [`SHOUT_EVERY`] per peer; the rest are debug.
+    pub fn shout(&self, peer: u32) -> bool {
+        let mut shouted = self.shouted.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        match shouted.get(&peer) {
+            Some(at) if now.duration_since(*at) < SHOUT_EVERY => false,
+            _ => {
+                shouted.insert(peer, now);
+                true
             }
         }
     }

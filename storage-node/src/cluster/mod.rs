@@ -36,7 +36,7 @@ use caskade_proto::{ChangeClusterRequest, RaftStatus};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use tokio::sync::watch;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use crate::config::{ClusterConfig, InitialMembers};
 use crate::replication::puller::channel;
@@ -73,21 +73,9 @@ pub enum ChangeError {
     /// No leader, no quorum, or no commit in time: it may still commit.
     #[error("{0}")]
     Unavailable(String),
-}
-
-impl From<ChangeError> for Status {
-    fn from(error: ChangeError) -> Status {
-        match error {
-            ChangeError::Refused(Refused::Conflict(why)) => Status::aborted(why),
-            ChangeError::Refused(refused @ Refused::NotFound(_)) => {
-                Status::not_found(refused.to_string())
-            }
-            ChangeError::Refused(Refused::NoMap) => {
-                Status::unavailable("the cluster has not formed yet")
-            }
-            ChangeError::Unavailable(why) => Status::unavailable(why),
-        }
-    }
+    /// The request itself is malformed; nothing was proposed.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// This node's member of the cluster map's Raft group.
@@ -371,6 +359,7 @@ impl Cluster {
                     }
                     _ => ChangeError::Unavailable(status.message().to_owned()),
                 },
+                Code::InvalidArgument => ChangeError::Invalid(status.message().to_owned()),
                 _ => {
                     ChangeError::Unavailable(format!("the leader at {addr}: {}", status.message()))
                 }
@@ -542,14 +531,14 @@ fn to_proto_change(change: &Change) -> Option<caskade_proto::change_cluster_requ
 /// The change an operator's request asks for.
 pub fn from_proto_change(
     change: caskade_proto::change_cluster_request::Change,
-) -> Result<Change, Status> {
+) -> Result<Change, ChangeError> {
     use caskade_proto::change_cluster_request::Change as Proto;
     Ok(match change {
         Proto::Add(node) => {
             if node.id == 0 {
-                return Err(Status::invalid_argument("node ids start at 1"));
+                return Err(ChangeError::Invalid("node ids start at 1".into()));
             }
-            crate::config::validate_addr(&node.addr).map_err(Status::invalid_argument)?;
+            crate::config::validate_addr(&node.addr).map_err(ChangeError::Invalid)?;
             Change::Add {
                 id: node.id,
                 addr: node.addr,

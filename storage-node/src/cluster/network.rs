@@ -112,7 +112,16 @@ impl Peer {
             Ok(answer) => serde_json::from_slice(&answer.into_inner().payload)
                 .map_err(|e| CallError::Network(format!("decoding the answer: {e}"))),
             Err(status) if status.code() == Code::FailedPrecondition => {
-                tracing::error!(peer = self.target, addr = %self.addr, reason = status.message(), "raft peer refused this node");
+                let peer = u32::try_from(self.target).unwrap_or(u32::MAX);
+                if self.identity.shout(peer) {
+                    tracing::error!(peer, addr = %self.addr, reason = status.message(), "raft peer refused this node");
+                } else {
+                    tracing::debug!(
+                        peer,
+                        reason = status.message(),
+                        "raft peer refused this node"
+                    );
+                }
                 Err(CallError::Unreachable(status.message().to_owned()))
             }
             Err(status) if status.code() == Code::Unavailable => {

@@ -51,7 +51,11 @@ impl RaftServer {
     fn admit<T: DeserializeOwned>(&self, request: Request<RaftRequest>) -> Result<T, Status> {
         let request = request.into_inner();
         if let Err(why) = self.identity.admit(&request.cluster_id) {
-            tracing::error!(from = request.from, reason = %why, "refused a raft call");
+            if self.identity.shout(request.from) {
+                tracing::error!(from = request.from, reason = %why, "refused a raft call");
+            } else {
+                tracing::debug!(from = request.from, reason = %why, "refused a raft call");
+            }
             return Err(Status::failed_precondition(why));
         }
         serde_json::from_slice(&request.payload)

@@ -577,6 +577,15 @@ impl TestCluster {
         }
     }
 
+    /// Sends `signal` (`STOP` freezes it, `CONT` thaws it) to node `id`'s
+    /// process (a [`Member::Process`] node).
+    pub fn signal_node(&self, id: u32, signal: &str) -> anyhow::Result<()> {
+        match &self.slot(id).occupant {
+            Occupant::Process(process) => process.signal(signal),
+            _ => bail!("node {id} is not a running process"),
+        }
+    }
+
     /// The configuration node `id` starts with (its address included).
     pub fn node_config(&self, id: u32) -> &NodeConfig {
         &self.slot(id).config

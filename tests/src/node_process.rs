@@ -80,6 +80,18 @@ impl NodeProcess {
         Ok(())
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !sent.success() {
+            bail!("kill -{signal} failed");
+        }
+        Ok(())
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let sent = Command::new("kill")

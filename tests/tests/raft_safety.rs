@@ -162,3 +162,76 @@ async fn a_member_whose_raft_state_is_gone_is_refused() {
     }
     tc.shutdown().await.unwrap();
 }
+
+/// The `caskade-node` binary built in this package, for nodes frozen with SIGSTOP.
+const NODE_BINARY: &str = env!("CARGO_BIN_EXE_caskade-node-process");
+
+/// Failover after 1 s, and catch-up in small steps (ten records a pull),
+/// so that a node coming back takes a while to catch up.
+fn slow_catch_up(config: &mut caskade_node::NodeConfig) {
+    config.cluster.failover_after_ms = 1000;
+    config.replication.pull_max_records = 10;
+}
+
+/// A node cut off without restarting (frozen here) never stopped reporting
+/// SERVING. Once it answers again, the leader must not mark it up before it
+/// has caught up with the writes it missed: routers would send it reads and
+/// conditional writes for which it holds stale copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_from_a_partition_is_marked_up_only_once_caught_up() {
+    const MISSED: usize = 1500;
+    let spec = ClusterSpec {
+        configure: slow_catch_up,
+        ..ClusterSpec::processes(3, 3, policy(), NODE_BINARY)
+    };
+    let tc = TestCluster::start(spec).await.unwrap();
+    let leader = tc.admin_cluster().await.unwrap()["leader"]
+        .as_u64()
+        .unwrap() as u32;
+    let victim = *tc.node_ids().iter().find(|&&id| id != leader).unwrap();
+    let is_down = |page: &Value| {
+        page["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == victim && n["down"] == true)
+    };
+
+    tc.signal_node(victim, "STOP").unwrap();
+    // Thaw it whatever happens, so the process can be stopped at the end.
+    struct Thaw<'a>(&'a TestCluster, u32);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.signal_node(self.1, "CONT");
+        }
+    }
+    let thaw = Thaw(&tc, victim);
+    poll_until(
+        "the frozen node to be marked down",
+        Duration::from_secs(30),
+        || async { tc.admin_cluster().await.is_ok_and(|p| is_down(&p)) },
+    )
+    .await;
+    let mut written = Vec::with_capacity(MISSED);
+    for n in 0..MISSED {
+        let key = format!("missed-{n}");
+        let response = tc.put_level(&key, "v", "quorum").await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{key}");
+        written.push(key.into_bytes());
+    }
+    drop(thaw);
+
+    poll_until(
+        "the node to be marked up",
+        Duration::from_secs(60),
+        || async { tc.admin_cluster().await.is_ok_and(|p| !is_down(&p)) },
+    )
+    .await;
+    let held = tc.scan_node(victim).await.unwrap();
+    let missing = written.iter().filter(|k| !held.contains_key(*k)).count();
+    assert_eq!(
+        missing, 0,
+        "marked up while {missing} of the {MISSED} writes it missed were not on it yet"
+    );
+    tc.shutdown().await.unwrap();
+}

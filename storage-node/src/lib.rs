@@ -4,7 +4,7 @@
 //! in-memory ordered keydir, hint files and background merge. It does no
 //! networking; the services reach it only through [`engine::Engine`].
 //!
-//! Around it: [`cluster`] is the cluster map decided by the nodes' Raft
+//! Around it: `cluster` is the cluster map decided by the nodes' Raft
 //! group, [`kv`] and [`admin`] are the gRPC services, [`replication`]
 //! pulls from peers, serves their pulls and waits for write levels, [`status`] the one
 //! table from engine errors to gRPC codes, [`observe`] the per-request
@@ -12,7 +12,7 @@
 //! [`server`] starts, serves and stops a node ([`run`]).
 
 pub mod admin;
-pub mod cluster;
+pub(crate) mod cluster;
 pub mod config;
 pub mod engine;
 pub mod engine_threads;

@@ -17,13 +17,13 @@
 //! into effect (pulling gained ranges, dropping lost ones) by watching
 //! [`Cluster::watch`].
 
-pub mod identity;
-pub mod leader;
-pub mod map;
-pub mod network;
-pub mod service;
-pub mod store;
-pub mod types;
+mod identity;
+pub(crate) mod leader;
+pub(crate) mod map;
+mod network;
+pub(crate) mod service;
+mod store;
+mod types;
 
 use std::collections::BTreeMap;
 use std::path::Path;

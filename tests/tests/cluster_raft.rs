@@ -29,7 +29,7 @@ use caskade_common::certs::{ClusterCertFiles, ensure_cluster_certs};
 use caskade_common::config::TlsFiles;
 use caskade_common::tls::TlsMaterial;
 use caskade_proto::admin_client::AdminClient;
-use caskade_proto::{ClusterMap, GetClusterMapRequest, NodeState};
+use caskade_proto::{ClusterMap, GetClusterMapRequest};
 use caskade_router::auth::{Role, TokenRequest, issue_hs256};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
@@ -313,25 +313,10 @@ fn timings_section(timings: Timings) -> String {
 // ---------------------------------------------------------------------------
 // What the map looked like, wherever it was seen
 
-/// A map's content in one comparable form, from a node's `ClusterMap` or
-/// the router's JSON.
+/// A node's map in the form the router's admin API shows it, so that it
+/// compares with the router's pages and answers.
 fn map_content(map: &ClusterMap) -> Value {
-    json!({
-        "epoch": map.epoch,
-        "replication_factor": map.replication_factor,
-        "vnodes_per_node": map.vnodes_per_node,
-        "nodes": map.nodes.iter().map(|n| json!({
-            "id": n.id,
-            "addr": n.addr,
-            "state": match n.state() {
-                NodeState::Unspecified => "unspecified",
-                NodeState::Active => "active",
-                NodeState::Joining => "joining",
-                NodeState::Leaving => "leaving",
-            },
-            "down": n.down,
-        })).collect::<Vec<_>>(),
-    })
+    caskade_router::membership::map_json(map)
 }
 
 /// The map part of the admin page or of a `POST /admin/v1/nodes` answer.
@@ -582,6 +567,18 @@ impl Deployment {
 
     /// Starts node `id` from its file, waits until it listens, and starts
     /// recording the maps it answers.
+    /// Allocates `ids`, writes each its founding configuration (RF 3, the
+    /// members being `ids`) and starts them.
+    async fn start_founders(&mut self, ids: &[u32]) {
+        let members = self.allocate(ids);
+        for &id in ids {
+            self.write_founding_config(id, &members, 3);
+        }
+        for &id in ids {
+            self.start_node(id).await;
+        }
+    }
+
     async fn start_node(&mut self, id: u32) {
         let client = self.admin_client(id);
         let history = Arc::clone(&self.history);
@@ -880,13 +877,7 @@ fn value_of(key: &str) -> String {
 async fn three_processes_form_a_cluster_from_their_configuration_files() {
     bounded(async {
         let mut d = Deployment::new(3, FAST);
-        let members = d.allocate(&[1, 2, 3]);
-        for id in 1..=3 {
-            d.write_founding_config(id, &members, 3);
-        }
-        for id in 1..=3 {
-            d.start_node(id).await;
-        }
+        d.start_founders(&[1, 2, 3]).await;
         d.start_router(&[1, 2, 3]).await;
         d.wait_ready(3).await;
 
@@ -985,13 +976,7 @@ async fn three_processes_form_a_cluster_from_their_configuration_files() {
 async fn the_raft_leader_killed_a_new_one_is_elected_and_changes_still_apply() {
     bounded(async {
         let mut d = Deployment::new(4, FAST);
-        let members = d.allocate(&[1, 2, 3]);
-        for id in 1..=3 {
-            d.write_founding_config(id, &members, 3);
-        }
-        for id in 1..=3 {
-            d.start_node(id).await;
-        }
+        d.start_founders(&[1, 2, 3]).await;
         d.start_router(&[1, 2, 3]).await;
         d.wait_ready(3).await;
 
@@ -1130,13 +1115,7 @@ async fn the_raft_leader_killed_a_new_one_is_elected_and_changes_still_apply() {
 async fn a_minority_cannot_change_the_map() {
     bounded(async {
         let mut d = Deployment::new(4, FAST_NO_FAILOVER);
-        let members = d.allocate(&[1, 2, 3]);
-        for id in 1..=3 {
-            d.write_founding_config(id, &members, 3);
-        }
-        for id in 1..=3 {
-            d.start_node(id).await;
-        }
+        d.start_founders(&[1, 2, 3]).await;
         // Node 4 runs and could join: only the missing quorum can stop the add.
         d.allocate(&[4]);
         d.write_joining_config(4);

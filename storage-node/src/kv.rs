@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use caskade_common::version::unix_millis;
-use caskade_common::{Hlc, Version, validate_key};
+use caskade_common::{Version, validate_key};
 use caskade_proto::batch_op::Op;
 use caskade_proto::batch_result::Result as OpResult;
 use caskade_proto::kv_server::Kv;
@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::admin::ClusterMapStore;
+use crate::clock::NodeClock;
 use crate::cluster::Cluster;
 use crate::engine::{
     Condition, DeleteOptions, Engine, EngineError, Latest, PutOptions, WriteOutcome,
@@ -52,7 +53,7 @@ pub struct NodeCore {
     /// The storage engine.
     pub engine: Arc<Engine>,
     /// The clock versions come from.
-    pub hlc: Hlc,
+    pub hlc: NodeClock,
     /// Request metrics and spans.
     pub observer: Observer,
     /// Where engine calls run.
@@ -313,7 +314,7 @@ impl NodeCore {
         write: impl Fn(Version) -> Result<WriteOutcome, EngineError>,
     ) -> Result<(Version, Option<Version>, u64), Status> {
         for _ in 0..STALE_RETRIES {
-            let version = self.hlc.now();
+            let version = self.hlc.now()?;
             match write(version).map_err(|e| engine_status(&e))? {
                 WriteOutcome::Applied { previous, seq } => return Ok((version, previous, seq)),
                 WriteOutcome::Stale { current } => self.hlc.observe(current),

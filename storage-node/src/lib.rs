@@ -9,9 +9,10 @@
 //! pulls from peers, serves their pulls and waits for write levels, [`status`] the one
 //! table from engine errors to gRPC codes, [`observe`] the per-request
 //! metrics and log context, [`config`] the configuration file, and
-//! [`server`] starts, serves and stops a node ([`run`]).
+//! [`clock`] the versions' clock, [`server`] starts, serves and stops a node ([`run`]).
 
 pub mod admin;
+pub mod clock;
 pub(crate) mod cluster;
 pub mod config;
 pub mod engine;

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use caskade_common::Hlc;
 use caskade_common::telemetry::{self, serve_metrics};
 use caskade_common::tls::{TlsError, TlsMaterial};
 use caskade_proto::admin_server::AdminServer;
@@ -27,6 +26,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, ClusterMapStore, stats_of};
+use crate::clock::NodeClock;
 use crate::cluster::service::RaftServer as RaftService;
 use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::InitialMembers;
@@ -117,6 +117,7 @@ impl Node {
             .await
             .map_err(std::io::Error::other)??;
         feed.start_after(engine.stats().last_seq);
+        let hlc = NodeClock::open(&config.data_dir, config.id, engine.max_version())?;
         let map = ClusterMapStore::open(&config.data_dir)?;
         let cursors = Cursors::open(&config.data_dir)?;
         let replication = Replication::new(
@@ -137,7 +138,7 @@ impl Node {
         let core = Arc::new(NodeCore {
             id: config.id,
             engine: Arc::new(engine),
-            hlc: Hlc::new(config.id),
+            hlc,
             observer: Observer::new(config.id),
             threads: EngineThreads::start(threads)?,
             writes_wait_for_fsync: config.engine.durability == DurabilityMode::Always,

@@ -586,3 +586,54 @@ async fn on_shutdown_the_node_reports_not_serving_while_it_drains() {
     assert!(health.check(check).await.is_ok());
     node.stop().await.unwrap();
 }
+
+/// A node's clock starts above every version its data holds: restarted with
+/// its wall clock behind a version it stored (one it assigned before its
+/// clock stepped back, or a peer's), it never assigns an older version, so
+/// it cannot hand out a version twice.
+#[tokio::test]
+async fn a_restarted_node_assigns_versions_above_every_version_it_holds() {
+    use caskade_common::Version;
+    use caskade_common::version::unix_millis;
+    use caskade_proto::replication_client::ReplicationClient;
+    use caskade_proto::{ApplyRequest, ReplicatedRecord};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (node, certs) = start(dir.path()).await;
+    // A record the node holds from a time its clock has not reached.
+    let ahead = Version::from_parts(unix_millis() + 5 * 60 * 1000, 7, 1);
+    let replication = channel(node.grpc, &certs.ca, Some(&certs.client))
+        .await
+        .unwrap();
+    ReplicationClient::new(replication)
+        .apply(ApplyRequest {
+            records: vec![ReplicatedRecord {
+                key: Bytes::from_static(b"written-ahead"),
+                value: Bytes::from_static(b"v"),
+                version: Some(caskade_proto::Version {
+                    hlc: ahead.hlc,
+                    origin: ahead.origin,
+                }),
+                ..ReplicatedRecord::default()
+            }],
+        })
+        .await
+        .unwrap();
+    node.stop().await.unwrap();
+
+    let node = RunningNode::start(node_config(dir.path(), &certs)).await;
+    let written = kv_client(&node, &certs)
+        .await
+        .put(put_request("written-after-restart", "v"))
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+        .unwrap();
+    let written = Version::new(written.hlc, written.origin);
+    assert!(
+        written > ahead,
+        "version {written} assigned after a restart is not above {ahead}, held before it"
+    );
+    node.stop().await.unwrap();
+}

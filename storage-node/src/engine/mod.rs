@@ -43,7 +43,7 @@ use std::sync::{
     Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
 
-use caskade_common::{validate_key, validate_value};
+use caskade_common::{Version, validate_key, validate_value};
 
 pub use backup::BackupReport;
 pub use datafile::FILE_HEADER_LEN;
@@ -198,6 +198,16 @@ impl Engine {
                 .collect()
         };
         outcomes.into_iter().collect()
+    }
+
+    /// The highest version of any key's latest record held (tombstones
+    /// included); [`Version::ZERO`] when empty. Walks the keydir.
+    pub fn max_version(&self) -> Version {
+        read(&self.inner.keydir)
+            .range_from(b"", None)
+            .map(|(_, entry)| entry.version())
+            .max()
+            .unwrap_or(Version::ZERO)
     }
 
     /// Up to `limit` keys greater than `after` in byte order, including keys

@@ -6,10 +6,10 @@
 //! [`BreakerOpen`] for `open_for`, sparing a sick node and the callers'
 //! latency. Then it is half-open: one probe call goes through; its success
 //! closes the breaker, its failure opens it again. A failure is a transport
-//! error (timeouts included) or a gRPC status saying the node is unwell
-//! (`UNAVAILABLE`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS`, `DEADLINE_EXCEEDED`);
-//! a client mistake answered by a healthy node is a success. The breaker never
-//! holds its lock across an `.await`.
+//! error (the connection, or the router's timeout) or a node answering
+//! `DEADLINE_EXCEEDED`; any other answer, error or not, is the node's own
+//! and counts as a success: a node that answers is not sick. The breaker
+//! never holds its lock across an `.await`.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -283,13 +283,15 @@ pub struct BreakerService<S> {
     breaker: Breaker,
 }
 
-/// gRPC status codes that mean the node, not the request, is the problem.
+/// Whether a node's answer counts as a failure of the node: only a
+/// DEADLINE_EXCEEDED does (the node ran out of time). Any other status is
+/// an answer the node chose to give (a write level not met, a full disk, a
+/// poisoned engine, a corrupt record, a key it does not hold): it is passed
+/// to the client as it is, and opening the breaker on it would take the
+/// node's reads down with its writes. Transport failures and the router's
+/// own timeout never reach here: they are errors, and always count.
 fn node_is_unwell(grpc_status: Option<&http::HeaderValue>) -> bool {
-    // UNKNOWN 2, DEADLINE_EXCEEDED 4, INTERNAL 13, UNAVAILABLE 14, DATA_LOSS 15.
-    matches!(
-        grpc_status.map(http::HeaderValue::as_bytes),
-        Some(b"2" | b"4" | b"13" | b"14" | b"15")
-    )
+    grpc_status.map(http::HeaderValue::as_bytes) == Some(b"4")
 }
 
 impl<S, B, RB> Service<http::Request<B>> for BreakerService<S>
@@ -480,18 +482,22 @@ mod tests {
     }
 
     #[test]
-    fn only_node_trouble_counts_as_failure() {
+    fn only_a_timeout_among_answers_counts_as_failure() {
         let status = |s: &'static str| http::HeaderValue::from_static(s);
-        assert!(node_is_unwell(Some(&status("14"))));
-        assert!(node_is_unwell(Some(&status("4"))));
-        assert!(
-            !node_is_unwell(Some(&status("3"))),
-            "INVALID_ARGUMENT is the client's"
-        );
-        assert!(
-            !node_is_unwell(Some(&status("9"))),
-            "FAILED_PRECONDITION is the client's"
-        );
+        assert!(node_is_unwell(Some(&status("4"))), "DEADLINE_EXCEEDED");
+        for (code, what) in [
+            ("3", "INVALID_ARGUMENT is the client's"),
+            ("9", "FAILED_PRECONDITION is the client's"),
+            (
+                "14",
+                "UNAVAILABLE (level not met, poisoned, catching up) is an answer",
+            ),
+            ("8", "RESOURCE_EXHAUSTED (full) is an answer"),
+            ("15", "DATA_LOSS of one record is an answer"),
+            ("13", "INTERNAL is an answer"),
+        ] {
+            assert!(!node_is_unwell(Some(&status(code))), "{what}");
+        }
         assert!(!node_is_unwell(None));
     }
 }

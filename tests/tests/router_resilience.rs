@@ -636,3 +636,53 @@ async fn a_full_node_sheds_load_with_429() {
     assert!(by_code.get("timeout") >= Some(&1), "{by_code:?}");
     tc.shutdown().await.unwrap();
 }
+
+// ------------------------------------------------ a node's own answers
+
+/// A node that answers is not a sick node, whatever it answers. RF 2 with
+/// one node stopped: every write to the survivor's keys is applied there
+/// and then fails its write level (503 `write_level_not_met`), which is the
+/// survivor's answer, not a failure of it. Its breaker must stay closed and
+/// its keys must still be read, among them the writes that missed their
+/// level (applied, never rolled back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_that_a_write_missed_its_level_keeps_its_breaker_closed() {
+    const WRITES: usize = 6;
+    // Longer than the node's wait for acknowledgements: the node answers.
+    let policy = NodePolicy {
+        timeout_ms: 3_000,
+        ..quick_policy()
+    };
+    let mut tc = TestCluster::start(ClusterSpec::nodes(2, 2, policy))
+        .await
+        .unwrap();
+    let ids = tc.node_ids();
+    let (survivor, stopped) = (ids[0], ids[1]);
+    let keys = tc.keys_with_primary(survivor, "level", WRITES);
+    tc.stop_node(stopped).await.unwrap();
+    poll_until(
+        "the router to count the stopped node not ready",
+        NOTICE_DEADLINE,
+        || async { tc.nodes_ready().await == Some(1) },
+    )
+    .await;
+
+    for key in &keys {
+        let response = expect_status(
+            tc.put(key, key).await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("PUT {key} with one of two replicas"),
+        );
+        assert_eq!(error_code(response).await, "write_level_not_met", "{key}");
+    }
+    assert_eq!(
+        tc.breaker_gauge(survivor).await.unwrap(),
+        Some(0.0),
+        "the survivor's breaker opened on its own answers"
+    );
+    for key in &keys {
+        let response = expect_status(tc.get(key).await, StatusCode::OK, &format!("GET {key}"));
+        assert_eq!(response.text().await.unwrap(), *key);
+    }
+    tc.shutdown().await.unwrap();
+}

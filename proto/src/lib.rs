@@ -50,4 +50,7 @@ pub mod metadata {
     /// On `Admin/ChangeCluster`: a node passed the change on to the node it
     /// took for the Raft leader, which must not pass it on again.
     pub const FORWARDED: &str = "x-caskade-forwarded";
+    /// On ABORTED from a write sent to a replica that is not the key's
+    /// primary: the primary's node id under the replica's map.
+    pub const PRIMARY: &str = "x-caskade-primary";
 }

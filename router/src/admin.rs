@@ -66,6 +66,7 @@ pub async fn cluster(
                     "last_seq": s.last_seq,
                     "caught_up": s.ready,
                     "map_epoch": s.map_epoch,
+                    "taking_over_epoch": s.taking_over_epoch,
                     "raft": s.raft.as_ref().map(|r| json!({
                         "role": r.role,
                         "term": r.term,

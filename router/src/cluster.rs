@@ -42,6 +42,14 @@ impl ClusterView {
         self.map.is_down(id)
     }
 
+    /// Whether node `id` is still receiving its ranges (not yet a primary).
+    pub fn is_joining(&self, id: u32) -> bool {
+        self.map
+            .nodes
+            .iter()
+            .any(|n| n.id == id && n.state() == caskade_proto::NodeState::Joining)
+    }
+
     /// The nodes of `key`'s preference list, in order.
     pub fn preference_list(&self, key: &[u8]) -> Vec<Arc<NodeHandle>> {
         self.ring

@@ -11,6 +11,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// `error.outcome` of a request that certainly changed nothing.
+pub const NOT_APPLIED: &str = "not_applied";
+/// `error.outcome` of a write that may or may not have been applied.
+pub const UNKNOWN: &str = "unknown";
+
 /// Why a request failed, as the client is told.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -52,9 +57,17 @@ pub enum ApiError {
     /// The router sheds load: too many requests in flight to the node.
     #[error("too many requests in flight; retry later")]
     Overloaded,
-    /// No replica of the key could be reached.
+    /// No replica of the key could be reached, or every one refused: the
+    /// request was certainly not applied.
     #[error("no replica is available for this key")]
     Unavailable,
+    /// The request reached a storage node and then the exchange broke off
+    /// (connection lost, stream reset) or the node could not tell whether
+    /// it stored the write: it may or may not have been applied.
+    #[error(
+        "the storage node stopped answering after it got the request; it may or may not have been applied"
+    )]
+    Interrupted,
     /// A cluster map change could not be committed: no Raft leader, no
     /// quorum of nodes, or no node reachable. It may still commit.
     #[error("{0}")]
@@ -107,6 +120,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable
+            | ApiError::Interrupted
             | ApiError::ClusterUnavailable(_)
             | ApiError::WriteLevelNotMet { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
@@ -128,7 +142,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::TooLarge(_) => "too_large",
             ApiError::Overloaded => "overloaded",
-            ApiError::Unavailable => "unavailable",
+            ApiError::Unavailable | ApiError::Interrupted => "unavailable",
             ApiError::ClusterUnavailable(_) => "cluster_unavailable",
             ApiError::WriteLevelNotMet { .. } => "write_level_not_met",
             ApiError::InsufficientStorage => "insufficient_storage",
@@ -137,9 +151,38 @@ impl ApiError {
         }
     }
 
-    /// The JSON body `{"error": {"code", "message"}}`.
+    /// What became of a write that failed this way: `not_applied` (safe to
+    /// send again), `unknown` (it may have been applied, now or later), or
+    /// `None` where the question does not arise.
+    pub fn outcome(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Unavailable | ApiError::Overloaded | ApiError::InsufficientStorage => {
+                Some(NOT_APPLIED)
+            }
+            ApiError::Interrupted
+            | ApiError::Timeout
+            | ApiError::Internal
+            | ApiError::WriteLevelNotMet { .. } => Some(UNKNOWN),
+            ApiError::BadRequest { .. }
+            | ApiError::Unauthenticated
+            | ApiError::Forbidden
+            | ApiError::NotFound(_)
+            | ApiError::MethodNotAllowed
+            | ApiError::PreconditionFailed { .. }
+            | ApiError::Conflict(_)
+            | ApiError::IdempotencyKeyReused
+            | ApiError::TooLarge(_)
+            | ApiError::ClusterUnavailable(_) => None,
+        }
+    }
+
+    /// The JSON body `{"error": {"code", "message"[, "outcome"]}}`.
     pub fn body(&self) -> serde_json::Value {
-        json!({ "error": { "code": self.code(), "message": self.to_string() } })
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        if let Some(outcome) = self.outcome() {
+            error["outcome"] = json!(outcome);
+        }
+        json!({ "error": error })
     }
 }
 
@@ -163,7 +206,10 @@ impl IntoResponse for ApiError {
                     response.headers_mut().insert(header::ETAG, etag);
                 }
             }
-            ApiError::Overloaded | ApiError::Unavailable | ApiError::ClusterUnavailable(_) => {
+            ApiError::Overloaded
+            | ApiError::Unavailable
+            | ApiError::Interrupted
+            | ApiError::ClusterUnavailable(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

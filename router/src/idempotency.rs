@@ -9,8 +9,9 @@
 //! request is a 422. While the first request is still running, a retry gets
 //! 409 and may try again. The first request runs to completion even if its
 //! client goes away, so its outcome is always recorded. Only answers that
-//! prove nothing was applied (429, 503, 507) are forgotten, so that a retry
-//! really retries; a 500 or 504 (outcome unknown) is replayed rather than
+//! prove nothing was applied (429, 507, and a 503 whose `error.outcome` is
+//! `not_applied`) are forgotten, so that a retry really retries; any other
+//! (a 500, a 504, a 503 with `outcome: unknown`) is replayed rather than
 //! risk applying the write twice. The lock is never held across an `.await`.
 
 use std::collections::{HashMap, VecDeque};
@@ -238,21 +239,16 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
 }
 
 /// Answers that prove the write was not applied: forgotten, so a retry runs.
+/// Every other answer, an `outcome: unknown` among them, is kept and
+/// replayed: the write may have been applied, or may still be.
 fn never_applied(status: StatusCode, body: &[u8]) -> bool {
     match status {
         StatusCode::TOO_MANY_REQUESTS | StatusCode::INSUFFICIENT_STORAGE => true,
-        // A 503 `write_level_not_met` was applied (on too few replicas):
-        // retrying it would write again. Every other 503 was not.
-        StatusCode::SERVICE_UNAVAILABLE => !body
-            .windows(WRITE_LEVEL_NOT_MET.len())
-            .any(|w| w == WRITE_LEVEL_NOT_MET),
+        StatusCode::SERVICE_UNAVAILABLE => serde_json::from_slice::<serde_json::Value>(body)
+            .is_ok_and(|b| b["error"]["outcome"] == crate::error::NOT_APPLIED),
         _ => false,
     }
 }
-
-/// The `error.code` of a write applied below its write level, as it
-/// appears in the JSON body.
-const WRITE_LEVEL_NOT_MET: &[u8] = b"\"write_level_not_met\"";
 
 fn replay(answer: Answer) -> Response {
     let mut response = Response::new(Body::from(answer.body));

@@ -230,8 +230,10 @@ impl NodeHandle {
 
     /// Counts a call in flight until the guard drops.
     pub fn track(&self) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(&self.in_flight))
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        let gauge = gauge!("caskade_router_node_in_flight", "node" => self.id.to_string());
+        gauge.set(now as f64);
+        InFlight(Arc::clone(&self.in_flight), gauge)
     }
 
     /// Asks the node whether it serves `Kv`, and remembers the answer.
@@ -266,11 +268,12 @@ impl NodeHandle {
 
 /// Decrements a node's in-flight count on drop.
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicI64>);
+pub struct InFlight(Arc<AtomicI64>, metrics::Gauge);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let now = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.1.set(now as f64);
     }
 }
 

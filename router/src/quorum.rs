@@ -4,10 +4,12 @@
 //!
 //! Newest means the highest version, tombstones and expired values
 //! included: a replica that still holds a value deleted elsewhere is stale,
-//! and is repaired with the tombstone. Repairs run in the background after
-//! the answer (`Replication/Apply`, last writer wins on the node, so a
-//! repair racing a newer write changes nothing) and are counted in
-//! `caskade_router_read_repairs_total`.
+//! and is repaired with the tombstone. The answer waits for those repairs
+//! (`Replication/Apply` under the router's map epoch; last writer wins on
+//! the node, so a repair racing a newer write changes nothing): the newest
+//! copy is on a majority before it is returned, so no later quorum read can
+//! return an older one (reads are linearizable, as in ABD). Repairs are
+//! counted in `caskade_router_read_repairs_total`.
 
 use std::sync::Arc;
 
@@ -74,6 +76,7 @@ pub async fn read(
         return Err(ApiError::Internal);
     };
     let winner = winner.clone();
+    let answers_len = answers.len();
     let stale: Vec<Arc<NodeHandle>> = answers
         .into_iter()
         .filter(|(_, answer)| version_of(answer) < newest)
@@ -91,7 +94,14 @@ pub async fn read(
                 0
             },
         };
-        tokio::spawn(repair(stale, record));
+        // The newest copy is written back to a majority before it is
+        // returned: a later read then finds it whatever replicas it asks,
+        // even if the write that made it is still in flight or failed.
+        let holding = answers_len - stale.len();
+        let repaired = repair(stale, record, view.map.epoch).await;
+        if holding + repaired < needed {
+            return Err(ApiError::Unavailable);
+        }
     }
     Ok(winner)
 }
@@ -101,21 +111,32 @@ fn version_of(answer: &GetResponse) -> (u64, u32) {
     answer.version.map_or((0, 0), |v| (v.hlc, v.origin))
 }
 
-/// Sends `record` to each of `stale`.
-async fn repair(stale: Vec<Arc<NodeHandle>>, record: ReplicatedRecord) {
-    for node in stale {
+/// Sends `record` to each of `stale` at once, under map `epoch`; how many
+/// applied it.
+async fn repair(stale: Vec<Arc<NodeHandle>>, record: ReplicatedRecord, epoch: u64) -> usize {
+    let repairs = stale.into_iter().map(|node| {
         let request = ApplyRequest {
             records: vec![record.clone()],
+            epoch,
         };
-        match node.replication().apply(request).await {
-            Ok(_) => {
-                counter!("caskade_router_read_repairs_total", "node" => node.id.to_string())
-                    .increment(1);
-                tracing::debug!(node = node.id, "read repair sent");
-            }
-            Err(status) => {
-                tracing::warn!(node = node.id, code = ?status.code(), "read repair failed");
+        async move {
+            match node.replication().apply(request).await {
+                Ok(_) => {
+                    counter!("caskade_router_read_repairs_total", "node" => node.id.to_string())
+                        .increment(1);
+                    tracing::debug!(node = node.id, "read repair sent");
+                    true
+                }
+                Err(status) => {
+                    tracing::warn!(node = node.id, code = ?status.code(), "read repair failed");
+                    false
+                }
             }
         }
-    }
+    });
+    futures_util::future::join_all(repairs)
+        .await
+        .into_iter()
+        .filter(|&done| done)
+        .count()
 }

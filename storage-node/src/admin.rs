@@ -183,8 +183,13 @@ impl NodeCore {
         let stored = map.clone();
         let store = Arc::clone(&self.maps);
         run_blocking(move || store.set(map)).await?;
-        self.replication.set_map(&stored);
-        Ok(())
+        // Waits for writes under way (an fsync each): not on a runtime thread.
+        let core = Arc::clone(self);
+        run_blocking(move || {
+            core.replication.set_map(&stored);
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -332,6 +337,10 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
         ring_epoch: core.replication.placement().map_or(0, |p| p.ring_epoch),
         raft: Some(core.cluster.status()),
         map_epoch: core.maps.get().map_or(0, |m| m.epoch),
+        taking_over_epoch: core
+            .replication
+            .takeover_pending()
+            .map_or(0, |(epoch, _, _)| epoch),
         peers: core
             .replication
             .lag()

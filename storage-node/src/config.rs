@@ -297,6 +297,21 @@ impl ReplicationConfig {
     pub fn peer_alive_for(&self) -> Duration {
         Duration::from_millis((self.pull_wait_ms * 3).max(2000))
     }
+
+    /// How long a pull's answer lets its puller coordinate writes as the
+    /// primary of ranges the peer replicates: twice the pull wait (at least
+    /// 1 s), since a healthy peer answers a pull at least that often.
+    pub fn primary_lease(&self) -> Duration {
+        Duration::from_millis((self.pull_wait_ms * 2).max(1000))
+    }
+
+    /// How long a node that takes over primary ranges waits after copying
+    /// them before it coordinates their writes: the lease a deposed primary
+    /// may still hold, plus a quarter for clock rate differences.
+    pub fn takeover_wait(&self) -> Duration {
+        let lease = self.primary_lease();
+        lease + lease / 4
+    }
 }
 
 /// When writes reach stable storage.

@@ -271,10 +271,11 @@ impl NodeCore {
 
     fn put(&self, request: &PutRequest) -> Result<(PutResponse, Pending), Status> {
         let level = write_level(request.write_level)?;
+        let _placement = self.replication.hold_placement();
         let plan = self.replication.write_plan(&request.key, level)?;
         let condition = condition_of(request.condition.as_ref())?;
         let expires_at = (request.ttl_ms > 0).then(|| unix_millis().saturating_add(request.ttl_ms));
-        let (version, previous, seq) = self.write_fresh(|version| {
+        let (version, previous, seq) = self.write_fresh(plan.as_ref(), |version| {
             let options = PutOptions {
                 version,
                 expires_at,
@@ -292,9 +293,10 @@ impl NodeCore {
 
     fn delete(&self, request: &DeleteRequest) -> Result<(DeleteResponse, Pending), Status> {
         let level = write_level(request.write_level)?;
+        let _placement = self.replication.hold_placement();
         let plan = self.replication.write_plan(&request.key, level)?;
         let condition = condition_of(request.condition.as_ref())?;
-        let (version, previous, seq) = self.write_fresh(|version| {
+        let (version, previous, seq) = self.write_fresh(plan.as_ref(), |version| {
             let options = DeleteOptions { version, condition };
             self.engine.delete(&request.key, options)
         })?;
@@ -309,12 +311,21 @@ impl NodeCore {
     /// Applies `write` with a fresh version, retrying with a newer one if the
     /// key already holds a newer version. Returns the version written, the
     /// version of the live value it replaced, and the record's seq.
+    ///
+    /// The primary's lease is checked again once the version is taken: a
+    /// node that stalled (frozen, descheduled) between its plan and its
+    /// version must not append a version from after its lease ran out,
+    /// which could beat the writes of the primary that took over.
     fn write_fresh(
         &self,
+        plan: Option<&WritePlan>,
         write: impl Fn(Version) -> Result<WriteOutcome, EngineError>,
     ) -> Result<(Version, Option<Version>, u64), Status> {
         for _ in 0..STALE_RETRIES {
             let version = self.hlc.now()?;
+            if let Some(plan) = plan {
+                self.replication.check_plan_lease(plan)?;
+            }
             match write(version).map_err(|e| engine_status(&e))? {
                 WriteOutcome::Applied { previous, seq } => return Ok((version, previous, seq)),
                 WriteOutcome::Stale { current } => self.hlc.observe(current),

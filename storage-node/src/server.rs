@@ -38,7 +38,7 @@ use crate::observe::Observer;
 use crate::replication::cursors::Cursors;
 use crate::replication::feed::Feed;
 use crate::replication::service::ReplicationService;
-use crate::replication::{Replication, puller};
+use crate::replication::{Replication, puller, takeover};
 
 /// The readiness the health service reports: the `Kv` service's name.
 const KV_SERVICE: &str = <KvServer<KvService> as tonic::server::NamedService>::NAME;
@@ -234,6 +234,11 @@ impl Node {
             .bootstrap(config.cluster.initial_members.as_ref())
             .await?;
         let pullers = tokio::spawn(puller::run(Arc::clone(&core), tls.clone(), stop_rx.clone()));
+        let takeovers = tokio::spawn(takeover::run(
+            Arc::clone(&core),
+            tls.clone(),
+            stop_rx.clone(),
+        ));
         let maps = tokio::spawn(follow_maps(Arc::clone(&core), stop_rx.clone()));
         let leader = tokio::spawn(cluster::leader::run(
             Arc::clone(&core.cluster),
@@ -322,6 +327,9 @@ impl Node {
         // The pullers stop with the server and store their cursors last.
         if let Err(e) = pullers.await {
             tracing::error!(error = %e, "replication task failed");
+        }
+        if let Err(e) = takeovers.await {
+            tracing::error!(error = %e, "takeover task failed");
         }
         close_engine(core).await
     }

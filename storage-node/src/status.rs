@@ -18,7 +18,8 @@ use crate::engine::EngineError;
 
 pub use caskade_proto::metadata::{
     ACKS as ACKS_METADATA, CURRENT_VERSION as CURRENT_VERSION_METADATA,
-    REQUIRED_ACKS as REQUIRED_ACKS_METADATA, WRITTEN_VERSION as WRITTEN_VERSION_METADATA,
+    PRIMARY as PRIMARY_METADATA, REQUIRED_ACKS as REQUIRED_ACKS_METADATA,
+    WRITTEN_VERSION as WRITTEN_VERSION_METADATA,
 };
 
 /// The status an operator's `Admin/ChangeCluster` gets for `error`: the
@@ -65,6 +66,12 @@ pub fn engine_status(error: &EngineError) -> Status {
         EngineError::Corrupt { .. } => {
             tracing::error!(%error, "storage corruption");
             Status::data_loss("stored data failed its checksum")
+        }
+        EngineError::OutcomeUnknown(_) => {
+            tracing::error!(%error, "write failed after its record was handed to the file");
+            Status::unknown(
+                "the write failed while it was being stored and may or may not have been",
+            )
         }
         EngineError::Poisoned(_) => {
             tracing::error!(%error, "write refused by a poisoned engine");

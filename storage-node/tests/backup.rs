@@ -92,7 +92,8 @@ fn backup_runs_beside_writers_and_refuses_an_existing_directory() {
         let (engine, stop) = (Arc::clone(&engine), Arc::clone(&stop));
         std::thread::spawn(move || {
             let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) && n < 20_000 {
+            // At least one write, however soon the backup ends.
+            while n == 0 || !stop.load(Ordering::Relaxed) && n < 20_000 {
                 put(
                     &engine,
                     &format!("w{:03}", n % 300),

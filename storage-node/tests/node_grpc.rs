@@ -616,6 +616,7 @@ async fn a_restarted_node_assigns_versions_above_every_version_it_holds() {
                 }),
                 ..ReplicatedRecord::default()
             }],
+            epoch: 0,
         })
         .await
         .unwrap();

@@ -56,6 +56,9 @@ use crate::node_process::NodeProcess;
 
 /// How long the router may take to adopt the map and see the nodes ready.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a dead node's ranges may take to get new primaries: marked
+/// down, copied, the old primary's lease waited out.
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(30);
 /// How long the nodes may take to elect a leader, commit the first map and
 /// catch up with each other.
 const FORM_DEADLINE: Duration = Duration::from_secs(30);
@@ -404,7 +407,37 @@ impl TestCluster {
             || async { cluster.nodes_ready().await == Some(nodes) },
         )
         .await;
+        // A hanging listener never serves a copy: the keys it replicates
+        // stay refused (tests write others), so there is no end to wait for.
+        if cluster.slots.iter().all(|s| s.real) {
+            poll_until(
+                "every storage node to have taken over its primary ranges",
+                READY_DEADLINE,
+                || cluster.takeovers_done(),
+            )
+            .await;
+        }
         Ok(cluster)
+    }
+
+    /// Whether every running storage node has finished taking over the
+    /// ranges it is the primary of (it takes their writes), asking each
+    /// node itself.
+    pub async fn takeovers_done(&self) -> bool {
+        for slot in self
+            .slots
+            .iter()
+            .filter(|s| matches!(s.occupant, Occupant::Node { .. } | Occupant::Process(_)))
+        {
+            let Ok(mut admin) = self.node_admin(slot.id).await else {
+                return false;
+            };
+            match admin.stats(caskade_proto::StatsRequest {}).await {
+                Ok(stats) if stats.get_ref().taking_over_epoch == 0 => {}
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// Stops the router, then the nodes, each gracefully; closes hanging listeners.
@@ -690,10 +723,15 @@ impl TestCluster {
 
     /// A new client with connections of its own.
     pub fn new_client(&self) -> anyhow::Result<Client> {
+        self.client_with_timeout(REQUEST_TIMEOUT)
+    }
+
+    /// A new client whose requests may take up to `timeout`.
+    pub fn client_with_timeout(&self, timeout: Duration) -> anyhow::Result<Client> {
         Ok(Client::builder()
             .tls_certs_only([reqwest::Certificate::from_pem(&self.ca_pem)?])
             .no_proxy()
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
             .build()?)
     }
 
@@ -767,13 +805,40 @@ impl TestCluster {
             .with_context(|| format!("node {id} missing from {page}"))
     }
 
-    /// Whether the admin page shows every node of the map ready.
+    /// Waits until the map marks node `id` down and every running node has
+    /// taken over the ranges it became the primary of: the dead node's keys
+    /// take writes again. Needs failover on ([`quick_failover`]).
+    pub async fn wait_failed_over(&self, id: u32) {
+        poll_until(
+            &format!("node {id} to be marked down and its ranges taken over"),
+            FAILOVER_DEADLINE,
+            || async {
+                self.admin_cluster().await.is_ok_and(|page| {
+                    let Some(nodes) = page["nodes"].as_array() else {
+                        return false;
+                    };
+                    let down = nodes.iter().any(|n| n["id"] == id && n["down"] == true);
+                    // Every other node follows that map and took over.
+                    let taken_over = nodes.iter().filter(|n| n["down"] != true).all(|n| {
+                        n["stats"]["map_epoch"] == page["epoch"]
+                            && n["stats"]["taking_over_epoch"] == 0
+                    });
+                    down && taken_over
+                })
+            },
+        )
+        .await;
+    }
+
+    /// Whether the admin page shows every node of the map ready, and every
+    /// running node has taken over its primary ranges.
     pub async fn all_nodes_ready(&self) -> bool {
-        self.admin_cluster().await.is_ok_and(|page| {
+        let ready = self.admin_cluster().await.is_ok_and(|page| {
             page["nodes"]
                 .as_array()
                 .is_some_and(|nodes| nodes.iter().all(|n| n["ready"] == true))
-        })
+        });
+        ready && self.takeovers_done().await
     }
 
     /// `POST /admin/v1/nodes/{id}/merge` as the admin; the merge report.
@@ -924,6 +989,12 @@ pub fn deletes_merge_away(config: &mut NodeConfig) {
     config.engine.merge.auto = false;
     config.engine.max_file_size = 16 << 10;
     config.replication.feed_bytes = 0;
+}
+
+/// The Raft leader marks a node down after a second without answers, so
+/// that a dead node's keys get a new primary (off by default in the harness).
+pub fn quick_failover(config: &mut NodeConfig) {
+    config.cluster.failover_after_ms = 1000;
 }
 
 /// Full catch-ups a node of the admin page reports, summed over its peers.

@@ -49,6 +49,9 @@ const FORM_DEADLINE: Duration = Duration::from_secs(20);
 /// How long the survivors may take to elect a leader, or the leader to
 /// mark a dead node down (failover after 2 s, probes, commit, router).
 const ELECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a dead node's ranges may take to get new primaries: marked
+/// down, copied, the old lease waited out.
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a restarted or added node may take to catch up.
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(20);
 /// How long a node with a bad configuration may take to exit.
@@ -699,6 +702,26 @@ impl Deployment {
         .await;
     }
 
+    /// Waits until the map marks `dead` down and every other node has put
+    /// that map into effect and taken over the ranges it became the primary
+    /// of: the dead node's keys take writes again. Returns the epoch.
+    async fn wait_failed_over(&self, dead: u32) -> u64 {
+        poll_for(
+            &format!("node {dead} marked down and its ranges taken over"),
+            FAILOVER_DEADLINE,
+            || async {
+                let page = self.cluster_page().await?;
+                let epoch = page["epoch"].as_u64()?;
+                let nodes = page["nodes"].as_array()?;
+                let taken_over = nodes.iter().filter(|n| n["id"] != dead).all(|n| {
+                    n["stats"]["map_epoch"] == epoch && n["stats"]["taking_over_epoch"] == 0
+                });
+                (page_node(&page, dead)?["down"] == true && taken_over).then_some(epoch)
+            },
+        )
+        .await
+    }
+
     /// `GET /admin/v1/cluster`, recorded in the history; `None` unless 200.
     async fn cluster_page(&self) -> Option<Value> {
         let response = self
@@ -918,8 +941,10 @@ async fn three_processes_form_a_cluster_from_their_configuration_files() {
         live.remove("raft-before-00");
         assert_eq!(d.get("raft-before-00").await.0, StatusCode::NOT_FOUND);
 
-        // One node dies; a majority of replicas still acknowledges writes.
+        // One node dies; once the map marks it down and its ranges have new
+        // primaries, a majority of replicas acknowledges writes again.
         d.kill_node(3);
+        d.wait_failed_over(3).await;
         for i in 0..30 {
             let key = format!("raft-during-{i:02}");
             assert_eq!(
@@ -1003,18 +1028,9 @@ async fn the_raft_leader_killed_a_new_one_is_elected_and_changes_still_apply() {
         .await;
         assert!(survivors.contains(&new_leader));
 
-        // The new leader's duties go on: the dead node is marked down.
-        let epoch = poll_for(
-            &format!("node {old_leader} marked down"),
-            ELECTION_DEADLINE,
-            || async {
-                let page = d.cluster_page().await?;
-                (page_node(&page, old_leader)?["down"] == true)
-                    .then(|| page["epoch"].as_u64())
-                    .flatten()
-            },
-        )
-        .await;
+        // The new leader's duties go on: the dead node is marked down, and
+        // its ranges get new primaries.
+        let epoch = d.wait_failed_over(old_leader).await;
         let key = "raft-after-election";
         assert_eq!(
             d.put(key, &value_of(key), "?w=quorum").await,
@@ -1039,7 +1055,9 @@ async fn the_raft_leader_killed_a_new_one_is_elected_and_changes_still_apply() {
             .find(|n| n["id"] == 4)
             .unwrap();
         assert_eq!(entry["addr"], d.addr(4), "{added}");
-        assert_eq!(entry["state"], "active", "{added}");
+        // A replica receiving its ranges; the leader makes it a primary
+        // of them once it holds them.
+        assert_eq!(entry["state"], "joining", "{added}");
 
         // Every live node applies it; node 4 becomes a voter.
         let added_epoch = epoch + 1;

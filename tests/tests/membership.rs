@@ -443,6 +443,12 @@ async fn a_dead_node_is_marked_down_removed_and_its_ranges_get_back_to_three_cop
         },
     )
     .await;
+    poll_until(
+        "the dead node's ranges to be taken over",
+        SETTLE_DEADLINE,
+        || tc.takeovers_done(),
+    )
+    .await;
     // Its keys are written and read on the next replicas meanwhile.
     for n in 0..100 {
         let (key, value) = (format!("while-down-{n}"), format!("value {n}"));

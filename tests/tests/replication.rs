@@ -18,6 +18,7 @@ use caskade_proto::{ApplyRequest, GetRequest, ReplicatedRecord, Version};
 use caskade_router::config::NodePolicy;
 use caskade_tests::cluster::{
     ClusterSpec, NodeCopy, TestCluster, deletes_merge_away, full_catch_ups, poll_until,
+    quick_failover,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -121,6 +122,7 @@ async fn apply_on(
         .unwrap()
         .apply(ApplyRequest {
             records: vec![record],
+            epoch: 0,
         })
         .await
         .unwrap()
@@ -264,14 +266,16 @@ async fn quorum_reads_return_the_newest_copy_and_repair_stale_replicas() {
     assert_eq!(repairs, Some(1.0));
 
     // A deleted key is repaired too. (A's clock has moved past the version
-    // it was given, so the delete's version is taken from the value's.)
-    let response = tc.put_level("gone", "x", "quorum").await.unwrap();
+    // it was given, so the delete's version is taken from the value's.) Its
+    // primary is up: C's keys take no writes while C is down.
+    let gone = &tc.keys_where("gone", 1, |list| list[0] != c)[0];
+    let response = tc.put_level(gone, "x", "quorum").await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    apply_on(&tc, a, "gone", None, just_after(&response)).await;
-    let response = get_level(&tc, "gone", "quorum").await;
+    apply_on(&tc, a, gone, None, just_after(&response)).await;
+    let response = get_level(&tc, gone, "quorum").await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     poll_until("B to learn of the delete", NOTICE_DEADLINE, || async {
-        node_value(&tc, b, "gone").await.is_none()
+        node_value(&tc, b, gone).await.is_none()
     })
     .await;
     tc.shutdown().await.unwrap();
@@ -362,20 +366,24 @@ async fn assert_holds(tc: &TestCluster, id: u32, expected: &BTreeMap<String, Exp
     }
 }
 
-/// Kill -9 a node, write 1,000 keys (deletes, overwrites, TTLs), restart
-/// it: it says NOT_SERVING while it catches up, and once it serves, its data
-/// equals the others' exactly. Then kill -9 the other two: every
-/// acknowledged write is read back from the survivor.
+/// Kill -9 a node, write 1,000 keys (deletes, overwrites, TTLs) once its
+/// ranges have failed over, restart it: it says NOT_SERVING while it
+/// catches up, and once it serves, its data equals the others' exactly.
+/// Then kill -9 the other two: every acknowledged write is read back from
+/// the survivor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_catches_up_before_it_serves_and_survives_alone() {
-    let mut tc = TestCluster::start(ClusterSpec::processes(3, 3, policy(), NODE_BINARY))
-        .await
-        .unwrap();
+    let spec = ClusterSpec {
+        configure: quick_failover,
+        ..ClusterSpec::processes(3, 3, policy(), NODE_BINARY)
+    };
+    let mut tc = TestCluster::start(spec).await.unwrap();
     let ids = tc.node_ids();
     let returning = ids[2];
     write_mix(&tc, "before", 50).await;
 
     tc.kill_node(returning).unwrap();
+    tc.wait_failed_over(returning).await;
     let expected = write_mix(&tc, "missed", 1000).await;
 
     // Small pulls, so that catching up takes many round trips and its
@@ -419,14 +427,20 @@ async fn a_killed_node_catches_up_before_it_serves_and_survives_alone() {
     tc.shutdown().await.unwrap();
 }
 
+/// Pause before a writer sends a failed write again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 /// Writers keep writing keys whose primary is node P; P is killed -9 in the
-/// middle. Writes fail over to the next replica; P comes back and catches
-/// up; no acknowledged write is lost and all replicas converge.
+/// middle. Once the map marks P down, the next replica takes the range over
+/// and writes resume there; P comes back and catches up; no acknowledged
+/// write is lost and all replicas converge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_primary_loses_no_acknowledged_write() {
-    let mut tc = TestCluster::start(ClusterSpec::processes(3, 3, policy(), NODE_BINARY))
-        .await
-        .unwrap();
+    let spec = ClusterSpec {
+        configure: quick_failover,
+        ..ClusterSpec::processes(3, 3, policy(), NODE_BINARY)
+    };
+    let mut tc = TestCluster::start(spec).await.unwrap();
     let ids = tc.node_ids();
     let primary = ids[0];
     let keys = tc.keys_with_primary(primary, "stream", 1200);
@@ -440,20 +454,26 @@ async fn a_killed_primary_loses_no_acknowledged_write() {
         let mine: Vec<String> = keys.iter().skip(worker).step_by(4).cloned().collect();
         writers.spawn(async move {
             for key in mine {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let sent = client
-                    .put(format!("{url}/v1/kv/{key}?w=quorum"))
-                    .bearer_auth(&token)
-                    .body(format!("value of {key}"))
-                    .send()
-                    .await;
-                // Errors while the primary dies are expected: not acknowledged.
-                if let Ok(response) = sent
-                    && response.status().is_success()
-                {
-                    acked.lock().await.insert(key);
+                // Errors while the primary dies and its range fails over
+                // are expected: not acknowledged, and sent again (a put of
+                // the same value may be repeated).
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let sent = client
+                        .put(format!("{url}/v1/kv/{key}?w=quorum"))
+                        .bearer_auth(&token)
+                        .body(format!("value of {key}"))
+                        .send()
+                        .await;
+                    if let Ok(response) = sent
+                        && response.status().is_success()
+                    {
+                        acked.lock().await.insert(key);
+                        break;
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
                 }
             }
         });
@@ -500,7 +520,10 @@ async fn a_killed_primary_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_catch_up_does_not_resurrect_deleted_keys() {
     let spec = ClusterSpec {
-        configure: deletes_merge_away,
+        configure: |config| {
+            deletes_merge_away(config);
+            quick_failover(config);
+        },
         ..ClusterSpec::nodes(3, 3, policy())
     };
     let mut tc = TestCluster::start(spec).await.unwrap();
@@ -511,10 +534,20 @@ async fn full_catch_up_does_not_resurrect_deleted_keys() {
         assert_eq!(response.status(), StatusCode::CREATED);
     }
     tc.stop_node(away).await.unwrap();
+    tc.wait_failed_over(away).await;
     for n in 0..200 {
         let key = format!("k-{n}");
         match n % 4 {
-            0 | 1 => assert_eq!(delete(&tc, &key).await.status(), StatusCode::NO_CONTENT),
+            0 | 1 => {
+                let response = delete(&tc, &key).await;
+                let status = response.status();
+                assert_eq!(
+                    status,
+                    StatusCode::NO_CONTENT,
+                    "{}",
+                    response.text().await.unwrap()
+                );
+            }
             2 => assert_eq!(tc.put(&key, "v2").await.unwrap().status(), StatusCode::OK),
             _ => {}
         }
@@ -555,29 +588,37 @@ async fn full_catch_up_does_not_resurrect_deleted_keys() {
 
 // ------------------------------------------------------------ conflicts
 
-/// The same key written at once by different coordinators (each node
-/// directly, and the router): every replica ends with the same version and
-/// value, the newest.
+/// The same key written at once through every node directly and through
+/// the router: only its primary coordinates (the others refuse, writing
+/// nothing), and every replica ends with the same version and value, the
+/// newest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_conflicting_writes_converge() {
     let tc = TestCluster::start(ClusterSpec::nodes(3, 3, policy()))
         .await
         .unwrap();
     let ids = tc.node_ids();
+    let primary = tc.preference_list(b"contended")[0];
     let mut writers = tokio::task::JoinSet::new();
     for (i, &id) in ids.iter().enumerate() {
         let mut kv = tc.node_kv(id).await.unwrap();
         writers.spawn(async move {
+            let mut accepted = 0;
             for round in 0..50 {
-                kv.put(caskade_proto::PutRequest {
-                    key: b"contended".to_vec().into(),
-                    value: format!("node {i} round {round}").into_bytes().into(),
-                    write_level: caskade_proto::WriteLevel::One as i32,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+                let answer = kv
+                    .put(caskade_proto::PutRequest {
+                        key: b"contended".to_vec().into(),
+                        value: format!("node {i} round {round}").into_bytes().into(),
+                        write_level: caskade_proto::WriteLevel::One as i32,
+                        ..Default::default()
+                    })
+                    .await;
+                match answer {
+                    Ok(_) => accepted += 1,
+                    Err(status) => assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}"),
+                }
             }
+            (id, accepted)
         });
     }
     for round in 0..50 {
@@ -588,7 +629,9 @@ async fn concurrent_conflicting_writes_converge() {
         assert!(response.status().is_success());
     }
     while let Some(done) = writers.join_next().await {
-        done.unwrap();
+        let (id, accepted) = done.unwrap();
+        let expected = if id == primary { 50 } else { 0 };
+        assert_eq!(accepted, expected, "writes node {id} coordinated");
     }
     let content = converged(&tc, &ids).await;
     let (version, value, _) = &content[b"contended".as_slice()];

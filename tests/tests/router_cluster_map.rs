@@ -76,7 +76,14 @@ async fn the_router_follows_a_committed_change_without_restart() {
         assert_eq!(map, committed, "node {id}");
     }
 
-    // The router still serves on the new map.
+    // The router still serves on the new map, once the nodes that became
+    // primaries of ranges under it have taken them over.
+    poll_until(
+        "the new primaries to take their ranges over",
+        Duration::from_secs(10),
+        || tc.takeovers_done(),
+    )
+    .await;
     let put = tc.put("after-epoch-2", "v").await.unwrap();
     assert_eq!(put.status(), StatusCode::CREATED);
     let got = tc.get("after-epoch-2").await.unwrap();

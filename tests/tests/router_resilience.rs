@@ -9,10 +9,18 @@
 //! deadline, and every request carries a bound on how long it may take
 //! (a bound, not a speed claim: three node timeouts and a second).
 //!
-//! Writes replicate (quorum by default). Where the tests write keys of a
-//! node that hangs with two replicas per key, they ask for `w=one`: a
-//! quorum of two cannot be met with one replica hanging, which is the
-//! replication suite's subject, not this one's.
+//! Reads of a key fail over to its next replica at once. Writes do not:
+//! only the key's primary (the first node of its preference list that the
+//! committed cluster map does not mark down) coordinates them, and the
+//! other replicas refuse them. So while a failing node is still up in the
+//! map, writes of the keys it is the primary of are refused, and the
+//! answer says whether they may have been applied: 503 `unavailable` with
+//! `outcome: not_applied` when nothing reached the node (connection
+//! refused, breaker open) or it refused, 504 `timeout` with
+//! `outcome: unknown` when the node took the request and hung. Automatic
+//! failover (the Raft leader marks the node down, the next replica takes
+//! its ranges over) is off in the test cluster; the test about a stopped
+//! node's writes failing over turns it on.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -28,6 +36,14 @@ use serde_json::Value;
 const NOTICE_DEADLINE: Duration = Duration::from_secs(5);
 /// How long an open breaker may take to let a probe through and close.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a failover (or a return) may take: the Raft leader marks a node
+/// silent for `failover_after_ms` down (or a returned one up), after an
+/// election if the node led, and the new primaries copy the ranges and wait
+/// out the old primary's lease (about 2.5 s).
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a primary cut off from its replicas may go on holding its lease
+/// (2 s after the last pull they answered), writes in it included.
+const LEASE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Short timeouts, so that failures show within a test: a 300 ms node
 /// timeout, a breaker that opens on half of at least 4 calls in 5 s and
@@ -79,21 +95,80 @@ async fn write_and_read(tc: &TestCluster, key: &str, value: &str, status: Status
     assert_eq!(response.text().await.unwrap(), value, "GET {key}");
 }
 
-async fn ready(tc: &TestCluster, id: u32) -> bool {
-    tc.admin_node(id).await.unwrap()["ready"] == true
+/// How a write failed, as the client is told: status, `error.code` and
+/// `error.outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteFailure {
+    /// 503 `unavailable`, `not_applied`: nothing was written; send it again.
+    NotApplied,
+    /// 504 `timeout`, `unknown`: the node took it and did not answer in time.
+    TimedOut,
+    /// 503 `write_level_not_met`, `unknown`: applied on too few replicas.
+    LevelNotMet,
+}
+
+/// The [`WriteFailure`] of `response`; panics on any other answer.
+async fn write_failure(response: reqwest::Result<Response>, what: &str) -> WriteFailure {
+    let response = response.unwrap_or_else(|e| panic!("{what}: request failed: {e}"));
+    let status = response.status();
+    let body: Value = response
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {status} with no JSON body: {e}"));
+    let error = &body["error"];
+    match (status, error["code"].as_str(), error["outcome"].as_str()) {
+        (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable"), Some("not_applied")) => {
+            WriteFailure::NotApplied
+        }
+        (StatusCode::GATEWAY_TIMEOUT, Some("timeout"), Some("unknown")) => WriteFailure::TimedOut,
+        (StatusCode::SERVICE_UNAVAILABLE, Some("write_level_not_met"), Some("unknown")) => {
+            WriteFailure::LevelNotMet
+        }
+        _ => panic!("{what}: {status} {body}"),
+    }
+}
+
+/// Whether the router's map marks node `id` `down` (or up, with `down`
+/// false), every node it does not mark down has adopted that map, and
+/// every running node has taken over the primary ranges it gained: the
+/// failover (or the return) is over, and each key's writes are taken by
+/// its primary under that map.
+async fn map_settled(tc: &TestCluster, id: u32, down: bool) -> bool {
+    let Ok(page) = tc.admin_cluster().await else {
+        return false;
+    };
+    let Some(nodes) = page["nodes"].as_array() else {
+        return false;
+    };
+    let marked = nodes.iter().any(|n| n["id"] == id && n["down"] == down);
+    let adopted = nodes
+        .iter()
+        .filter(|n| n["down"] == false)
+        .all(|n| n["stats"]["map_epoch"] == page["epoch"]);
+    marked && adopted && tc.takeovers_done().await
 }
 
 // ------------------------------------------------------------ a node stops
 
-/// RF 3: while one node is down, its keys are written to and read from the
-/// next replica, before the router notices (the connection is refused, the
-/// router moves on) and after (the router no longer tries the node first);
-/// other keys never notice. When the node returns it serves what it held.
+/// RF 3, failover on. A node stops. At once, reads of its keys are
+/// answered by the next replica and other keys' reads never notice, while
+/// writes of its keys are refused within the bound (503 `unavailable`,
+/// `not_applied`: the map still makes it their primary, and the other
+/// replicas refuse them). Once the Raft leader has marked it down and the
+/// next replicas have taken its ranges over, its keys are written and read
+/// there, other keys are written as before, and no request tries the
+/// stopped node any more. When it returns (marked up once it has caught
+/// up, its ranges taken back) it holds and serves what it held and what
+/// was written while it was away, and takes its keys' writes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_costs_no_request() {
-    let mut tc = TestCluster::start(ClusterSpec::nodes(3, 3, quick_policy()))
-        .await
-        .unwrap();
+    let policy = quick_policy();
+    let mut tc = TestCluster::start(ClusterSpec {
+        configure: |c| c.cluster.failover_after_ms = 1000,
+        ..ClusterSpec::nodes(3, 3, policy.clone())
+    })
+    .await
+    .unwrap();
     let ids = tc.node_ids();
     let down = ids[2];
 
@@ -107,51 +182,69 @@ async fn a_stopped_node_costs_no_request() {
     }
 
     tc.stop_node(down).await.unwrap();
-    // Right away, perhaps before the next health check (a race; the next
-    // test makes that window deterministic).
-    for key in tc.keys_with_primary(down, "early", 4) {
-        write_and_read(&tc, &key, &format!("{key}=early"), StatusCode::CREATED).await;
+    // Right away: failing over takes the leader `failover_after_ms` of
+    // silence and the new primary a lease wait, seconds in all.
+    let late = tc.keys_with_primary(down, "late", 3);
+    for key in &late {
+        let (response, took) = timed(tc.put(key, "refused")).await;
+        assert_eq!(
+            write_failure(response, &format!("PUT {key} to a stopped primary")).await,
+            WriteFailure::NotApplied
+        );
+        assert!(took < bound(&policy), "PUT {key} took {took:?}");
     }
-    for (key, (id, value)) in &before {
-        if *id != down {
-            let response = expect_status(tc.get(key).await, StatusCode::OK, key);
-            assert_eq!(&response.text().await.unwrap(), value, "GET {key}");
-        }
+    for (key, (_, value)) in &before {
+        let (response, took) = timed(tc.get(key)).await;
+        let response = expect_status(response, StatusCode::OK, key);
+        assert_eq!(&response.text().await.unwrap(), value, "GET {key}");
+        assert!(took < bound(&policy), "GET {key} took {took:?}");
     }
 
     poll_until(
-        "the router to mark the stopped node not ready",
-        NOTICE_DEADLINE,
-        || async { !ready(&tc, down).await },
+        "the leader to mark the stopped node down and its ranges to be taken over",
+        FAILOVER_DEADLINE,
+        || map_settled(&tc, down, true),
     )
     .await;
-    // From now on the stopped node is last in every preference list: no
-    // request pays a refused attempt before reaching a live replica.
+    // From now on the map skips the stopped node: no request pays a
+    // refused attempt before reaching a live replica.
     let retries = tc.retries().await.unwrap();
-    for key in tc.keys_with_primary(down, "late", 6) {
-        write_and_read(&tc, &key, &format!("{key}=late"), StatusCode::CREATED).await;
+    for key in &late {
+        // 201: the refused writes created nothing.
+        write_and_read(&tc, key, &format!("{key}=late"), StatusCode::CREATED).await;
     }
-    for (key, (id, _)) in &before {
-        if *id != down {
+    for (key, (id, value)) in &before {
+        if *id == down {
+            let response = expect_status(tc.get(key).await, StatusCode::OK, key);
+            assert_eq!(&response.text().await.unwrap(), value, "GET {key}");
+        } else {
             write_and_read(&tc, key, &format!("{key}=new"), StatusCode::OK).await;
         }
     }
     assert_eq!(
         tc.retries().await.unwrap(),
         retries,
-        "a request tried the node the router knew was down"
+        "a request tried the node the map marks down"
     );
 
     tc.start_node(down).await.unwrap();
     poll_until(
-        "the router to use the restarted node again",
-        RECOVERY_DEADLINE,
+        "the returned node to be marked up, take its ranges back and be used again",
+        FAILOVER_DEADLINE,
         || async {
             let node = tc.admin_node(down).await.unwrap();
-            node["ready"] == true && node["breaker"] == "closed"
+            node["ready"] == true
+                && node["breaker"] == "closed"
+                && map_settled(&tc, down, false).await
         },
     )
     .await;
+    let held = tc.scan_node(down).await.unwrap();
+    for key in &late {
+        let copy = held.get(key.as_bytes()).map(|c| c.1.as_slice());
+        let value = format!("{key}=late");
+        assert_eq!(copy, Some(value.as_bytes()), "{key} on the returned node");
+    }
     for (key, (id, value)) in &before {
         if *id == down {
             let response = expect_status(tc.get(key).await, StatusCode::OK, key);
@@ -160,18 +253,23 @@ async fn a_stopped_node_costs_no_request() {
                 value,
                 "GET {key} after restart"
             );
+            write_and_read(&tc, key, &format!("{key}=back"), StatusCode::OK).await;
         }
     }
     tc.shutdown().await.unwrap();
 }
 
 /// The window before a health check notices a stopped node, made
-/// deterministic by slowing health checks to once a minute: the router
-/// still believes the node ready and tries it first. Every request must
-/// still succeed, the refused connection sending it to the next replica,
-/// and the refusals must open the node's breaker after `breaker_min_calls`
-/// of them, after which the router stops trying the node (the breaker stays
-/// open for the rest of the test).
+/// deterministic by slowing health checks to once a minute (and failover
+/// is off: the map keeps the node its keys' primary). The router still
+/// believes the node ready and tries it first. Every read of one of its
+/// keys must still be answered, the refused connection sending it to the
+/// next replica (which answers 404: nothing was ever written), and the
+/// refusals must open the node's breaker after `breaker_min_calls` of
+/// them, after which reads stop trying the node. Writes of its keys are
+/// then refused by the breaker, `not_applied` (the other replicas refuse
+/// them, not being the keys' primary), and none was applied anywhere. The
+/// breaker stays open for the rest of the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_the_router_still_believes_ready_is_failed_over() {
     let policy = NodePolicy {
@@ -183,17 +281,37 @@ async fn a_stopped_node_the_router_still_believes_ready_is_failed_over() {
         .await
         .unwrap();
     let down = tc.node_ids()[2];
+    let keys = tc.keys_with_primary(down, "unnoticed", 6);
     let retries = tc.retries().await.unwrap();
     tc.stop_node(down).await.unwrap();
-    for key in tc.keys_with_primary(down, "unnoticed", 6) {
-        write_and_read(&tc, &key, &format!("{key}=v"), StatusCode::CREATED).await;
+    // Reads: a write refused by every replica may be tried again, and
+    // reach the node more than once.
+    for key in &keys {
+        let (response, took) = timed(tc.get(key)).await;
+        let response = expect_status(response, StatusCode::NOT_FOUND, &format!("GET {key}"));
+        assert_eq!(error_code(response).await, "not_found");
+        assert!(took < bound(&policy), "GET {key} took {took:?}");
     }
     assert_eq!(
         tc.retries().await.unwrap() - retries,
         f64::from(policy.breaker_min_calls),
-        "each request tries the stopped node first until its breaker opens, and no longer"
+        "each read tries the stopped node first until its breaker opens, and no longer"
     );
     assert_eq!(tc.breaker_gauge(down).await.unwrap(), Some(2.0));
+
+    for key in &keys {
+        let (response, took) = timed(tc.put(key, "refused")).await;
+        assert_eq!(
+            write_failure(response, &format!("PUT {key} with the breaker open")).await,
+            WriteFailure::NotApplied
+        );
+        assert!(took < bound(&policy), "PUT {key} took {took:?}");
+    }
+    for key in &keys {
+        // Not applied by any replica.
+        let response = expect_status(tc.get(key).await, StatusCode::NOT_FOUND, key);
+        assert_eq!(error_code(response).await, "not_found");
+    }
     let node = tc.admin_node(down).await.unwrap();
     assert_eq!(node["ready"], true, "the router has not noticed: {node}");
     assert_eq!(node["breaker"], "open", "{node}");
@@ -203,16 +321,15 @@ async fn a_stopped_node_the_router_still_believes_ready_is_failed_over() {
 // ------------------------------------------------------------ the breaker
 
 /// The breaker sees a node's failures only when requests reach it. With
-/// RF ≥ 2 they stop reaching it once a health check marks it not ready (the
-/// router puts it last), so only requests sent before the check can open it
-/// (the test above). With RF 1 the node is the only replica of its keys and
-/// is tried ready or not: the breaker must open on the refused connections,
-/// keep answering 503 while open, and close after the node returns and a
-/// probe succeeds.
+/// RF ≥ 2, reads stop reaching it once a health check marks it not ready
+/// (the router puts it last), and writes of its keys reach it as their
+/// primary (the test above). With RF 1 the node is the only replica of its
+/// keys and is tried ready or not: the breaker must open on the refused
+/// connections, keep answering 503 while open, and close after the node
+/// returns and a probe succeeds.
 ///
-/// The breaker's state is first read from `/metrics`, which calls no node:
-/// `/admin/v1/cluster` asks every node for its statistics through the same
-/// breaker, so polling it would itself open the breaker of a dead node.
+/// The breaker's state is read from `/metrics`, which calls no node, after
+/// each request, so that the loop stops on the request that opened it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_on_a_dead_node_and_closes_when_it_returns() {
     const MAX_REQUESTS: usize = 50;
@@ -369,10 +486,16 @@ async fn a_cancelled_probe_does_not_wedge_the_breaker() {
 // ------------------------------------------------------------ a node hangs
 
 /// A listener that accepts and never answers sits in the map as node 3
-/// (RF 2). It never passes a health check, so the router sends its keys to
-/// the next replica: writes and reads succeed there, nothing waits for the
-/// hanging node, and the admin page (which does ask it) returns within the
-/// bound, showing it not ready.
+/// (RF 2, failover off). It never passes a health check, so reads of its
+/// keys go straight to the next replica. But the map keeps it the primary
+/// of its keys, and it never answers the copies and pulls a live primary
+/// needs from it (to take a range over, to hold its lease), so no key it
+/// replicates can be written: each write is refused within the bound and
+/// marked for what it is, 504 `timeout` with `outcome: unknown` when it
+/// waited for the hanging node, 503 `unavailable` with `not_applied` once
+/// the node's breaker keeps it from the node. Keys it does not replicate are
+/// written and read meanwhile, and the admin page (which does ask it)
+/// returns within the bound, showing it not ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_node_in_the_map_costs_at_most_the_timeout() {
     let policy = quick_policy();
@@ -396,7 +519,9 @@ async fn a_hanging_node_in_the_map_costs_at_most_the_timeout() {
     let readyz: Value = readyz.json().await.unwrap();
     assert_eq!(readyz["nodes_ready"], 2, "{readyz}");
 
-    let keys = tc.keys_with_primary(hung, "hung", 6);
+    // Keys it is the primary of, and keys a live primary shares with it.
+    let mut keys = tc.keys_with_primary(hung, "hung", 4);
+    keys.extend(tc.keys_where("shared", 2, |list| list[1] == hung));
     let tasks: Vec<_> = keys
         .iter()
         .map(|key| {
@@ -404,14 +529,8 @@ async fn a_hanging_node_in_the_map_costs_at_most_the_timeout() {
                 (tc.client().clone(), tc.kv_url(key), tc.writer_token.clone());
             let key = key.clone();
             tokio::spawn(async move {
-                let (put, put_took) = timed(
-                    client
-                        .put(format!("{url}?w=one"))
-                        .bearer_auth(&token)
-                        .body(key.clone())
-                        .send(),
-                )
-                .await;
+                let (put, put_took) =
+                    timed(client.put(&url).bearer_auth(&token).body("lost").send()).await;
                 let (get, get_took) = timed(client.get(&url).bearer_auth(&token).send()).await;
                 (key, put, put_took, get, get_took)
             })
@@ -421,14 +540,26 @@ async fn a_hanging_node_in_the_map_costs_at_most_the_timeout() {
     for key in tc.keys_where("calm", 6, |list| !list.contains(&hung)) {
         write_and_read(&tc, &key, &key, StatusCode::CREATED).await;
     }
+    let mut failures = BTreeMap::<String, WriteFailure>::new();
     for task in tasks {
         let (key, put, put_took, get, get_took) = task.await.unwrap();
-        expect_status(put, StatusCode::CREATED, &format!("PUT {key}"));
-        let get = expect_status(get, StatusCode::OK, &format!("GET {key}"));
-        assert_eq!(get.text().await.unwrap(), key);
+        let failure = write_failure(put, &format!("PUT {key}")).await;
+        assert!(
+            matches!(failure, WriteFailure::TimedOut | WriteFailure::NotApplied),
+            "PUT {key}: {failure:?}"
+        );
+        failures.insert(key.clone(), failure);
+        // Answered by a live replica, and nothing was written.
+        let get = expect_status(get, StatusCode::NOT_FOUND, &format!("GET {key}"));
+        assert_eq!(error_code(get).await, "not_found");
         assert!(put_took < bound(&policy), "PUT {key} took {put_took:?}");
         assert!(get_took < bound(&policy), "GET {key} took {get_took:?}");
     }
+    // A closed breaker refuses nothing: the first writes waited for the node.
+    assert!(
+        failures.values().any(|f| *f == WriteFailure::TimedOut),
+        "no write reached the hanging node: {failures:?}"
+    );
 
     let (page, took) = timed(tc.admin_node(hung)).await;
     let node = page.unwrap();
@@ -491,11 +622,15 @@ async fn health_checks_go_on_while_a_node_hangs() {
 /// accepts connections and says nothing). Health checks are slowed to once
 /// a minute so that the router keeps believing it for the whole test: this
 /// is the window before a health check notices, made deterministic.
+/// Failover is off, so the map keeps it the primary of its keys.
 ///
 /// Before the breaker opens, a read of one of its keys waits one timeout
 /// and is answered by the next replica, a write waits one timeout and is a
-/// 504 (it may have been applied), and other keys are served meanwhile.
-/// The four timeouts open the breaker; then writes fail over at once.
+/// 504 with `outcome: unknown` (the node took it and may apply it), and
+/// other keys are served meanwhile. The four timeouts open the breaker;
+/// then its keys' writes are refused without reaching it, `not_applied`
+/// (the other replicas are not their primary), its keys' reads go to the
+/// next replica, and none of the writes was applied there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stops_answering_costs_at_most_the_timeout() {
     let policy = NodePolicy {
@@ -538,8 +673,10 @@ async fn a_node_that_stops_answering_costs_at_most_the_timeout() {
     );
     for put in puts {
         let (key, response, took) = put.await.unwrap();
-        let response = expect_status(response, StatusCode::GATEWAY_TIMEOUT, &format!("PUT {key}"));
-        assert_eq!(error_code(response).await, "timeout");
+        assert_eq!(
+            write_failure(response, &format!("PUT {key}")).await,
+            WriteFailure::TimedOut
+        );
         assert!(took < bound(&policy), "PUT {key} took {took:?}");
     }
     for get in gets {
@@ -556,15 +693,16 @@ async fn a_node_that_stops_answering_costs_at_most_the_timeout() {
         "four timeouts in four calls open the breaker"
     );
     for key in &put_keys {
-        let (response, took) = timed(tc.put_level(key, "failed over", "one")).await;
-        expect_status(
-            response,
-            StatusCode::CREATED,
-            &format!("PUT {key} with the breaker open"),
+        let (response, took) = timed(tc.put(key, "refused")).await;
+        assert_eq!(
+            write_failure(response, &format!("PUT {key} with the breaker open")).await,
+            WriteFailure::NotApplied
         );
         assert!(took < bound(&policy), "PUT {key} took {took:?}");
-        let response = expect_status(tc.get(key).await, StatusCode::OK, key);
-        assert_eq!(response.text().await.unwrap(), "failed over");
+        let (response, took) = timed(tc.get(key)).await;
+        let response = expect_status(response, StatusCode::NOT_FOUND, &format!("GET {key}"));
+        assert_eq!(error_code(response).await, "not_found");
+        assert!(took < bound(&policy), "GET {key} took {took:?}");
     }
     let node = tc.admin_node(hung).await.unwrap();
     assert_eq!(node["breaker"], "open", "{node}");
@@ -639,26 +777,34 @@ async fn a_full_node_sheds_load_with_429() {
 
 // ------------------------------------------------ a node's own answers
 
-/// A node that answers is not a sick node, whatever it answers. RF 2 with
-/// one node stopped: every write to the survivor's keys is applied there
-/// and then fails its write level (503 `write_level_not_met`), which is the
-/// survivor's answer, not a failure of it. Its breaker must stay closed and
-/// its keys must still be read, among them the writes that missed their
-/// level (applied, never rolled back).
+/// A node that answers is not a sick node, whatever it answers. RF 2, two
+/// nodes: the survivor's keys are written while both run, then the other
+/// node stops. The survivor stays its keys' primary (failover is off) but
+/// cannot renew its lease without the other replica: while the lease it
+/// holds lasts, a write is applied on it alone and misses its level (503
+/// `write_level_not_met`, `outcome: unknown`); then every write is refused
+/// (503 `unavailable`, `not_applied`). Both are the survivor's answers,
+/// not failures of it: its breaker must stay closed, and its keys must
+/// still be read, with the values written before the refused writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_answering_that_a_write_missed_its_level_keeps_its_breaker_closed() {
-    const WRITES: usize = 6;
     // Longer than the node's wait for acknowledgements: the node answers.
     let policy = NodePolicy {
         timeout_ms: 3_000,
         ..quick_policy()
     };
-    let mut tc = TestCluster::start(ClusterSpec::nodes(2, 2, policy))
+    // Enough answers to fill the breaker's window, whatever else the router sends.
+    let writes = usize::try_from(policy.breaker_min_calls).unwrap();
+    let mut tc = TestCluster::start(ClusterSpec::nodes(2, 2, policy.clone()))
         .await
         .unwrap();
     let ids = tc.node_ids();
     let (survivor, stopped) = (ids[0], ids[1]);
-    let keys = tc.keys_with_primary(survivor, "level", WRITES);
+    let keys = tc.keys_with_primary(survivor, "level", writes);
+    let lease_probe = tc.keys_with_primary(survivor, "lease", 1).remove(0);
+    for key in &keys {
+        write_and_read(&tc, key, key, StatusCode::CREATED).await;
+    }
     tc.stop_node(stopped).await.unwrap();
     poll_until(
         "the router to count the stopped node not ready",
@@ -667,13 +813,26 @@ async fn a_node_answering_that_a_write_missed_its_level_keeps_its_breaker_closed
     )
     .await;
 
+    // A key of its own, so that writes applied under the lease change
+    // none of the keys checked below.
+    poll_until("the survivor's lease to lapse", LEASE_DEADLINE, || async {
+        let (response, took) = timed(tc.put(&lease_probe, "probe")).await;
+        let failure = write_failure(response, &format!("PUT {lease_probe}")).await;
+        assert!(took < bound(&policy), "PUT {lease_probe} took {took:?}");
+        match failure {
+            WriteFailure::LevelNotMet => false,
+            WriteFailure::NotApplied => true,
+            WriteFailure::TimedOut => panic!("PUT {lease_probe} timed out"),
+        }
+    })
+    .await;
     for key in &keys {
-        let response = expect_status(
-            tc.put(key, key).await,
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("PUT {key} with one of two replicas"),
+        let (response, took) = timed(tc.put(key, "refused")).await;
+        assert_eq!(
+            write_failure(response, &format!("PUT {key} with one of two replicas")).await,
+            WriteFailure::NotApplied
         );
-        assert_eq!(error_code(response).await, "write_level_not_met", "{key}");
+        assert!(took < bound(&policy), "PUT {key} took {took:?}");
     }
     assert_eq!(
         tc.breaker_gauge(survivor).await.unwrap(),

@@ -3,9 +3,9 @@
 //! straight to a storage node over mutual-TLS gRPC, in one run against one
 //! `caskade local`-style cluster in this process.
 //!
-//! The direct phase sends every key to one node (node 1); the router phase
-//! sends the same number of keys through the router, which spreads them over
-//! the ring. Both use `--streams` concurrent requests, one HTTP/2 connection
+//! The direct phase sends every key straight to its primary (the one node
+//! that coordinates its writes), as a client that knows the ring would; the
+//! router phase sends the same number of keys through the router. Both use `--streams` concurrent requests, one HTTP/2 connection
 //! each for the client, and check every value read back.
 //!
 //! Run: `cargo run --release -p caskade-bench --bin caskade-bench-router -- [--keys N] [--streams 64]`
@@ -17,10 +17,12 @@ use caskade_bench::drive::{Phase, drive};
 use caskade_bench::http::router_phase;
 use caskade_bench::workload::{VALUE_LEN, Workload};
 use caskade_cli::local::{LocalCluster, LocalOptions};
+use caskade_common::Ring;
 use caskade_common::tls::{TlsMaterial, install_crypto_provider};
 use caskade_node::config::{DurabilityMode, EngineConfig};
+use caskade_proto::admin_client::AdminClient;
 use caskade_proto::kv_client::KvClient;
-use caskade_proto::{GetRequest, PutRequest};
+use caskade_proto::{GetClusterMapRequest, GetRequest, PutRequest, StatsRequest};
 use caskade_router::config::NodePolicy;
 use clap::Parser;
 use prost::bytes::Bytes;
@@ -63,24 +65,28 @@ async fn main() -> anyhow::Result<()> {
     let direct_keys = Arc::new(Workload::new(args.keys, args.seed));
     let router_keys = Arc::new(Workload::new(args.keys, args.seed ^ 0x5eed));
 
+    wait_ready(&cluster).await?;
     eprintln!(
-        "direct gRPC to node 1 ({} keys, {} streams)…",
+        "direct gRPC to each key's primary ({} keys, {} streams)…",
         args.keys, args.streams
     );
     let tls = TlsMaterial::load(&cluster.certs.client)?;
-    let channel = Endpoint::from_shared(format!("https://{}", cluster.node_addrs[0]))?
-        .tls_config(tls.grpc_client("127.0.0.1"))?
-        .connect()
-        .await?;
-    let kv = KvClient::new(channel);
-    let direct_puts = grpc_phase(&kv, args.streams, &direct_keys, false).await?;
-    let direct_gets = grpc_phase(&kv, args.streams, &direct_keys, true).await?;
+    let mut nodes = Vec::new();
+    for addr in &cluster.node_addrs {
+        let channel = Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls.grpc_client("127.0.0.1"))?
+            .connect()
+            .await?;
+        nodes.push(channel);
+    }
+    let primaries = Primaries::of(&nodes).await?;
+    let direct_puts = grpc_phase(&primaries, args.streams, &direct_keys, false).await?;
+    let direct_gets = grpc_phase(&primaries, args.streams, &direct_keys, true).await?;
 
     eprintln!(
         "router over HTTPS/2 ({} keys, {} streams)…",
         args.keys, args.streams
     );
-    wait_ready(&cluster).await?;
     let client = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(
             &cluster.certs.ca,
@@ -122,19 +128,67 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client per node, and the ring that tells each key's primary.
+#[derive(Clone)]
+struct Primaries {
+    clients: Arc<Vec<KvClient<tonic::transport::Channel>>>,
+    ring: Arc<Ring>,
+}
+
+impl Primaries {
+    /// Clients over `channels` (node `id` at index `id - 1`), with the ring
+    /// of the map node 1 holds.
+    async fn of(channels: &[tonic::transport::Channel]) -> anyhow::Result<Primaries> {
+        let first = channels.first().context("no node")?;
+        let map = AdminClient::new(first.clone())
+            .get_cluster_map(GetClusterMapRequest::default())
+            .await?
+            .into_inner()
+            .map
+            .context("node 1 has no cluster map")?;
+        ensure!(
+            map.nodes.iter().all(|n| !n.down),
+            "a node is marked down: {map:?}"
+        );
+        Ok(Primaries {
+            clients: Arc::new(channels.iter().cloned().map(KvClient::new).collect()),
+            ring: Arc::new(Ring::new(
+                &map.ring_members(),
+                map.vnodes_per_node,
+                map.replication_factor,
+            )),
+        })
+    }
+
+    /// The client of `key`'s primary.
+    fn client(&self, key: &[u8]) -> anyhow::Result<KvClient<tonic::transport::Channel>> {
+        let primary = *self
+            .ring
+            .preference_list(key)
+            .first()
+            .context("empty ring")?;
+        self.clients
+            .get(primary as usize - 1)
+            .cloned()
+            .with_context(|| format!("no client for node {primary}"))
+    }
+}
+
 async fn grpc_phase(
-    kv: &KvClient<tonic::transport::Channel>,
+    primaries: &Primaries,
     streams: usize,
     workload: &Arc<Workload>,
     gets: bool,
 ) -> anyhow::Result<Phase> {
-    let (kv, workload) = (kv.clone(), Arc::clone(workload));
+    let (primaries, workload) = (primaries.clone(), Arc::clone(workload));
     let order = Arc::new(workload.read_order());
     drive(streams, workload.len(), move |n| {
-        let (mut kv, workload, order) = (kv.clone(), Arc::clone(&workload), Arc::clone(&order));
+        let (primaries, workload, order) =
+            (primaries.clone(), Arc::clone(&workload), Arc::clone(&order));
         async move {
             if gets {
                 let i = order[n] as usize;
+                let mut kv = primaries.client(workload.key(i))?;
                 let request = GetRequest {
                     key: Bytes::copy_from_slice(workload.key(i)),
                     ..GetRequest::default()
@@ -152,7 +206,7 @@ async fn grpc_phase(
                     value: Bytes::copy_from_slice(&value),
                     ..PutRequest::default()
                 };
-                kv.put(request).await?;
+                primaries.client(workload.key(n))?.put(request).await?;
             }
             Ok(())
         }
@@ -160,7 +214,8 @@ async fn grpc_phase(
     .await
 }
 
-/// Waits (bounded) until the router has a map and ready nodes.
+/// Waits (bounded) until the router has a map and ready nodes, and every
+/// node has taken over the ranges it is the primary of.
 async fn wait_ready(cluster: &LocalCluster) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(
@@ -170,7 +225,7 @@ async fn wait_ready(cluster: &LocalCluster) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let ready = client.get(format!("{}/readyz", cluster.url)).send().await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
+        if ready.is_ok_and(|r| r.status().is_success()) && taken_over(cluster).await {
             return Ok(());
         }
         ensure!(
@@ -179,4 +234,27 @@ async fn wait_ready(cluster: &LocalCluster) -> anyhow::Result<()> {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// Whether every node says it has taken over its primary ranges.
+async fn taken_over(cluster: &LocalCluster) -> bool {
+    let Ok(tls) = TlsMaterial::load(&cluster.certs.client) else {
+        return false;
+    };
+    for addr in &cluster.node_addrs {
+        let Ok(endpoint) = Endpoint::from_shared(format!("https://{addr}")) else {
+            return false;
+        };
+        let Ok(endpoint) = endpoint.tls_config(tls.grpc_client("127.0.0.1")) else {
+            return false;
+        };
+        let Ok(channel) = endpoint.connect().await else {
+            return false;
+        };
+        match AdminClient::new(channel).stats(StatsRequest {}).await {
+            Ok(stats) if stats.get_ref().taking_over_epoch == 0 => {}
+            _ => return false,
+        }
+    }
+    true
 }

@@ -92,6 +92,24 @@ pub async fn run(
         } else {
             detector.check(&cluster, &map).await.into_iter().next()
         };
+        if decision.is_none()
+            && let Some(id) = detector.joined(&map).await
+        {
+            let command = Command {
+                expected_epoch: map.epoch,
+                change: Change::Serving(id),
+            };
+            match cluster.propose(command).await {
+                Ok(next) => tracing::info!(
+                    node = id,
+                    epoch = next.epoch,
+                    "joining node holds its ranges"
+                ),
+                Err(e) => {
+                    tracing::info!(node = id, error = %e, "marking a joined node serving failed; will retry")
+                }
+            }
+        }
         if let Some((id, down)) = decision {
             let command = Command {
                 // Decided on this map: refused if it changed meanwhile.
@@ -192,6 +210,22 @@ impl Detector {
         decisions
     }
 
+    /// A joining node that now holds its ranges (ready, and caught up with
+    /// every live peer), if any: it may become the primary of its ranges.
+    async fn joined(&mut self, map: &Map) -> Option<u32> {
+        for node in map.nodes.iter().filter(|n| n.joining && !n.down) {
+            if !self.channels.contains_key(&node.addr)
+                && let Ok(channel) = channel(&node.addr, &self.tls)
+            {
+                self.channels.insert(node.addr.clone(), channel);
+            }
+            if self.caught_up(node.id, &node.addr, map).await {
+                return Some(node.id);
+            }
+        }
+        None
+    }
+
     /// Whether down node `id` may serve again: SERVING alone is not enough
     /// (a node cut off by a partition never restarted, so it never stopped
     /// serving), so it must have applied the map that marks it down and
@@ -200,7 +234,11 @@ impl Detector {
         let Some(channel) = self.channels.get(addr).cloned() else {
             return false;
         };
-        let timeout = (self.failover_after / 2).min(Duration::from_secs(2));
+        let timeout = if self.failover_after.is_zero() {
+            Duration::from_secs(2)
+        } else {
+            (self.failover_after / 2).min(Duration::from_secs(2))
+        };
         let mut admin = AdminClient::new(channel);
         let stats = tokio::time::timeout(timeout, admin.stats(StatsRequest {})).await;
         let Ok(Ok(stats)) = stats else {

@@ -20,6 +20,10 @@ pub struct MapNode {
     pub leaving: bool,
     /// Marked unreachable by the Raft leader.
     pub down: bool,
+    /// Added to the ring and still receiving its ranges: a replica, not a
+    /// primary, until the leader finds it holds them ([`Change::Serving`]).
+    #[serde(default)]
+    pub joining: bool,
 }
 
 /// The cluster map.
@@ -49,6 +53,7 @@ impl Map {
                 addr: addr.clone(),
                 leaving: false,
                 down: false,
+                joining: false,
             })
             .collect();
         nodes.sort_by_key(|n| n.id);
@@ -74,6 +79,8 @@ impl Map {
                     addr: n.addr.clone(),
                     state: if n.leaving {
                         NodeState::Leaving
+                    } else if n.joining {
+                        NodeState::Joining
                     } else {
                         NodeState::Active
                     } as i32,
@@ -97,6 +104,7 @@ impl Map {
                     addr: n.addr.clone(),
                     leaving: n.state() == NodeState::Leaving,
                     down: n.down,
+                    joining: n.state() == NodeState::Joining,
                 })
                 .collect(),
         }
@@ -131,6 +139,8 @@ pub enum Change {
     Remove(u32),
     /// Marks a node down (`true`) or up again (`false`).
     Down(u32, bool),
+    /// A joining node holds its ranges: it may now be their primary.
+    Serving(u32),
     /// Records that a node holds Raft state (it acknowledged the log once).
     /// Not part of the map: it changes no epoch.
     Joined(u32),
@@ -200,6 +210,7 @@ pub fn apply(current: Option<&Map>, command: &Command) -> Outcome {
                 addr: addr.clone(),
                 leaving: false,
                 down: false,
+                joining: true,
             });
             next.nodes.sort_by_key(|n| n.id);
         }
@@ -224,6 +235,13 @@ pub fn apply(current: Option<&Map>, command: &Command) -> Outcome {
                 return Ok(map.clone());
             }
             set(&mut next, *id, |n| n.down = *down);
+        }
+        Change::Serving(id) => {
+            let node = map.node(*id).ok_or(Refused::NotFound(*id))?;
+            if !node.joining {
+                return Ok(map.clone());
+            }
+            set(&mut next, *id, |n| n.joining = false);
         }
     }
     next.epoch = map.epoch + 1;
@@ -307,6 +325,32 @@ mod tests {
             apply(Some(&next), &command(0, add(7, "d:1"))),
             Err(Refused::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn an_added_node_joins_and_serves_once_marked_so() {
+        let map = three();
+        let add = Change::Add {
+            id: 4,
+            addr: "d:1".into(),
+        };
+        let added = apply(Some(&map), &command(0, add)).unwrap();
+        assert!(added.node(4).unwrap().joining);
+        assert_eq!(
+            added.to_proto().nodes[3].state(),
+            NodeState::Joining,
+            "on the wire"
+        );
+        assert_eq!(Map::from_proto(&added.to_proto()), added);
+        let serving = apply(Some(&added), &command(0, Change::Serving(4))).unwrap();
+        assert!(!serving.node(4).unwrap().joining);
+        assert_eq!(serving.epoch, added.epoch + 1);
+        let again = apply(Some(&serving), &command(0, Change::Serving(4))).unwrap();
+        assert_eq!(again, serving, "a second mark changes nothing");
+        assert_eq!(
+            apply(Some(&serving), &command(0, Change::Serving(9))),
+            Err(Refused::NotFound(9))
+        );
     }
 
     #[test]

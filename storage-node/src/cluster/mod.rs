@@ -354,9 +354,10 @@ impl Cluster {
             Err(status) => Err(match status.code() {
                 Code::Aborted => Refused::Conflict(status.message().to_owned()).into(),
                 Code::NotFound => match &change {
-                    Change::Leave(id) | Change::Remove(id) | Change::Down(id, _) => {
-                        Refused::NotFound(*id).into()
-                    }
+                    Change::Leave(id)
+                    | Change::Remove(id)
+                    | Change::Down(id, _)
+                    | Change::Serving(id) => Refused::NotFound(*id).into(),
                     _ => ChangeError::Unavailable(status.message().to_owned()),
                 },
                 Code::InvalidArgument => ChangeError::Invalid(status.message().to_owned()),
@@ -441,9 +442,11 @@ impl Cluster {
                 self.forget_node(u64::from(*id)).await;
                 Ok(map)
             }
-            Change::Bootstrap(_) | Change::Leave(_) | Change::Down(..) | Change::Joined(_) => {
-                self.propose(command).await
-            }
+            Change::Bootstrap(_)
+            | Change::Leave(_)
+            | Change::Down(..)
+            | Change::Serving(_)
+            | Change::Joined(_) => self.propose(command).await,
         }
     }
 
@@ -524,7 +527,7 @@ fn to_proto_change(change: &Change) -> Option<caskade_proto::change_cluster_requ
         })),
         Change::Leave(id) => Some(Proto::Leave(*id)),
         Change::Remove(id) => Some(Proto::Remove(*id)),
-        Change::Bootstrap(_) | Change::Down(..) | Change::Joined(_) => None,
+        Change::Bootstrap(_) | Change::Down(..) | Change::Serving(_) | Change::Joined(_) => None,
     }
 }
 

@@ -326,9 +326,11 @@ impl Inner {
         if io_result.is_ok() && !staged.is_empty() {
             io_result = self.fsync(&w.active);
         }
-        if io_result.is_err() {
+        if let Err(error) = &io_result {
+            // Staged records went to the file (or part of them did): they
+            // may come back when the store is reopened.
             for s in &staged {
-                outcomes[s.index] = Err(self.poisoned_error());
+                outcomes[s.index] = Err(EngineError::OutcomeUnknown(error.to_string()));
             }
             return outcomes;
         }

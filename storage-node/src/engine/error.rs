@@ -44,6 +44,12 @@ pub enum EngineError {
     #[error("engine refuses writes after an earlier storage failure: {0}")]
     Poisoned(String),
 
+    /// This write's record was handed to the file, but writing or syncing
+    /// it failed: it may or may not be there after a restart. Readers do
+    /// not see it meanwhile, and the engine is poisoned from here on.
+    #[error("the write may or may not have been stored: {0}")]
+    OutcomeUnknown(String),
+
     /// A catch-up cursor older than the oldest tombstone merge dropped: an
     /// incremental catch-up from it could miss deletes; take a snapshot instead.
     #[error("sequence {requested} is older than the tombstone horizon {horizon}")]

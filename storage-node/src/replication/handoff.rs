@@ -49,6 +49,8 @@ impl Replication {
     /// and starts pulling the ranges it moves here.
     pub fn set_map(&self, map: &ClusterMap) {
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        // Waits for writes and repairs under the current map to be appended.
+        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
         let mut new = Placement::of(map);
         let old = self.placement();
         if old.as_ref().is_some_and(|p| p.epoch >= new.epoch) {
@@ -97,6 +99,7 @@ impl Replication {
                 "cluster map changed the ring; pulling this node's ranges again"
             );
         }
+        self.begin_takeover(old.as_ref(), &new);
         self.placement.send_replace(Some(new));
         self.acks.peers_changed();
         self.update_ready();

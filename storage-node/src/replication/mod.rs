@@ -25,21 +25,24 @@ pub mod feed;
 pub mod handoff;
 pub mod puller;
 pub mod service;
+pub mod takeover;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use caskade_common::{Ring, Version};
-use caskade_proto::{ClusterMap, WriteLevel};
+use caskade_proto::{ClusterMap, NodeState, WriteLevel};
 use tokio::sync::watch;
 use tonic::Status;
 use tonic::metadata::MetadataValue;
 
 use crate::config::ReplicationConfig;
 use crate::engine::SinceIter;
-use crate::status::{ACKS_METADATA, REQUIRED_ACKS_METADATA, WRITTEN_VERSION_METADATA};
+use crate::status::{
+    ACKS_METADATA, PRIMARY_METADATA, REQUIRED_ACKS_METADATA, WRITTEN_VERSION_METADATA,
+};
 use acks::Acks;
 use cursors::Cursors;
 use feed::Feed;
@@ -53,6 +56,10 @@ pub struct Placement {
     pub ring: Ring,
     /// Node id → gRPC address, for every node of the map (leaving ones too).
     pub addrs: BTreeMap<u32, String>,
+    /// Nodes the map marks down: they coordinate nothing.
+    pub down: BTreeSet<u32>,
+    /// Nodes still receiving their ranges: replicas, not yet primaries.
+    pub joining: BTreeSet<u32>,
     /// What the ring was built from: members, replication factor, vnodes.
     shape: (Vec<u32>, u32, u32),
     /// The epoch of the map that gave the ring this shape.
@@ -67,9 +74,36 @@ impl Placement {
             epoch: map.epoch,
             ring: Ring::new(&members, map.vnodes_per_node, map.replication_factor),
             addrs: map.nodes.iter().map(|n| (n.id, n.addr.clone())).collect(),
+            down: map.nodes.iter().filter(|n| n.down).map(|n| n.id).collect(),
+            joining: map
+                .nodes
+                .iter()
+                .filter(|n| n.state() == NodeState::Joining)
+                .map(|n| n.id)
+                .collect(),
             shape: (members, map.replication_factor, map.vnodes_per_node),
             ring_epoch: map.epoch,
         }
+    }
+
+    /// The primary of `key`: the first node of its preference list that is
+    /// neither marked down nor still joining (`None` if there is none).
+    /// Only it coordinates the key's writes under this map.
+    pub fn primary_of(&self, key: &[u8]) -> Option<u32> {
+        self.ring
+            .preference_list(key)
+            .into_iter()
+            .find(|n| !self.down.contains(n) && !self.joining.contains(n))
+    }
+
+    /// Whether `key` has enough replicas up for a new primary to gather
+    /// every write acknowledged at `quorum` by catching up from them: at
+    /// least half of its preference list (rounded up), so that they share a
+    /// node with every majority.
+    pub fn enough_replicas_up(&self, key: &[u8]) -> bool {
+        let replicas = self.ring.preference_list(key);
+        let up = replicas.iter().filter(|n| !self.down.contains(n)).count();
+        up >= replicas.len().div_ceil(2)
     }
 
     /// The nodes that own ranges.
@@ -96,8 +130,13 @@ impl Placement {
 pub struct WritePlan {
     /// The key's other replicas.
     pub peers: Vec<u32>,
+    /// The key's preference list (the lease is checked against it).
+    pub replicas: Vec<u32>,
     /// Replicas, this node included, the write level needs.
     pub needed: usize,
+    /// The map epoch the write is coordinated under: only acknowledgements
+    /// of peers pulling under the same epoch count.
+    pub epoch: u64,
 }
 
 /// How far this node is behind one peer.
@@ -153,6 +192,13 @@ pub struct Replication {
     placement: watch::Sender<Option<Arc<Placement>>>,
     /// Serialises map changes.
     changing: Mutex<()>,
+    /// Held shared by a write from its plan to its append, and by a repair
+    /// from its epoch check to its apply; held exclusively while a map is
+    /// put into effect. Nothing is appended under a map no longer in effect.
+    gate: RwLock<()>,
+    /// Peer id → (epoch, when this node sent the latest pull the peer
+    /// answered under that epoch): the primary's lease.
+    confirmed: Mutex<HashMap<u32, (u64, Instant)>>,
     ready: watch::Sender<bool>,
     /// The start-up catch-up is done (or was not needed).
     started_up: AtomicBool,
@@ -161,6 +207,9 @@ pub struct Replication {
     needs_map: bool,
     /// Ranges gained with the last map change, still being pulled.
     handoff: RwLock<Option<handoff::Handoff>>,
+    /// Primary ranges gained with the last map change (or at start), still
+    /// being copied from the other nodes.
+    takeover: RwLock<Option<takeover::Takeover>>,
     /// The epoch of a map change that took ranges away from this node:
     /// they are dropped once every peer confirms it pulled from this node.
     drop_pending: Mutex<Option<u64>>,
@@ -192,28 +241,37 @@ impl Replication {
     ) -> Replication {
         let start_seq = feed.last_seq();
         let placement = map.map(|m| Arc::new(Placement::of(m)));
+        // At start every primary range is taken over: the log may have
+        // lost a tail, and others may have been primary meanwhile.
         let has_peers = placement
             .as_ref()
             .is_some_and(|p| !p.peers_of(id).is_empty());
-        Replication {
+        let replication = Replication {
             id,
             acks: Acks::new(config.peer_alive_for()),
             config,
             feed,
             cursors,
-            placement: watch::Sender::new(placement),
+            placement: watch::Sender::new(placement.clone()),
             changing: Mutex::new(()),
+            gate: RwLock::new(()),
+            confirmed: Mutex::new(HashMap::new()),
             ready: watch::Sender::new(!(has_peers || needs_map && map.is_none())),
             started_up: AtomicBool::new(!has_peers),
             needs_map,
             handoff: RwLock::new(None),
+            takeover: RwLock::new(None),
             drop_pending: Mutex::new(None),
             lag: Mutex::new(BTreeMap::new()),
             sessions: Mutex::new(HashMap::new()),
             started: Instant::now(),
             incarnation: new_incarnation(),
             start_seq,
+        };
+        if let Some(placement) = &placement {
+            replication.begin_takeover(None, placement);
         }
+        replication
     }
 
     /// The current placement, if the node has a cluster map.
@@ -253,7 +311,9 @@ impl Replication {
     }
 
     /// The replicas of `key` a write coordinated here must reach for
-    /// `level`; `None` when the node has no map (it stands alone).
+    /// `level`; `None` when the node has no map (it stands alone). Refuses
+    /// unless this node is the key's primary and holds every write
+    /// acknowledged before it became primary.
     pub fn write_plan(&self, key: &[u8], level: WriteLevel) -> Result<Option<WritePlan>, Status> {
         let Some(placement) = self.placement() else {
             return Ok(None);
@@ -262,16 +322,88 @@ impl Replication {
         if !replicas.contains(&self.id) {
             return Err(not_a_replica(placement.epoch));
         }
+        if placement.primary_of(key) != Some(self.id) {
+            return Err(not_the_primary(&placement, key));
+        }
+        if !placement.enough_replicas_up(key) {
+            return Err(Status::unavailable(format!(
+                "too few of the key's replicas are up in cluster map epoch {} to take its writes",
+                placement.epoch
+            )));
+        }
         self.check_received(key)?;
+        self.check_taken_over(&placement, key)?;
+        self.check_lease(placement.epoch, &replicas)?;
         let needed = match level {
             WriteLevel::One => 1,
             WriteLevel::Unspecified | WriteLevel::Quorum => replicas.len() / 2 + 1,
             WriteLevel::All => replicas.len(),
         };
         Ok(Some(WritePlan {
-            peers: replicas.into_iter().filter(|&n| n != self.id).collect(),
+            peers: replicas.iter().copied().filter(|&n| n != self.id).collect(),
             needed,
+            epoch: placement.epoch,
+            replicas,
         }))
+    }
+
+    /// Keeps the placement in effect until the guard drops: a write holds it
+    /// from [`Replication::write_plan`] until its record is appended.
+    pub fn hold_placement(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `peer` answered a pull this node sent at `sent` under map `epoch`:
+    /// it was on that epoch at some time after `sent`.
+    pub fn confirm(&self, peer: u32, epoch: u64, sent: Instant) {
+        let mut confirmed = self
+            .confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = confirmed.entry(peer).or_insert((epoch, sent));
+        if (epoch, sent) > *entry {
+            *entry = (epoch, sent);
+        }
+    }
+
+    /// Refuses to coordinate a write unless this node's primacy under the
+    /// placement's epoch is confirmed: half of the key's other replicas
+    /// (rounded down) answered a pull under it that was sent within the
+    /// lease. A node cut off or frozen past its lease therefore writes
+    /// nothing, and a node that takes over waits out the lease (see
+    /// [`takeover`]) before it writes, so two primaries never overlap.
+    fn check_lease(&self, epoch: u64, replicas: &[u32]) -> Result<(), Status> {
+        let needed = replicas.len() / 2;
+        if needed == 0 {
+            return Ok(());
+        }
+        let lease = self.config.primary_lease();
+        let confirmed = self
+            .confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let fresh = replicas
+            .iter()
+            .filter(|&&n| n != self.id)
+            .filter(|n| {
+                confirmed
+                    .get(n)
+                    .is_some_and(|&(under, sent)| under == epoch && sent.elapsed() < lease)
+            })
+            .count();
+        if fresh < needed {
+            return Err(Status::unavailable(format!(
+                "this node cannot confirm it is still the key's primary: {fresh} of the {needed} \
+                 other replicas it needs answered it under cluster map epoch {epoch} in the last {} ms",
+                lease.as_millis()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks again the lease `plan` was made under (see [`Replication::write_plan`]).
+    pub fn check_plan_lease(&self, plan: &WritePlan) -> Result<(), Status> {
+        self.check_lease(plan.epoch, &plan.replicas)
     }
 
     /// Whether this node holds `key` under the current map (or has no map).
@@ -288,7 +420,9 @@ impl Replication {
             return 1;
         }
         let timeout = Duration::from_millis(self.config.ack_timeout_ms);
-        self.acks.wait(seq, &plan.peers, plan.needed, timeout).await
+        self.acks
+            .wait(seq, plan.epoch, &plan.peers, plan.needed, timeout)
+            .await
     }
 
     /// Updates what the puller of `peer` last saw.
@@ -370,6 +504,21 @@ fn not_a_replica(epoch: u64) -> Status {
     Status::aborted(format!(
         "this node is not a replica of the key in cluster map epoch {epoch}"
     ))
+}
+
+/// The status for a write sent to a replica that is not the key's primary:
+/// nothing was written, and the primary (if any) is named for the router.
+fn not_the_primary(placement: &Placement, key: &[u8]) -> Status {
+    let mut status = Status::aborted(format!(
+        "this node is not the primary of the key in cluster map epoch {}",
+        placement.epoch
+    ));
+    if let Some(primary) = placement.primary_of(key) {
+        status
+            .metadata_mut()
+            .insert(PRIMARY_METADATA, MetadataValue::from(u64::from(primary)));
+    }
+    status
 }
 
 /// The status for a write applied (with `version`) on fewer replicas than its level needs.

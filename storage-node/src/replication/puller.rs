@@ -123,6 +123,7 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
                             client: ReplicationClient::new(channel)
                                 .max_decoding_message_size(usize::MAX),
                             gate: Arc::clone(&gate),
+                            answered_epoch: 0,
                         };
                         tasks.spawn(puller.run(stopped, stop.clone()));
                     }
@@ -195,6 +196,8 @@ struct Puller {
     peer: u32,
     client: ReplicationClient<Channel>,
     gate: Arc<StartupGate>,
+    /// The map epoch of the last pull the peer answered.
+    answered_epoch: u64,
 }
 
 impl Puller {
@@ -224,7 +227,11 @@ impl Puller {
                     failures = 0;
                 }
                 Err(status) => {
-                    failures += 1;
+                    // Another epoch on the peer is no failure of it: the
+                    // map change reaches both in moments.
+                    if status.code() != Code::Aborted {
+                        failures += 1;
+                    }
                     let unreachable = matches!(
                         status.code(),
                         Code::Unavailable
@@ -254,7 +261,12 @@ impl Puller {
                         _ = stopped.wait_for(|s| *s) => return,
                         _ = node_stop.wait_for(|s| *s) => return,
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // Another epoch on the peer is a map change still on
+                    // its way to one of the two: it passes in moments, and
+                    // the next answer renews this node's lease.
+                    if status.code() != Code::Aborted {
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
                 }
             }
         }
@@ -276,12 +288,15 @@ impl Puller {
         // whether this node is caught up, which readiness waits for.
         let starting = self.gate.is_pending(self.peer);
         let refilling = replication.is_refilling(self.peer);
+        // The first pull under a new map does not wait: its answer is
+        // what lets this node coordinate writes under that map.
+        let new_epoch = self.answered_epoch != placement.epoch;
         let request = PullRequest {
             node_id: self.core.id,
             after,
             epoch: placement.epoch,
             max_records: config.pull_max_records,
-            wait_ms: if starting || refilling {
+            wait_ms: if starting || refilling || new_epoch {
                 0
             } else {
                 config.pull_wait_ms as u32
@@ -294,8 +309,13 @@ impl Puller {
         } else {
             Duration::from_millis(config.pull_wait_ms) + PULL_SLACK
         };
+        let sent = Instant::now();
         let answer = match tokio::time::timeout(timeout, self.client.pull(request)).await {
-            Ok(Ok(answer)) => answer.into_inner(),
+            Ok(Ok(answer)) => {
+                replication.confirm(self.peer, placement.epoch, sent);
+                self.answered_epoch = placement.epoch;
+                answer.into_inner()
+            }
             Ok(Err(status)) if status.code() == Code::OutOfRange => {
                 // Deletes may only be inferred from a snapshot when this
                 // node's cursor was a real position in the peer's log that
@@ -412,6 +432,7 @@ impl Puller {
                 epoch: placement.epoch,
                 after: after.clone(),
                 max_records: replication.config.pull_max_records,
+                primary_only: false,
             };
             let page = self.client.snapshot(request).await?.into_inner();
             if infer_deletes && !page.complete {

@@ -113,13 +113,10 @@ impl ReplicationApi for ReplicationService {
                         "a record's version is more than 10 minutes ahead of this node's clock",
                     ));
                 }
-                // A router with an older map may repair a node that no
-                // longer holds the key; that copy would only be dropped again.
-                if core.replication.check_replica(&record.key).is_ok() {
-                    records.push(from_proto(record)?);
-                }
+                records.push(from_proto(record)?);
             }
-            let applied = apply(&core, records).await?;
+            let epoch = request.epoch;
+            let applied = core.write(move |core| repair(core, epoch, records)).await?;
             Ok(Response::new(ApplyResponse {
                 applied: applied as u32,
             }))
@@ -143,6 +140,39 @@ pub async fn apply(core: &Arc<NodeCore>, records: Vec<Record>) -> Result<usize, 
     let outcomes = core
         .write(move |core| core.engine.apply(records).map_err(|e| engine_status(&e)))
         .await?;
+    Ok(outcomes
+        .iter()
+        .filter(|o| matches!(o, WriteOutcome::Applied { .. }))
+        .count())
+}
+
+/// Applies a repair sent under map `epoch`; how many records were newer.
+///
+/// A repair made under another epoch is refused whole, and the check holds
+/// until the records are appended: a quorum read that writes back a value
+/// it found must not reach a node whose newer map has another primary,
+/// which may already have copied the range without it.
+fn repair(core: &NodeCore, epoch: u64, records: Vec<Record>) -> Result<usize, Status> {
+    let _placement = core.replication.hold_placement();
+    if let Some(placement) = core.replication.placement()
+        && epoch != 0
+        && epoch != placement.epoch
+    {
+        return Err(Status::aborted(format!(
+            "repair under cluster map epoch {epoch}, but this node has epoch {}",
+            placement.epoch
+        )));
+    }
+    // A router with an older map may repair a node that no longer holds
+    // the key; that copy would only be dropped again.
+    let records: Vec<Record> = records
+        .into_iter()
+        .filter(|r| core.replication.check_replica(&r.key).is_ok())
+        .collect();
+    if let Some(newest) = records.iter().map(|r| r.version).max() {
+        core.hlc.observe(newest);
+    }
+    let outcomes = core.engine.apply(records).map_err(|e| engine_status(&e))?;
     Ok(outcomes
         .iter()
         .filter(|o| matches!(o, WriteOutcome::Applied { .. }))
@@ -189,7 +219,7 @@ async fn pull(core: Arc<NodeCore>, request: PullRequest) -> Result<PullResponse,
     // from before a crash may count records that were lost.
     let acknowledges = request.incarnation == replication.incarnation;
     if acknowledges {
-        replication.acks.record(peer, after);
+        replication.acks.record(peer, after, placement.epoch);
     }
     if after == replication.feed.last_seq() && request.wait_ms > 0 {
         let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_WAIT);
@@ -197,7 +227,7 @@ async fn pull(core: Arc<NodeCore>, request: PullRequest) -> Result<PullResponse,
         let _ = tokio::time::timeout(wait, appended.wait_for(|&last| last > after)).await;
         // Waiting is being up: keep counting the peer in write levels.
         if acknowledges {
-            replication.acks.record(peer, after);
+            replication.acks.record(peer, after, placement.epoch);
         }
     }
     let max = match request.max_records {
@@ -279,7 +309,8 @@ fn read_log(
 }
 
 /// One page of a full catch-up: the latest record of each key of the
-/// puller's ranges after `request.after`.
+/// puller's ranges (with `primary_only`, of the ranges it is the primary
+/// of) after `request.after`.
 fn snapshot_page(
     core: &NodeCore,
     placement: &Placement,
@@ -312,7 +343,12 @@ fn snapshot_page(
                 break 'pages;
             }
             examined += 1;
-            if placement.ring.owns(request.node_id, &key)
+            let wanted = if request.primary_only {
+                placement.primary_of(&key) == Some(request.node_id)
+            } else {
+                placement.ring.owns(request.node_id, &key)
+            };
+            if wanted
                 && let Some(latest) = core.engine.latest(&key).map_err(|e| engine_status(&e))?
             {
                 let record = latest_to_proto(&key, latest);

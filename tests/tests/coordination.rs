@@ -1,0 +1,266 @@
+//! One coordinator per key range: only the range's primary under the
+//! committed cluster map coordinates its writes, and a node that becomes
+//! primary holds every write acknowledged before it took over. Conditional
+//! writes therefore hold at most once, through any router, across failover.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use caskade_proto::{Condition, PutRequest, condition};
+use caskade_router::config::NodePolicy;
+use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tonic::Code;
+
+fn policy() -> NodePolicy {
+    NodePolicy {
+        health_interval_ms: 100,
+        ..NodePolicy::default()
+    }
+}
+
+fn put_if_absent(key: &str, value: &str) -> PutRequest {
+    PutRequest {
+        key: key.as_bytes().to_vec().into(),
+        value: value.as_bytes().to_vec().into(),
+        condition: Some(Condition {
+            kind: Some(condition::Kind::IfAbsent(true)),
+        }),
+        ..PutRequest::default()
+    }
+}
+
+/// Two routers that disagree on which replica to use (one skips the
+/// primary: its breaker is open, or it looked not ready) send the same
+/// `If-None-Match: *` write to different replicas. Only the primary may
+/// coordinate it: the other replica refuses without writing, so the
+/// condition holds once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_primary_coordinates_a_write() {
+    let tc = TestCluster::start(ClusterSpec::nodes(3, 3, policy()))
+        .await
+        .unwrap();
+    for key in tc.keys_where("claim", 5, |_| true) {
+        let list = tc.preference_list(key.as_bytes());
+        let (primary, secondary) = (list[0], list[1]);
+        let by_secondary = tc
+            .node_kv(secondary)
+            .await
+            .unwrap()
+            .put(put_if_absent(&key, "via-secondary"))
+            .await;
+        let by_primary = tc
+            .node_kv(primary)
+            .await
+            .unwrap()
+            .put(put_if_absent(&key, "via-primary"))
+            .await;
+        let refused = by_secondary.expect_err("a secondary coordinated a write");
+        assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+        assert!(by_primary.is_ok(), "{by_primary:?}");
+        // The refusal wrote nothing: the secondary ends with the primary's value.
+        poll_until(
+            "the primary's write to reach the secondary",
+            Duration::from_secs(10),
+            || async {
+                tc.scan_node(secondary)
+                    .await
+                    .unwrap()
+                    .get(key.as_bytes())
+                    .is_some_and(|copy| copy.1 == b"via-primary")
+            },
+        )
+        .await;
+    }
+    tc.shutdown().await.unwrap();
+}
+
+/// The `caskade-node` binary built in this package, for nodes that are
+/// frozen (SIGSTOP) and killed (SIGKILL).
+const NODE_BINARY: &str = env!("CARGO_BIN_EXE_caskade-node-process");
+
+/// Marks a node down after 1 s without answers; pulls ten records at a time.
+fn quick_failover(config: &mut caskade_node::NodeConfig) {
+    config.cluster.failover_after_ms = 1000;
+    config.replication.pull_max_records = 10;
+}
+
+/// Writes the frozen replica misses before W1.
+const BACKLOG: usize = 100;
+
+/// Whether the router's page shows node `id` marked down.
+fn is_down(page: &Value, id: u32) -> bool {
+    page["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["id"] == id && n["down"] == true)
+}
+
+/// W1 is acknowledged at `w=quorum` by the primary and the third replica
+/// while the second is frozen; the primary dies, the second thaws and the
+/// map makes it the primary. It has never seen W1 (it pulls the primary's
+/// writes from the primary), yet it must not accept an `If-Match` on the
+/// ETag W1 replaced: that would lose an acknowledged update. It catches up
+/// from a majority of the range before it coordinates anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_primary_holds_every_write_acknowledged_before_it_took_over() {
+    let spec = ClusterSpec {
+        configure: quick_failover,
+        ..ClusterSpec::processes(3, 3, policy(), NODE_BINARY)
+    };
+    let mut tc = TestCluster::start(spec).await.unwrap();
+    let leader = tc.admin_cluster().await.unwrap()["leader"]
+        .as_u64()
+        .unwrap() as u32;
+    // The Raft group keeps its leader through the primary's death.
+    let key = tc.keys_where("lost-update", 1, |list| list[0] != leader)[0].clone();
+    let list = tc.preference_list(key.as_bytes());
+    let (primary, second) = (list[0], list[1]);
+
+    let first = tc.put_level(&key, "w0", "quorum").await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let w0 = first.headers()["etag"].to_str().unwrap().to_string();
+    poll_until("w0 on every replica", Duration::from_secs(10), || async {
+        let mut everywhere = true;
+        for &id in &list {
+            everywhere &= tc
+                .scan_node(id)
+                .await
+                .is_ok_and(|held| held.get(key.as_bytes()).is_some_and(|c| c.1 == b"w0"));
+        }
+        everywhere
+    })
+    .await;
+
+    // A frozen process is still killed when the cluster is dropped. Its
+    // pull under way is answered into its socket while it is frozen, with
+    // at most ten records: the backlog keeps W1 out of that answer.
+    tc.signal_node(second, "STOP").unwrap();
+    let same_replicas = tc.keys_where("backlog", BACKLOG, |l| l == list.as_slice());
+    for other in &same_replicas {
+        let response = tc.put_level(other, "b", "quorum").await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{other}");
+    }
+    let acknowledged = tc.put_level(&key, "w1", "quorum").await.unwrap();
+    assert_eq!(
+        acknowledged.status(),
+        StatusCode::OK,
+        "w1 with two of three"
+    );
+    tc.kill_node(primary).unwrap();
+    tc.signal_node(second, "CONT").unwrap();
+    poll_until(
+        "the dead primary to be marked down",
+        Duration::from_secs(30),
+        || async { tc.admin_cluster().await.is_ok_and(|p| is_down(&p, primary)) },
+    )
+    .await;
+
+    // Sent to the second replica, as a router whose view prefers it does
+    // (the map now makes it the primary): refused while it catches up
+    // (UNAVAILABLE), never accepted.
+    let w0: caskade_common::Version = w0.trim_matches('"').parse().unwrap();
+    let if_match_w0 = PutRequest {
+        key: key.as_bytes().to_vec().into(),
+        value: b"w2".to_vec().into(),
+        condition: Some(Condition {
+            kind: Some(condition::Kind::IfVersion(caskade_proto::Version {
+                hlc: w0.hlc,
+                origin: w0.origin,
+            })),
+        }),
+        ..PutRequest::default()
+    };
+    let mut answer = Code::Unavailable;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while answer == Code::Unavailable && tokio::time::Instant::now() < deadline {
+        let mut kv = tc.node_kv(second).await.unwrap();
+        answer = match kv.put(if_match_w0.clone()).await {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        };
+        if answer == Code::Unavailable {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(
+        answer,
+        Code::FailedPrecondition,
+        "an If-Match on the ETag an acknowledged write replaced did not fail its condition"
+    );
+    let read = tc.get(&key).await.unwrap();
+    assert_eq!(read.text().await.unwrap(), "w1");
+    tc.shutdown().await.unwrap();
+}
+
+/// A write that reached its primary and whose exchange then broke off may
+/// have been applied, or may be later. Here the primary freezes with the
+/// request in its socket; the router's HTTP/2 keep-alive gives up on the
+/// connection (10 s ping, 5 s timeout) and fails the stream. The write must
+/// not be sent to another replica (the frozen primary applies it when it
+/// resumes), and the client is told the outcome is unknown. With an
+/// `Idempotency-Key`, a retry is answered the same and applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cut_off_after_reaching_its_primary_has_an_unknown_outcome() {
+    // The router's own timeout must not end the exchange first.
+    let policy = NodePolicy {
+        timeout_ms: 60_000,
+        ..policy()
+    };
+    let tc = TestCluster::start(ClusterSpec::processes(3, 3, policy, NODE_BINARY))
+        .await
+        .unwrap();
+    let leader = tc.admin_cluster().await.unwrap()["leader"]
+        .as_u64()
+        .unwrap() as u32;
+    let key = tc.keys_where("cut-off", 1, |list| list[0] != leader)[0].clone();
+    let list = tc.preference_list(key.as_bytes());
+    let primary = list[0];
+    let warm = tc.put_level(&key, "w0", "quorum").await.unwrap();
+    assert_eq!(warm.status(), StatusCode::CREATED);
+    poll_until("w0 on every replica", Duration::from_secs(10), || async {
+        let mut everywhere = true;
+        for &id in &list {
+            everywhere &= tc
+                .scan_node(id)
+                .await
+                .is_ok_and(|held| held.get(key.as_bytes()).is_some_and(|c| c.1 == b"w0"));
+        }
+        everywhere
+    })
+    .await;
+
+    let patient = tc.client_with_timeout(Duration::from_secs(60)).unwrap();
+    let send = || async {
+        let response = patient
+            .put(tc.kv_url(&key))
+            .bearer_auth(&tc.writer_token)
+            .header("idempotency-key", "cut-off-once")
+            .body("w1")
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    // A frozen process is still killed when the cluster is dropped.
+    tc.signal_node(primary, "STOP").unwrap();
+    let (status, body) = send().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["outcome"], "unknown", "{body}");
+    for &id in &list[1..] {
+        let held = tc.scan_node(id).await.unwrap();
+        assert_eq!(
+            held.get(key.as_bytes()).map(|c| c.1.clone()),
+            Some(b"w0".to_vec()),
+            "node {id} holds a write re-sent to it"
+        );
+    }
+    // The same request again is the same answer.
+    let (again, again_body) = send().await;
+    assert_eq!((again, &again_body), (status, &body));
+    tc.signal_node(primary, "CONT").unwrap();
+    tc.shutdown().await.unwrap();
+}

@@ -134,15 +134,16 @@ where
     F: Fn(KvClient<NodeService>, tonic::Request<M>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
-    let candidates = replicas(view, key, order);
+    let mut candidates = replicas(view, key, order);
     // A write that every replica refuses for now (a new primary taking the
     // key's range over, a node starting) is tried again within the node
-    // timeout: the client sees a delay rather than a 503.
+    // timeout, on the replicas that answered: the client sees a delay
+    // rather than a 503.
     let patience = candidates.first().map_or(Duration::ZERO, |n| n.timeout());
     let until = tokio::time::Instant::now() + patience;
     loop {
         let mut last = ApiError::Unavailable;
-        let mut not_now = false;
+        let mut answered = Vec::new();
         for (attempt, node) in candidates.iter().enumerate() {
             if attempt > 0 {
                 counter!("caskade_router_retries_total", "node" => node.id.to_string())
@@ -153,17 +154,18 @@ where
                 Err(Verdict::Fail(error)) => return Err(error),
                 Err(Verdict::Next(error)) => last = error,
                 Err(Verdict::NotNow) => {
-                    not_now = true;
+                    answered.push(Arc::clone(node));
                     last = ApiError::Unavailable;
                 }
             }
         }
         let again = access == Access::Write
-            && not_now
+            && !answered.is_empty()
             && tokio::time::Instant::now() + NOT_NOW_PAUSE < until;
         if !again {
             return Err(last);
         }
+        candidates = answered;
         tokio::time::sleep(NOT_NOW_PAUSE).await;
     }
 }

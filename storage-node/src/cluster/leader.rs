@@ -213,7 +213,11 @@ impl Detector {
     /// A joining node that now holds its ranges (ready, and caught up with
     /// every live peer), if any: it may become the primary of its ranges.
     async fn joined(&mut self, map: &Map) -> Option<u32> {
-        for node in map.nodes.iter().filter(|n| n.joining && !n.down) {
+        for node in map
+            .nodes
+            .iter()
+            .filter(|n| n.joining && !n.down && !n.leaving)
+        {
             if !self.channels.contains_key(&node.addr)
                 && let Ok(channel) = channel(&node.addr, &self.tls)
             {

@@ -238,7 +238,8 @@ pub fn apply(current: Option<&Map>, command: &Command) -> Outcome {
         }
         Change::Serving(id) => {
             let node = map.node(*id).ok_or(Refused::NotFound(*id))?;
-            if !node.joining {
+            // A node that left before it joined never serves.
+            if !node.joining || node.leaving {
                 return Ok(map.clone());
             }
             set(&mut next, *id, |n| n.joining = false);

@@ -147,7 +147,8 @@ impl Replication {
             .is_some_and(|lag| lag.refill_epoch > lag.refilled_epoch)
     }
 
-    /// A pull under `epoch` reached `peer`'s end.
+    /// A pull under a map whose ring took its shape at `epoch` reached
+    /// `peer`'s end.
     pub fn caught_up_with(&self, peer: u32, epoch: u64) {
         self.note_lag(peer, |lag| {
             if lag.refill_epoch == epoch {

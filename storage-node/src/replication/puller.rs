@@ -374,7 +374,7 @@ impl Puller {
         );
         if moved {
             self.observe(
-                placement.epoch,
+                placement.ring_epoch,
                 answer.through,
                 answer.last_seq,
                 count,
@@ -384,10 +384,12 @@ impl Puller {
         Ok(())
     }
 
-    /// Records progress: lag, metrics, and readiness.
+    /// Records progress: lag, metrics, and readiness. `ring_epoch` is the
+    /// epoch of the map that gave the ring of the pull its shape: a re-pull
+    /// after a ring change completes under any later map with the same ring.
     fn observe(
         &self,
-        epoch: u64,
+        ring_epoch: u64,
         through: u64,
         peer_last_seq: u64,
         applied: u64,
@@ -406,7 +408,7 @@ impl Puller {
         counter!("caskade_node_replication_records_total", labels).increment(applied);
         if caught_up {
             self.gate.done(&self.core, self.peer);
-            replication.caught_up_with(self.peer, epoch);
+            replication.caught_up_with(self.peer, ring_epoch);
         }
     }
 
@@ -493,7 +495,7 @@ impl Puller {
                         resume_at = as_of_seq,
                         "full catch-up done"
                     );
-                    self.observe(placement.epoch, as_of_seq, as_of_seq, copied, labels);
+                    self.observe(placement.ring_epoch, as_of_seq, as_of_seq, copied, labels);
                     return Ok(());
                 }
             }

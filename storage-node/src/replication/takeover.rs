@@ -58,6 +58,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// One page of a copy answers within this, or the copy is tried again.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most map changes during one unfinished takeover whose placements are
+/// kept to tell the keys held; past that, every key is taken over again.
+const MAX_HELD_EPOCHS: usize = 64;
 /// The largest offset assumed between two nodes' wall clocks.
 pub const MAX_CLOCK_OFFSET: Duration = Duration::from_millis(500);
 
@@ -66,10 +69,12 @@ pub const MAX_CLOCK_OFFSET: Duration = Duration::from_millis(500);
 pub(super) struct Takeover {
     /// The epoch of the map that made this node their primary.
     epoch: u64,
-    /// The placement of the epoch just before, if this node was the
-    /// primary of its ranges under it and nothing happened in between: the
-    /// keys it was already the primary of there are not taken over.
-    before: Option<Arc<Placement>>,
+    /// The placements of the epochs just before, one per epoch since this
+    /// node last held every range it was the primary of (empty: it holds
+    /// none, as at start or after epochs it skipped). A key it was the
+    /// primary of under each of them is held: no other node can have been
+    /// its primary meanwhile, so it is not taken over again.
+    before: Vec<Arc<Placement>>,
     /// Nodes not yet copied from under `epoch`.
     pending: HashSet<u32>,
     /// Nodes copied from, and when the copy ended.
@@ -95,15 +100,29 @@ impl Replication {
             .takeover
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let unfinished = takeover.is_some();
+        let consecutive = old.filter(|o| o.epoch + 1 == new.epoch);
         // With the epoch just before, unchanged ring and nodes down, and no
         // takeover under way, no key changed its primary.
-        let consecutive = old.filter(|o| o.epoch + 1 == new.epoch && !unfinished);
-        if consecutive
-            .is_some_and(|o| o.same_ring(new) && o.down == new.down && o.joining == new.joining)
+        if takeover.is_none()
+            && consecutive
+                .is_some_and(|o| o.same_ring(new) && o.down == new.down && o.joining == new.joining)
         {
             return;
         }
+        let before = match (consecutive, takeover.take()) {
+            (None, _) => Vec::new(),
+            (Some(old), None) => vec![Arc::clone(old)],
+            // A map change while a takeover is under way: what that one
+            // held is held if this node stayed the primary through it.
+            (Some(old), Some(unfinished))
+                if !unfinished.before.is_empty() && unfinished.before.len() < MAX_HELD_EPOCHS =>
+            {
+                let mut before = unfinished.before;
+                before.push(Arc::clone(old));
+                before
+            }
+            (Some(_), Some(_)) => Vec::new(),
+        };
         let peers = new.peers_of(self.id);
         let pending: HashSet<u32> = peers
             .iter()
@@ -119,7 +138,7 @@ impl Replication {
             );
             Takeover {
                 epoch: new.epoch,
-                before: consecutive.cloned(),
+                before,
                 pending,
                 copied: HashMap::new(),
                 began: Instant::now(),
@@ -141,10 +160,7 @@ impl Replication {
         let Some(t) = takeover.as_ref() else {
             return Ok(());
         };
-        if t.before
-            .as_ref()
-            .is_some_and(|b| b.primary_of(key) == Some(self.id))
-        {
+        if !t.before.is_empty() && t.before.iter().all(|b| b.primary_of(key) == Some(self.id)) {
             return Ok(());
         }
         let mut since = vec![t.began];

@@ -502,7 +502,8 @@ fn nodes_summary(page: &serde_json::Value) -> String {
 }
 
 /// Waits until the map holds exactly the founders, all in service with
-/// their breakers in the router closed, and a leader is known, so that a
+/// their breakers in the router closed and their primary ranges taken
+/// over, and a leader is known, so that a
 /// phase does not measure what the one before left behind; returns how
 /// long that took.
 async fn settle(d: &Deployment) -> anyhow::Result<Duration> {
@@ -516,9 +517,21 @@ async fn settle(d: &Deployment) -> anyhow::Result<Duration> {
             let page = admin.cluster_page().await.ok()?;
             page_leader(&page)?;
             let only_founders = page["nodes"].as_array()?.len() == founders.len();
+            // Every node has taken over the ranges it is the primary of:
+            // their writes are taken again.
+            let taken_over = founders.iter().all(|&id| {
+                page["nodes"].as_array().is_some_and(|nodes| {
+                    nodes.iter().any(|n| {
+                        n["id"] == id
+                            && n["stats"]["map_epoch"] == page["epoch"]
+                            && n["stats"]["taking_over_epoch"] == 0
+                    })
+                })
+            });
             let settled = founders
                 .iter()
                 .all(|&id| in_service(&page, id) && breaker_closed(&page, id));
+            let settled = settled && taken_over;
             (only_founders && settled).then_some(())
         },
     )

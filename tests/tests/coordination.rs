@@ -76,6 +76,25 @@ async fn only_the_primary_coordinates_a_write() {
     tc.shutdown().await.unwrap();
 }
 
+/// Waits until every node of `list` holds `value` for `key`.
+async fn on_every_replica(tc: &TestCluster, list: &[u32], key: &str, value: &[u8]) {
+    poll_until(
+        "the write on every replica",
+        Duration::from_secs(10),
+        || async {
+            let mut everywhere = true;
+            for &id in list {
+                everywhere &= tc
+                    .scan_node(id)
+                    .await
+                    .is_ok_and(|held| held.get(key.as_bytes()).is_some_and(|c| c.1 == value));
+            }
+            everywhere
+        },
+    )
+    .await;
+}
+
 /// The `caskade-node` binary built in this package, for nodes that are
 /// frozen (SIGSTOP) and killed (SIGKILL).
 const NODE_BINARY: &str = env!("CARGO_BIN_EXE_caskade-node-process");
@@ -122,17 +141,7 @@ async fn a_new_primary_holds_every_write_acknowledged_before_it_took_over() {
     let first = tc.put_level(&key, "w0", "quorum").await.unwrap();
     assert_eq!(first.status(), StatusCode::CREATED);
     let w0 = first.headers()["etag"].to_str().unwrap().to_string();
-    poll_until("w0 on every replica", Duration::from_secs(10), || async {
-        let mut everywhere = true;
-        for &id in &list {
-            everywhere &= tc
-                .scan_node(id)
-                .await
-                .is_ok_and(|held| held.get(key.as_bytes()).is_some_and(|c| c.1 == b"w0"));
-        }
-        everywhere
-    })
-    .await;
+    on_every_replica(&tc, &list, &key, b"w0").await;
 
     // A frozen process is still killed when the cluster is dropped. Its
     // pull under way is answered into its socket while it is frozen, with
@@ -220,17 +229,7 @@ async fn a_write_cut_off_after_reaching_its_primary_has_an_unknown_outcome() {
     let primary = list[0];
     let warm = tc.put_level(&key, "w0", "quorum").await.unwrap();
     assert_eq!(warm.status(), StatusCode::CREATED);
-    poll_until("w0 on every replica", Duration::from_secs(10), || async {
-        let mut everywhere = true;
-        for &id in &list {
-            everywhere &= tc
-                .scan_node(id)
-                .await
-                .is_ok_and(|held| held.get(key.as_bytes()).is_some_and(|c| c.1 == b"w0"));
-        }
-        everywhere
-    })
-    .await;
+    on_every_replica(&tc, &list, &key, b"w0").await;
 
     let patient = tc.client_with_timeout(Duration::from_secs(60)).unwrap();
     let send = || async {

@@ -81,6 +81,26 @@ impl Ring {
         self.replicas(key).take(self.list_len()).any(|n| n == node)
     }
 
+    /// Every distinct preference list of the ring: the one of each arc
+    /// between two neighbouring points.
+    pub fn preference_lists(&self) -> Vec<Vec<u32>> {
+        let want = self.list_len();
+        let mut lists: Vec<Vec<u32>> = (0..self.points.len())
+            .map(|start| {
+                Replicas {
+                    points: &self.points,
+                    start,
+                    walked: 0,
+                }
+                .take(want)
+                .collect()
+            })
+            .collect();
+        lists.sort_unstable();
+        lists.dedup();
+        lists
+    }
+
     fn list_len(&self) -> usize {
         self.replication_factor.min(self.nodes.len())
     }
@@ -201,6 +221,23 @@ mod tests {
             list.sort_unstable();
             assert_eq!(list, [7, 9]);
         }
+    }
+
+    #[test]
+    fn every_keys_preference_list_is_among_the_rings_lists() {
+        let ring = Ring::new(&[1, 2, 3, 4, 5], 16, 3);
+        let lists = ring.preference_lists();
+        assert!(lists.len() > 1 && lists.len() <= 5 * 16);
+        for key in keys() {
+            let list = ring.preference_list(key.as_bytes());
+            assert!(lists.contains(&list), "{key}: {list:?}");
+        }
+        assert!(
+            Ring::new(&[], 16, 3)
+                .preference_lists()
+                .iter()
+                .all(Vec::is_empty)
+        );
     }
 
     /// Routers and nodes of different builds must place keys identically: a

@@ -220,12 +220,14 @@ pub fn apply(current: Option<&Map>, command: &Command) -> Outcome {
                 return Ok(map.clone());
             }
             check_enough_left(map, *id)?;
+            check_writes_survive(map, *id)?;
             set(&mut next, *id, |n| n.leaving = true);
         }
         Change::Remove(id) => {
             let node = map.node(*id).ok_or(Refused::NotFound(*id))?;
             if !node.leaving {
                 check_enough_left(map, *id)?;
+                check_writes_survive(map, *id)?;
             }
             next.nodes.retain(|n| n.id != *id);
         }
@@ -262,6 +264,37 @@ fn check_enough_left(map: &Map, id: u32) -> Result<(), Refused> {
             "removing node {id} would leave {left} nodes for a replication factor of {}",
             map.replication_factor
         )));
+    }
+    Ok(())
+}
+
+/// Refuses to take a node marked down off the ring while some range it
+/// replicates has too few other replicas up to hold every write
+/// acknowledged there: at least half of the range's replicas (rounded up)
+/// besides it, so that they share one with every majority. Otherwise the
+/// range's next primary could take over from replicas that missed writes
+/// the unreachable ones acknowledged, while the removed node, cut off but
+/// alive, might still coordinate with them.
+fn check_writes_survive(map: &Map, id: u32) -> Result<(), Refused> {
+    if !map.node(id).is_some_and(|n| n.down) {
+        return Ok(());
+    }
+    let members: Vec<u32> = map
+        .nodes
+        .iter()
+        .filter(|n| !n.leaving)
+        .map(|n| n.id)
+        .collect();
+    let ring = caskade_common::Ring::new(&members, map.vnodes_per_node, map.replication_factor);
+    let up = |n: u32| map.node(n).is_some_and(|n| !n.down);
+    for list in ring.preference_lists().iter().filter(|l| l.contains(&id)) {
+        let others_up = list.iter().filter(|&&n| n != id && up(n)).count();
+        if others_up < list.len().div_ceil(2) {
+            return Err(Refused::Conflict(format!(
+                "node {id} is down, and with it gone its ranges would keep too few replicas \
+                 that are up ({list:?}): wait until more of them are back"
+            )));
+        }
     }
     Ok(())
 }
@@ -326,6 +359,23 @@ mod tests {
             apply(Some(&next), &command(0, add(7, "d:1"))),
             Err(Refused::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn a_node_that_is_down_is_not_taken_off_while_its_ranges_lack_replicas_up() {
+        let members: Vec<(u32, String)> = (1..=5).map(|id| (id, format!("n{id}:1"))).collect();
+        let map = Map::initial(&members, 3, 16);
+        let down = |map: &Map, id| apply(Some(map), &command(0, Change::Down(id, true))).unwrap();
+        // One node down: its ranges keep two of three replicas up.
+        let one_down = down(&map, 1);
+        assert!(apply(Some(&one_down), &command(0, Change::Remove(1))).is_ok());
+        // Two down (a partition, say): some range of node 1 has only one
+        // replica up besides it, which may have missed acknowledged writes.
+        let two_down = down(&one_down, 3);
+        for change in [Change::Remove(1), Change::Leave(1)] {
+            let refused = apply(Some(&two_down), &command(0, change));
+            assert!(matches!(refused, Err(Refused::Conflict(_))), "{refused:?}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod history;
 pub mod local;
 pub mod node_process;
+pub mod rng;
 
 /// Name of key number `n` written by the `crash-writer` binary.
 pub fn crash_key(n: u64) -> String {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use caskade_router::config::NodePolicy;
 use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
 use caskade_tests::history::{self, History, Op, Response};
+use caskade_tests::rng::Rng;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -30,26 +31,6 @@ const KEYS: usize = 5;
 const RUN: Duration = Duration::from_secs(30);
 /// A client gives up on an answer after this (the outcome is then unknown).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A small deterministic generator (xorshift64*), so a seed replays a run.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn seed() -> u64 {
     std::env::var("CASKADE_TEST_SEED")
@@ -230,12 +211,12 @@ async fn single_key_histories_are_linearizable_through_kills_freezes_and_failove
     );
     let history = Arc::new(History::new());
     let until = Instant::now() + RUN;
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng(seed);
     let mut clients = tokio::task::JoinSet::new();
     for id in 0..CLIENTS {
         clients.spawn(client_loop(
             id,
-            Rng::new(rng.next()),
+            Rng(rng.next_u64()),
             tc.client_with_timeout(CLIENT_TIMEOUT).unwrap(),
             Arc::clone(&urls),
             tc.writer_token.clone(),
@@ -243,7 +224,7 @@ async fn single_key_histories_are_linearizable_through_kills_freezes_and_failove
             until,
         ));
     }
-    let faults = nemesis(&mut tc, Rng::new(rng.next()), until).await;
+    let faults = nemesis(&mut tc, Rng(rng.next_u64()), until).await;
     while let Some(done) = clients.join_next().await {
         done.unwrap();
     }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use caskade_router::config::NodePolicy;
 use caskade_tests::cluster::{ClusterSpec, NodeCopy, TestCluster, poll_until};
+use caskade_tests::rng::Rng;
 use reqwest::StatusCode;
 
 const NODE_BINARY: &str = env!("CARGO_BIN_EXE_caskade-node-process");
@@ -44,25 +45,6 @@ const CONVERGE_DEADLINE: Duration = Duration::from_secs(30);
 const READ_DEADLINE: Duration = Duration::from_secs(15);
 /// Operations shown in a failure message.
 const LOG_TAIL: usize = 40;
-
-/// splitmix64: a whole run follows from its seed, with no crate to pin.
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform enough in `0..n` for a test (n is tiny).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What a key holds: a value, or nothing (never written, or deleted).
 type State = Option<String>;

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use super::*;
+use crate::rng::Rng;
 
 const KEY: &str = "k";
 
@@ -339,27 +340,6 @@ fn the_recorder_keeps_answers_failures_and_unknowns() {
     assert!(matches!(events[2].outcome, Outcome::Failed { .. }));
     assert_eq!(events[3].outcome, Outcome::Unknown);
     assert_linearizable(&events);
-}
-
-/// splitmix64: a small deterministic generator for the simulations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
 }
 
 /// A client of the simulated register.

@@ -103,6 +103,8 @@ pub struct NodeHandle {
     /// not answer at all is only not ready, and is still tried last.
     declined: AtomicBool,
     in_flight: Arc<AtomicI64>,
+    /// `caskade_router_node_in_flight` of this node.
+    in_flight_gauge: metrics::Gauge,
     policy: NodePolicy,
 }
 
@@ -173,6 +175,7 @@ impl NodeHandle {
             ready: AtomicBool::new(false),
             declined: AtomicBool::new(false),
             in_flight: Arc::new(AtomicI64::new(0)),
+            in_flight_gauge: gauge!("caskade_router_node_in_flight", "node" => id.to_string()),
             policy: policy.clone(),
         })
     }
@@ -231,9 +234,8 @@ impl NodeHandle {
     /// Counts a call in flight until the guard drops.
     pub fn track(&self) -> InFlight {
         let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        let gauge = gauge!("caskade_router_node_in_flight", "node" => self.id.to_string());
-        gauge.set(now as f64);
-        InFlight(Arc::clone(&self.in_flight), gauge)
+        self.in_flight_gauge.set(now as f64);
+        InFlight(Arc::clone(&self.in_flight), self.in_flight_gauge.clone())
     }
 
     /// Asks the node whether it serves `Kv`, and remembers the answer.

@@ -812,22 +812,28 @@ impl TestCluster {
         poll_until(
             &format!("node {id} to be marked down and its ranges taken over"),
             FAILOVER_DEADLINE,
-            || async {
-                self.admin_cluster().await.is_ok_and(|page| {
-                    let Some(nodes) = page["nodes"].as_array() else {
-                        return false;
-                    };
-                    let down = nodes.iter().any(|n| n["id"] == id && n["down"] == true);
-                    // Every other node follows that map and took over.
-                    let taken_over = nodes.iter().filter(|n| n["down"] != true).all(|n| {
-                        n["stats"]["map_epoch"] == page["epoch"]
-                            && n["stats"]["taking_over_epoch"] == 0
-                    });
-                    down && taken_over
-                })
-            },
+            || self.map_settled(id, true),
         )
         .await;
+    }
+
+    /// Whether the router's map marks node `id` `down` (or up, with `down`
+    /// false), every node it does not mark down has adopted that map, and
+    /// every running node has taken over the primary ranges it gained: each
+    /// key's writes are taken by its primary under that map.
+    pub async fn map_settled(&self, id: u32, down: bool) -> bool {
+        let Ok(page) = self.admin_cluster().await else {
+            return false;
+        };
+        let Some(nodes) = page["nodes"].as_array() else {
+            return false;
+        };
+        let marked = nodes.iter().any(|n| n["id"] == id && n["down"] == down);
+        let adopted = nodes
+            .iter()
+            .filter(|n| n["down"] == false)
+            .all(|n| n["stats"]["map_epoch"] == page["epoch"]);
+        marked && adopted && self.takeovers_done().await
     }
 
     /// Whether the admin page shows every node of the map ready, and every

@@ -128,26 +128,6 @@ async fn write_failure(response: reqwest::Result<Response>, what: &str) -> Write
     }
 }
 
-/// Whether the router's map marks node `id` `down` (or up, with `down`
-/// false), every node it does not mark down has adopted that map, and
-/// every running node has taken over the primary ranges it gained: the
-/// failover (or the return) is over, and each key's writes are taken by
-/// its primary under that map.
-async fn map_settled(tc: &TestCluster, id: u32, down: bool) -> bool {
-    let Ok(page) = tc.admin_cluster().await else {
-        return false;
-    };
-    let Some(nodes) = page["nodes"].as_array() else {
-        return false;
-    };
-    let marked = nodes.iter().any(|n| n["id"] == id && n["down"] == down);
-    let adopted = nodes
-        .iter()
-        .filter(|n| n["down"] == false)
-        .all(|n| n["stats"]["map_epoch"] == page["epoch"]);
-    marked && adopted && tc.takeovers_done().await
-}
-
 // ------------------------------------------------------------ a node stops
 
 /// RF 3, failover on. A node stops. At once, reads of its keys are
@@ -203,7 +183,7 @@ async fn a_stopped_node_costs_no_request() {
     poll_until(
         "the leader to mark the stopped node down and its ranges to be taken over",
         FAILOVER_DEADLINE,
-        || map_settled(&tc, down, true),
+        || tc.map_settled(down, true),
     )
     .await;
     // From now on the map skips the stopped node: no request pays a
@@ -235,7 +215,7 @@ async fn a_stopped_node_costs_no_request() {
             let node = tc.admin_node(down).await.unwrap();
             node["ready"] == true
                 && node["breaker"] == "closed"
-                && map_settled(&tc, down, false).await
+                && tc.map_settled(down, false).await
         },
     )
     .await;

@@ -23,7 +23,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::Placement;
 use super::cursors::{Cursor, Reading};
-use super::service::{LOG_REPLACED_METADATA, apply, from_proto};
+use super::service::{LOG_REPLACED_METADATA, apply, apply_received};
 use crate::engine::{Latest, Record};
 use crate::kv::NodeCore;
 
@@ -357,13 +357,7 @@ impl Puller {
             replication.cursors.advance(self.peer, reading, rewound);
             return Ok(());
         }
-        let records = answer
-            .records
-            .into_iter()
-            .map(from_proto)
-            .collect::<Result<Vec<Record>, _>>()?;
-        let count = records.len() as u64;
-        apply(&self.core, records).await?;
+        let count = apply_received(&self.core, answer.records).await?;
         let moved = replication.cursors.advance(
             self.peer,
             reading,
@@ -449,13 +443,7 @@ impl Puller {
                 ));
             }
             let held: HashSet<Bytes> = page.records.iter().map(|r| r.key.clone()).collect();
-            let records = page
-                .records
-                .into_iter()
-                .map(from_proto)
-                .collect::<Result<Vec<Record>, _>>()?;
-            copied += records.len() as u64;
-            apply(&self.core, records).await?;
+            copied += apply_received(&self.core, page.records).await?;
             if infer_deletes {
                 let cutoff_ms = page.now_ms.saturating_sub(page.retention_ms);
                 let (start, end) = (after.clone(), page.next.clone());

@@ -146,6 +146,21 @@ pub async fn apply(core: &Arc<NodeCore>, records: Vec<Record>) -> Result<usize, 
         .count())
 }
 
+/// Applies records received from a peer in their wire form; how many
+/// were received.
+pub async fn apply_received(
+    core: &Arc<NodeCore>,
+    received: Vec<ReplicatedRecord>,
+) -> Result<u64, Status> {
+    let records = received
+        .into_iter()
+        .map(from_proto)
+        .collect::<Result<Vec<Record>, _>>()?;
+    let count = records.len() as u64;
+    apply(core, records).await?;
+    Ok(count)
+}
+
 /// Applies a repair sent under map `epoch`; how many records were newer.
 ///
 /// A repair made under another epoch is refused whole, and the check holds

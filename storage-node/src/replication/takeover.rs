@@ -47,10 +47,9 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use super::puller::channel;
-use super::service::{apply, from_proto};
+use super::service::apply_received;
 use super::{Placement, Replication};
 use crate::clock;
-use crate::engine::Record;
 use crate::kv::NodeCore;
 
 /// First pause after a failed copy; doubled up to [`MAX_BACKOFF`].
@@ -329,13 +328,7 @@ async fn copy_from(
             .await
             .map_err(|_| Status::deadline_exceeded("snapshot page timed out"))??
             .into_inner();
-        let records = page
-            .records
-            .into_iter()
-            .map(from_proto)
-            .collect::<Result<Vec<Record>, _>>()?;
-        copied += records.len() as u64;
-        apply(core, records).await?;
+        copied += apply_received(core, page.records).await?;
         match page.next {
             Some(next) => after = next,
             None => return Ok(copied),

@@ -344,6 +344,7 @@ impl Inner {
                 }
             }
         }
+        w.published = w.next_seq - 1;
         if let Some(observe) = &self.opts.append_observer {
             for s in &staged {
                 let pending = &batch[s.index];

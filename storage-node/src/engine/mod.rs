@@ -91,6 +91,9 @@ struct Inner {
     commit: commit::CommitQueue,
     /// Serializes merges; also guards `STATE` writes made by merge.
     merge_lock: Mutex<()>,
+    /// Held by every fsync: a writeback error is reported to one fsync of
+    /// a file only, so the poison it sets must be seen by the next one.
+    syncing: Mutex<()>,
     /// `STATE` as last written.
     state: Mutex<State>,
     /// Set after a failed write or fsync: the reason writes are refused.

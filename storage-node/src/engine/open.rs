@@ -244,6 +244,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
         writer: Mutex::new(Writer::new(active, next_seq)),
         commit: Default::default(),
         merge_lock: Mutex::new(()),
+        syncing: Mutex::new(()),
         state: Mutex::new(state),
         poisoned: OnceLock::new(),
         merge_broken: AtomicBool::new(false),

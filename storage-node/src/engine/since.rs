@@ -132,9 +132,11 @@ pub struct SinceIter {
 impl SinceIter {
     pub(super) fn new(inner: Arc<Inner>, after: u64) -> Result<SinceIter, EngineError> {
         // Under the writer lock every appended record is also published in
-        // the keydir, so the lengths read here end at published records.
+        // the keydir, so the lengths read here end at published records,
+        // except for those of a commit whose fsync failed: `upto` ends
+        // before them.
         let writer = lock(&inner.writer);
-        let upto = writer.next_seq - 1;
+        let upto = writer.published;
         let readers = read(&inner.files)
             .values()
             .filter(|f| f.max_seq() > after)
@@ -176,6 +178,7 @@ impl SinceIter {
     }
 
     fn next_live(&mut self) -> Result<Option<Record>, EngineError> {
+        let now = self.inner.opts.clock.now_ms();
         while let Some((idx, found)) = self.records.next_record()? {
             let h = found.header;
             // While a merge switches files, a snapshot can hold a record both
@@ -184,15 +187,21 @@ impl SinceIter {
             if h.seq <= self.after {
                 continue;
             }
+            if h.seq > self.upto {
+                // Appended by a commit whose fsync failed, never published.
+                continue;
+            }
             self.after = h.seq;
             let bytes = self.records.bytes(idx, &found);
             let key = record::key_of(bytes, &h);
             // Superseded records are skipped: the newer one follows later in
-            // this same stream. A tombstone whose key has left the keydir was
-            // dropped by a merge running meanwhile; passing it on is still right.
+            // this same stream. A tombstone or an expired value whose key has
+            // left the keydir was dropped by a merge running meanwhile, as
+            // the key's latest record: passing it on is still right (a
+            // replica that missed it would otherwise keep an older value).
             let latest = match read(&self.inner.keydir).get(key) {
                 Some(e) => e.version() == h.version,
-                None => h.is_tombstone(),
+                None => h.is_tombstone() || h.expires_at != 0 && h.expires_at <= now,
             };
             if !latest {
                 continue;

@@ -32,6 +32,9 @@ pub struct Writer {
     pub active: Arc<DataFile>,
     /// The seq the next record gets.
     pub next_seq: u64,
+    /// The last seq whose record is published (in the keydir): reads of
+    /// the log end there, past records whose commit failed.
+    pub published: u64,
     /// Reused encode buffer.
     pub scratch: Vec<u8>,
 }
@@ -42,6 +45,7 @@ impl Writer {
         Writer {
             active,
             next_seq,
+            published: next_seq - 1,
             scratch: Vec::with_capacity(4096),
         }
     }
@@ -112,6 +116,7 @@ impl Inner {
             value.is_none(),
         );
         let replaced = write(&self.keydir).insert(key, entry);
+        w.published = seq;
         if let Some(observe) = &self.opts.append_observer {
             observe(super::Appended {
                 seq,
@@ -183,7 +188,16 @@ impl Inner {
     }
 
     /// fsyncs one data file, timing it; a failure poisons the engine.
+    ///
+    /// Once poisoned, the engine fsyncs nothing more: Linux reports a
+    /// writeback error to one fsync of a file only, so a later fsync can
+    /// succeed although bytes it would vouch for are lost. For the same
+    /// reason fsyncs run one at a time (a commit's, a sync's, a backup's):
+    /// the one that gets the error poisons the engine before the next one
+    /// can report success.
     pub(super) fn fsync(&self, file: &DataFile) -> Result<(), EngineError> {
+        let _one_at_a_time = lock(&self.syncing);
+        self.check_poison()?;
         let started = Instant::now();
         let result = self
             .opts

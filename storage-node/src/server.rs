@@ -344,28 +344,36 @@ pub async fn run(
 }
 
 /// Puts the maps the Raft group commits into effect on this node (ranges
-/// to pull, to refuse, to drop). Epochs only go up, but maps committed in
-/// quick succession may be skipped to the newest: what a map change does is
-/// computed from the map in effect and the new one, not from each step. A
-/// map that could not be put into effect (a failed cursor write) is tried
-/// again.
+/// to pull, to refuse, to drop), one epoch after the other while the Raft
+/// state machine still has each (a snapshot installed skips epochs; what a
+/// map change does is computed from the map in effect and the new one, so
+/// that is safe, only slower for writes in flight). A map that could not be
+/// put into effect (a failed cursor write) is tried again.
 async fn follow_maps(core: Arc<NodeCore>, stop: watch::Receiver<bool>) {
     let mut maps = core.cluster.watch();
     loop {
-        let committed = maps.borrow_and_update().clone();
-        if let Some(map) = committed {
-            let adopted = core.maps.get().map_or(0, |m| m.epoch);
-            if map.epoch > adopted {
-                let epoch = map.epoch;
-                if let Err(status) = core.adopt_map(map.to_proto()).await {
-                    tracing::error!(epoch, error = %status.message(), "putting the cluster map into effect; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        () = stopped(stop.clone()) => return,
-                    }
+        maps.borrow_and_update();
+        let adopted = core.maps.get().map_or(0, |m| m.epoch);
+        // Each epoch in turn where this node still has them: what a peer
+        // acknowledged, or a lease it confirmed, under one epoch still
+        // counts under the next for the keys that kept their roles (see
+        // `Replication::kept_roles`), which a skipped epoch cannot tell.
+        let mut again = false;
+        for map in core.cluster.maps_after(adopted) {
+            let epoch = map.epoch;
+            if let Err(status) = core.adopt_map(map.to_proto()).await {
+                tracing::error!(epoch, error = %status.message(), "putting the cluster map into effect; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = stopped(stop.clone()) => return,
                 }
-                tracing::info!(epoch, "cluster map in effect");
+                again = true;
+                break;
             }
+            tracing::info!(epoch, "cluster map in effect");
+        }
+        if again {
+            continue;
         }
         tokio::select! {
             changed = maps.changed() => if changed.is_err() { return },

@@ -4,13 +4,16 @@
 //! writes therefore hold at most once, through any router, across failover.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use caskade_common::Ring;
 use caskade_proto::{Condition, PutRequest, condition};
 use caskade_router::config::NodePolicy;
 use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tonic::Code;
 
 fn policy() -> NodePolicy {
@@ -261,5 +264,133 @@ async fn a_write_cut_off_after_reaching_its_primary_has_an_unknown_outcome() {
     let (again, again_body) = send().await;
     assert_eq!((again, &again_body), (status, &body));
     tc.signal_node(primary, "CONT").unwrap();
+    tc.shutdown().await.unwrap();
+}
+
+/// DELETEs of a node sent while it is still draining, at most.
+const REMOVAL_ATTEMPTS: usize = 5;
+
+/// Map changes that leave a key's replicas and primary as they were cost
+/// its writes nothing. Two spare nodes are added and removed in turn (each
+/// cycle is several epochs: joining, serving, leaving, removed) while
+/// writers put keys whose preference list holds neither spare, at
+/// `w=quorum`. Their primary stays their primary and their replicas stay
+/// theirs in every epoch, so a peer's acknowledgement or lease confirmation
+/// made under a later or earlier of those epochs still proves what it
+/// proved under the write's own: every one of these writes must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_changes_that_keep_a_keys_replicas_do_not_fail_its_writes() {
+    let mut tc = TestCluster::start(ClusterSpec::nodes(3, 3, policy()))
+        .await
+        .unwrap();
+    let founders = tc.node_ids();
+    let spares = [
+        tc.start_spare_node().await.unwrap(),
+        tc.start_spare_node().await.unwrap(),
+    ];
+    let map = tc.map().clone();
+    // The ring with each spare added (a leaving node is off the ring).
+    let rings: Vec<Ring> = spares
+        .iter()
+        .map(|&spare| {
+            let mut members = founders.clone();
+            members.push(spare);
+            Ring::new(&members, map.vnodes_per_node, map.replication_factor)
+        })
+        .collect();
+    let keys: Vec<String> = (0..)
+        .map(|n| format!("steady-{n}"))
+        .filter(|key| {
+            spares
+                .iter()
+                .zip(&rings)
+                .all(|(spare, ring)| !ring.preference_list(key.as_bytes()).contains(spare))
+        })
+        .take(8)
+        .collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..3 {
+        let (client, url, token) = (
+            tc.new_client().unwrap(),
+            tc.url.clone(),
+            tc.writer_token.clone(),
+        );
+        let (keys, stop) = (keys.clone(), Arc::clone(&stop));
+        writers.spawn(async move {
+            let (mut written, mut failed) = (0usize, Vec::new());
+            let mut n = writer;
+            while !stop.load(Ordering::Relaxed) {
+                let key = &keys[n % keys.len()];
+                let sent = client
+                    .put(format!("{url}/v1/kv/{key}?w=quorum"))
+                    .bearer_auth(&token)
+                    .body(format!("{writer}-{n}"))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status().is_success() => written += 1,
+                    Ok(response) => failed.push(format!(
+                        "{key}: {} {}",
+                        response.status(),
+                        response.text().await.unwrap_or_default()
+                    )),
+                    Err(error) => failed.push(format!("{key}: {error}")),
+                }
+                n += 3;
+            }
+            (written, failed)
+        });
+    }
+
+    let mut epochs = Vec::new();
+    for spare in spares {
+        let added = tc
+            .client()
+            .post(tc.at("/admin/v1/nodes"))
+            .bearer_auth(&tc.admin_token)
+            .json(&json!({"id": spare, "addr": tc.addr(spare).to_string()}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(added.status(), StatusCode::OK, "adding node {spare}");
+        poll_until("the new node to serve", Duration::from_secs(60), || async {
+            tc.all_nodes_ready().await
+        })
+        .await;
+        // Each DELETE waits for the drain up to a deadline of its own; 202
+        // says the node is still draining.
+        let mut removed = StatusCode::ACCEPTED;
+        for _ in 0..REMOVAL_ATTEMPTS {
+            removed = tc
+                .client()
+                .delete(tc.at(&format!("/admin/v1/nodes/{spare}")))
+                .bearer_auth(&tc.admin_token)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            if removed != StatusCode::ACCEPTED {
+                break;
+            }
+        }
+        assert_eq!(removed, StatusCode::OK, "removing node {spare}");
+        epochs.push(tc.admin_cluster().await.unwrap()["epoch"].as_u64().unwrap());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut written, mut failed) = (0, Vec::new());
+    while let Some(done) = writers.join_next().await {
+        let (w, f) = done.unwrap();
+        written += w;
+        failed.extend(f);
+    }
+    assert!(written > 0, "nothing was written");
+    assert!(
+        failed.is_empty(),
+        "{} of {} writes failed across epochs {epochs:?}: {failed:#?}",
+        failed.len(),
+        written + failed.len()
+    );
     tc.shutdown().await.unwrap();
 }

@@ -222,6 +222,12 @@ impl Cluster {
         self.machine.watch()
     }
 
+    /// The maps applied after epoch `after`, oldest first: one per epoch
+    /// while this node still knows them all, else only the current one.
+    pub fn maps_after(&self, after: u64) -> Vec<Map> {
+        self.machine.maps_after(after)
+    }
+
     /// Waits until the applied map is newer than `after_epoch`, at most `wait`.
     pub async fn map_after(&self, after_epoch: u64, wait: Duration) -> Option<Map> {
         let mut maps = self.watch();

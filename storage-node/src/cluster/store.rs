@@ -10,6 +10,7 @@
 //!
 //! Calls into redb block on fsync, so they run on the blocking pool.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
@@ -394,17 +395,26 @@ pub struct MapMachine {
     /// The state; the lock is held only to read or replace it, never across an await.
     state: Mutex<MachineState>,
     maps: watch::Sender<Option<Map>>,
+    /// The maps applied since start, of consecutive epochs, oldest first
+    /// (at most [`RECENT_MAPS`]; a snapshot installed starts it anew): a
+    /// node that falls behind puts each into effect in turn.
+    recent: Mutex<VecDeque<Map>>,
 }
+
+/// Most maps kept in [`MapMachine`]'s recent maps.
+const RECENT_MAPS: usize = 64;
 
 impl MapMachine {
     /// The state machine stored in `db` (empty for a new node).
     pub fn open(db: Arc<RaftDb>) -> Result<Arc<MapMachine>, StoreError> {
         let state: MachineState = db.get(MACHINE)?.unwrap_or_default();
         let maps = watch::Sender::new(state.map.clone());
+        let recent = Mutex::new(state.map.iter().cloned().collect());
         Ok(Arc::new(MapMachine {
             db,
             state: Mutex::new(state),
             maps,
+            recent,
         }))
     }
 
@@ -416,6 +426,17 @@ impl MapMachine {
     /// The current map.
     pub fn map(&self) -> Option<Map> {
         self.maps.borrow().clone()
+    }
+
+    /// The maps applied after epoch `after`, oldest first, one per epoch if
+    /// they are all still known; otherwise only the current one (if newer).
+    pub fn maps_after(&self, after: u64) -> Vec<Map> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.front().is_some_and(|m| m.epoch <= after + 1) {
+            return recent.iter().filter(|m| m.epoch > after).cloned().collect();
+        }
+        drop(recent);
+        self.map().into_iter().filter(|m| m.epoch > after).collect()
     }
 
     /// The nodes recorded as holding Raft state.
@@ -445,11 +466,13 @@ impl MapMachine {
             .clone()
     }
 
-    /// Persists `state`, then makes it current.
+    /// Persists `state`, then makes it current; `applied` are the maps it
+    /// went through, oldest first (`None`: a snapshot, which skips epochs).
     async fn replace(
         &self,
         state: MachineState,
         snapshot: Option<StoredSnapshot>,
+        applied: Option<Vec<Map>>,
     ) -> Result<(), StoreError> {
         let mut values = vec![(MACHINE, encode(&state)?)];
         if let Some(snapshot) = &snapshot {
@@ -458,6 +481,28 @@ impl MapMachine {
         blocking(&self.db, move |db| db.put(&values)).await?;
         let map = state.map.clone();
         *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            let applied = applied.unwrap_or_else(|| {
+                recent.clear();
+                map.iter().cloned().collect()
+            });
+            for next in applied {
+                if recent.back().is_some_and(|last| last.epoch >= next.epoch) {
+                    continue;
+                }
+                if recent
+                    .back()
+                    .is_some_and(|last| last.epoch + 1 != next.epoch)
+                {
+                    recent.clear();
+                }
+                if recent.len() == RECENT_MAPS {
+                    recent.pop_front();
+                }
+                recent.push_back(next);
+            }
+        }
         self.maps.send_if_modified(|current| {
             let changed = *current != map;
             *current = map;
@@ -484,6 +529,7 @@ impl RaftStateMachine<TypeConfig> for Arc<MapMachine> {
     {
         let mut state = self.state();
         let mut outcomes = Vec::new();
+        let mut applied = Vec::new();
         for entry in entries {
             state.last_applied = Some(entry.log_id);
             let outcome = match entry.payload {
@@ -501,6 +547,7 @@ impl RaftStateMachine<TypeConfig> for Arc<MapMachine> {
                             }
                             if state.map.as_ref() != Some(next) {
                                 tracing::info!(epoch = next.epoch, change = ?command.change, "cluster map changed");
+                                applied.push(next.clone());
                             }
                             state.map = Some(next.clone());
                         }
@@ -517,7 +564,7 @@ impl RaftStateMachine<TypeConfig> for Arc<MapMachine> {
             };
             outcomes.push(outcome);
         }
-        self.replace(state, None)
+        self.replace(state, None, Some(applied))
             .await
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
         Ok(outcomes)
@@ -546,7 +593,7 @@ impl RaftStateMachine<TypeConfig> for Arc<MapMachine> {
             meta: meta.clone(),
             state: state.clone(),
         };
-        self.replace(state, Some(stored))
+        self.replace(state, Some(stored), None)
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
     }

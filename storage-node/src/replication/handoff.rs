@@ -58,6 +58,7 @@ impl Replication {
         }
         if let Some(old) = old.as_ref().filter(|p| p.same_ring(&new)) {
             new.ring_epoch = old.ring_epoch;
+            new.ring = Arc::clone(&old.ring);
         }
         let new = Arc::new(new);
         let member = new.ring.contains(self.id);
@@ -100,6 +101,7 @@ impl Replication {
             );
         }
         self.begin_takeover(old.as_ref(), &new);
+        self.remember(&new);
         self.placement.send_replace(Some(new));
         self.acks.peers_changed();
         self.update_ready();

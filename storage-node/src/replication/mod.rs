@@ -27,13 +27,14 @@ pub mod puller;
 pub mod service;
 pub mod takeover;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use caskade_common::{Ring, Version};
 use caskade_proto::{ClusterMap, NodeState, WriteLevel};
+use prost::bytes::Bytes;
 use tokio::sync::watch;
 use tonic::Status;
 use tonic::metadata::MetadataValue;
@@ -52,8 +53,9 @@ use feed::Feed;
 pub struct Placement {
     /// The map's epoch.
     pub epoch: u64,
-    /// The ring built from it.
-    pub ring: Ring,
+    /// The ring built from it (shared with the placements before it while
+    /// the ring stays the same).
+    pub ring: Arc<Ring>,
     /// Node id → gRPC address, for every node of the map (leaving ones too).
     pub addrs: BTreeMap<u32, String>,
     /// Nodes the map marks down: they coordinate nothing.
@@ -72,7 +74,11 @@ impl Placement {
         let members = map.ring_members();
         Placement {
             epoch: map.epoch,
-            ring: Ring::new(&members, map.vnodes_per_node, map.replication_factor),
+            ring: Arc::new(Ring::new(
+                &members,
+                map.vnodes_per_node,
+                map.replication_factor,
+            )),
             addrs: map.nodes.iter().map(|n| (n.id, n.addr.clone())).collect(),
             down: map.nodes.iter().filter(|n| n.down).map(|n| n.id).collect(),
             joining: map
@@ -90,9 +96,14 @@ impl Placement {
     /// neither marked down nor still joining (`None` if there is none).
     /// Only it coordinates the key's writes under this map.
     pub fn primary_of(&self, key: &[u8]) -> Option<u32> {
-        self.ring
-            .preference_list(key)
-            .into_iter()
+        self.primary_among(&self.ring.preference_list(key))
+    }
+
+    /// The primary of a key whose preference list is `replicas`.
+    fn primary_among(&self, replicas: &[u32]) -> Option<u32> {
+        replicas
+            .iter()
+            .copied()
             .find(|n| !self.down.contains(n) && !self.joining.contains(n))
     }
 
@@ -125,17 +136,24 @@ impl Placement {
     }
 }
 
+/// Most placements of consecutive epochs kept to tell which keys kept
+/// their primary and replicas across map changes.
+const MAX_HISTORY: usize = 64;
+
 /// Which replicas a coordinated write goes to, and how many must hold it.
 #[derive(Debug, Clone)]
 pub struct WritePlan {
+    /// The key written.
+    pub key: Bytes,
     /// The key's other replicas.
     pub peers: Vec<u32>,
     /// The key's preference list (the lease is checked against it).
     pub replicas: Vec<u32>,
     /// Replicas, this node included, the write level needs.
     pub needed: usize,
-    /// The map epoch the write is coordinated under: only acknowledgements
-    /// of peers pulling under the same epoch count.
+    /// The map epoch the write is coordinated under: acknowledgements count
+    /// under it, or under a later epoch through which this node stayed the
+    /// key's primary and the peer its replica (see [`Replication::kept_roles`]).
     pub epoch: u64,
 }
 
@@ -190,6 +208,9 @@ pub struct Replication {
     /// This node's cursors on its peers.
     pub cursors: Cursors,
     placement: watch::Sender<Option<Arc<Placement>>>,
+    /// The placements of consecutive epochs up to the current one, oldest
+    /// first (at most [`MAX_HISTORY`]; a skipped epoch starts it anew).
+    history: Mutex<VecDeque<Arc<Placement>>>,
     /// Serialises map changes.
     changing: Mutex<()>,
     /// Held shared by a write from its plan to its append, and by a repair
@@ -253,6 +274,7 @@ impl Replication {
             feed,
             cursors,
             placement: watch::Sender::new(placement.clone()),
+            history: Mutex::new(placement.iter().cloned().collect()),
             changing: Mutex::new(()),
             gate: RwLock::new(()),
             confirmed: Mutex::new(HashMap::new()),
@@ -314,7 +336,7 @@ impl Replication {
     /// `level`; `None` when the node has no map (it stands alone). Refuses
     /// unless this node is the key's primary and holds every write
     /// acknowledged before it became primary.
-    pub fn write_plan(&self, key: &[u8], level: WriteLevel) -> Result<Option<WritePlan>, Status> {
+    pub fn write_plan(&self, key: &Bytes, level: WriteLevel) -> Result<Option<WritePlan>, Status> {
         let Some(placement) = self.placement() else {
             return Ok(None);
         };
@@ -333,13 +355,14 @@ impl Replication {
         }
         self.check_received(key)?;
         self.check_taken_over(&placement, key)?;
-        self.check_lease(placement.epoch, &replicas)?;
+        self.check_lease(placement.epoch, key, &replicas)?;
         let needed = match level {
             WriteLevel::One => 1,
             WriteLevel::Unspecified | WriteLevel::Quorum => replicas.len() / 2 + 1,
             WriteLevel::All => replicas.len(),
         };
         Ok(Some(WritePlan {
+            key: key.clone(),
             peers: replicas.iter().copied().filter(|&n| n != self.id).collect(),
             needed,
             epoch: placement.epoch,
@@ -372,29 +395,48 @@ impl Replication {
     /// lease. A node cut off or frozen past its lease therefore writes
     /// nothing, and a node that takes over waits out the lease (see
     /// [`takeover`]) before it writes, so two primaries never overlap.
-    fn check_lease(&self, epoch: u64, replicas: &[u32]) -> Result<(), Status> {
+    ///
+    /// A confirmation under an earlier epoch counts too if this node was
+    /// the key's primary, and the peer its replica, in every epoch since:
+    /// another node becomes the key's primary only under a later epoch,
+    /// and the peer serves its takeover only once on that epoch, after the
+    /// answer that confirmed this node. Map changes that leave a key where
+    /// it was therefore do not interrupt its writes.
+    fn check_lease(&self, epoch: u64, key: &[u8], replicas: &[u32]) -> Result<(), Status> {
         let needed = replicas.len() / 2;
         if needed == 0 {
             return Ok(());
         }
         let lease = self.config.primary_lease();
-        let confirmed = self
-            .confirmed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let fresh = replicas
-            .iter()
-            .filter(|&&n| n != self.id)
-            .filter(|n| {
-                confirmed
-                    .get(n)
-                    .is_some_and(|&(under, sent)| under == epoch && sent.elapsed() < lease)
-            })
-            .count();
-        if fresh < needed {
+        let (mut confirmed, mut earlier) = (0, Vec::new());
+        {
+            let confirmations = self
+                .confirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for &peer in replicas.iter().filter(|&&n| n != self.id) {
+                match confirmations.get(&peer) {
+                    Some(&(under, sent)) if sent.elapsed() < lease && under == epoch => {
+                        confirmed += 1;
+                    }
+                    Some(&(under, sent)) if sent.elapsed() < lease && under < epoch => {
+                        earlier.push((peer, under));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Only right after a map change: the placements are looked up then.
+        for (peer, under) in earlier {
+            if confirmed < needed && self.kept_roles(key, peer, under, epoch) {
+                confirmed += 1;
+            }
+        }
+        if confirmed < needed {
             return Err(Status::unavailable(format!(
-                "this node cannot confirm it is still the key's primary: {fresh} of the {needed} \
-                 other replicas it needs answered it under cluster map epoch {epoch} in the last {} ms",
+                "this node cannot confirm it is still the key's primary: {confirmed} of the \
+                 {needed} other replicas it needs answered its pulls in the last {} ms under \
+                 cluster map epoch {epoch} (or an earlier one with the same roles for the key)",
                 lease.as_millis()
             )));
         }
@@ -403,7 +445,32 @@ impl Replication {
 
     /// Checks again the lease `plan` was made under (see [`Replication::write_plan`]).
     pub fn check_plan_lease(&self, plan: &WritePlan) -> Result<(), Status> {
-        self.check_lease(plan.epoch, &plan.replicas)
+        self.check_lease(plan.epoch, &plan.key, &plan.replicas)
+    }
+
+    /// Whether, in every epoch from `from` to `to` (in either order), this
+    /// node was the primary of `key` and `peer` one of its replicas, as far
+    /// as the placements this node adopted tell (an epoch it skipped tells
+    /// nothing: then no).
+    fn kept_roles(&self, key: &[u8], peer: u32, from: u64, to: u64) -> bool {
+        let (first, last) = (from.min(to), from.max(to));
+        let history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        let (Some(oldest), Some(newest)) = (history.front(), history.back()) else {
+            return false;
+        };
+        if first < oldest.epoch || last > newest.epoch {
+            return false;
+        }
+        // The history holds consecutive epochs: epoch e is at e - oldest.
+        let (start, end) = (
+            (first - oldest.epoch) as usize,
+            (last - oldest.epoch) as usize,
+        );
+        history.range(start..=end).all(|p| {
+            debug_assert!((first..=last).contains(&p.epoch));
+            let replicas = p.ring.preference_list(key);
+            replicas.contains(&peer) && p.primary_among(&replicas) == Some(self.id)
+        })
     }
 
     /// Whether this node holds `key` under the current map (or has no map).
@@ -420,9 +487,28 @@ impl Replication {
             return 1;
         }
         let timeout = Duration::from_millis(self.config.ack_timeout_ms);
+        // A peer on a later map still applied the key's record, and no
+        // other node can have been its primary meanwhile, if the two kept
+        // their roles for the key through every epoch in between.
+        let counts = |peer: u32, epoch: u64| self.kept_roles(&plan.key, peer, plan.epoch, epoch);
         self.acks
-            .wait(seq, plan.epoch, &plan.peers, plan.needed, timeout)
+            .wait(seq, plan.epoch, &plan.peers, plan.needed, timeout, counts)
             .await
+    }
+
+    /// Keeps `new` in the history of consecutive placements.
+    fn remember(&self, new: &Arc<Placement>) {
+        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        if history
+            .back()
+            .is_none_or(|last| last.epoch + 1 != new.epoch)
+        {
+            history.clear();
+        }
+        if history.len() == MAX_HISTORY {
+            history.pop_front();
+        }
+        history.push_back(Arc::clone(new));
     }
 
     /// Updates what the puller of `peer` last saw.
@@ -535,3 +621,6 @@ pub fn level_not_met(acks: usize, needed: usize, version: Version) -> Status {
     }
     status
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,20 +14,24 @@
 //! replicates, not the others.
 //!
 //! Why that suffices: a write acknowledged at `quorum` under an older epoch
-//! was applied by a majority of its replicas, each pulling under that
-//! epoch (acknowledgements count only under the write's own epoch, see
-//! [`super::acks`]). The new primary copies from every replica that is up,
-//! which are at least half of them ([`super::Placement::enough_replicas_up`]),
-//! so at least one holds the write. A replica serves the copy only once it
-//! has adopted the new epoch, and from then on it acknowledges nothing of
-//! an older epoch, so nothing acknowledged by the deposed primary can be
-//! missed by the copy. Copied records also move the new primary's clock
-//! past their versions, so its own writes win over them.
+//! was applied by a majority of its replicas, each acknowledging under the
+//! write's own epoch or under a later one through which the deposed
+//! primary stayed the key's primary (see [`super::acks`]), so each before
+//! it adopted the epoch of this takeover. The new primary copies from every
+//! replica that is up, which are at least half of them
+//! ([`super::Placement::enough_replicas_up`]), so at least one holds the
+//! write. A replica serves the copy only once it has adopted the new epoch,
+//! and from then on none of its acknowledgements count for the deposed
+//! primary's writes of the key (it is not their primary under that epoch),
+//! so nothing acknowledged by the deposed primary can be missed by the
+//! copy. Copied records also move the new primary's clock past their
+//! versions, so its own writes win over them.
 //!
 //! A deposed primary that has not heard of the new map (frozen, or cut
 //! off) cannot append either: it coordinates only while a lease holds
-//! (half of the key's other replicas answered its pulls under its epoch
-//! within `primary_lease`, see [`Replication::write_plan`]). The nodes the
+//! (half of the key's other replicas answered its pulls within
+//! `primary_lease`, under its epoch or an earlier one through which it was
+//! the key's primary, see [`Replication::write_plan`]). The nodes the
 //! new primary copies from include one of those, which stopped answering
 //! under the old epoch before it was copied from; the new primary then
 //! waits longer than the lease before its first write, so the two never

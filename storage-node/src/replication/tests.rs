@@ -1,0 +1,114 @@
+//! Which acknowledgements and lease confirmations made under one epoch
+//! still count under another: only for keys whose primary and replica kept
+//! their roles through every epoch in between, as this node adopted them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use caskade_proto::{ClusterMap, ClusterNode, NodeState};
+
+use super::{Replication, cursors::Cursors, feed::Feed};
+use crate::config::ReplicationConfig;
+
+/// Node 1, of nodes 1 to 3, RF 3.
+const ME: u32 = 1;
+
+fn map(epoch: u64, down: &[u32]) -> ClusterMap {
+    ClusterMap {
+        epoch,
+        replication_factor: 3,
+        vnodes_per_node: 16,
+        nodes: (1..=3)
+            .map(|id| ClusterNode {
+                id,
+                addr: format!("127.0.0.1:{}", 7000 + id),
+                state: NodeState::Active.into(),
+                down: down.contains(&id),
+            })
+            .collect(),
+    }
+}
+
+fn replication(dir: &tempfile::TempDir, first: &ClusterMap) -> Replication {
+    Replication::new(
+        ME,
+        ReplicationConfig::default(),
+        Arc::new(Feed::new(1 << 20)),
+        Cursors::open(dir.path()).unwrap(),
+        Some(first),
+        true,
+    )
+}
+
+/// A key node 1 is the primary of (every node is a replica with RF 3).
+fn key_of_mine(r: &Replication) -> Vec<u8> {
+    let placement = r.placement().unwrap();
+    (0..)
+        .map(|n| format!("key-{n}").into_bytes())
+        .find(|k| placement.primary_of(k) == Some(ME))
+        .unwrap()
+}
+
+#[test]
+fn roles_kept_through_consecutive_epochs_count_in_either_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replication(&dir, &map(1, &[]));
+    let key = key_of_mine(&r);
+    r.set_map(&map(2, &[]));
+    r.set_map(&map(3, &[3]));
+    // Node 3 is down in epoch 3 but still a replica; node 1 stays primary.
+    assert!(r.kept_roles(&key, 2, 1, 3));
+    assert!(r.kept_roles(&key, 3, 3, 1));
+    assert!(r.kept_roles(&key, 2, 2, 2));
+    assert!(!r.kept_roles(&key, 2, 1, 4), "an epoch not adopted yet");
+    assert!(!r.kept_roles(&key, 4, 1, 2), "not a replica");
+}
+
+#[test]
+fn a_change_of_primary_in_between_or_a_skipped_epoch_breaks_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replication(&dir, &map(1, &[]));
+    let key = key_of_mine(&r);
+    // Node 1 marked down in epoch 2: another node is the key's primary.
+    r.set_map(&map(2, &[1]));
+    r.set_map(&map(3, &[]));
+    assert!(!r.kept_roles(&key, 2, 1, 3));
+    assert!(r.kept_roles(&key, 2, 3, 3));
+    // Epoch 4 skipped: what happened in it is unknown.
+    r.set_map(&map(5, &[]));
+    assert!(!r.kept_roles(&key, 2, 3, 5));
+    assert!(r.kept_roles(&key, 2, 5, 5));
+}
+
+#[test]
+fn the_history_keeps_its_newest_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replication(&dir, &map(1, &[]));
+    let key = key_of_mine(&r);
+    for epoch in 2..=100 {
+        r.set_map(&map(epoch, &[]));
+    }
+    assert!(r.kept_roles(&key, 2, 37, 100));
+    assert!(!r.kept_roles(&key, 2, 36, 100), "older than the history");
+}
+
+#[test]
+fn a_lease_confirmed_under_an_earlier_epoch_holds_only_for_keys_that_kept_their_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replication(&dir, &map(1, &[]));
+    let key = key_of_mine(&r);
+    let replicas = r.placement().unwrap().ring.preference_list(&key);
+    r.confirm(2, 1, Instant::now());
+    r.set_map(&map(2, &[]));
+    assert!(r.check_lease(2, &key, &replicas).is_ok());
+
+    let dir = tempfile::tempdir().unwrap();
+    let r = replication(&dir, &map(1, &[]));
+    r.confirm(2, 1, Instant::now());
+    // Node 1 down and up again: another node was the primary in epoch 2.
+    r.set_map(&map(2, &[1]));
+    r.set_map(&map(3, &[]));
+    assert!(r.check_lease(3, &key, &replicas).is_err());
+    r.confirm(3, 3, Instant::now());
+    assert!(r.check_lease(3, &key, &replicas).is_ok());
+}

@@ -351,6 +351,10 @@ pub async fn run(
 /// put into effect (a failed cursor write) is tried again.
 async fn follow_maps(core: Arc<NodeCore>, stop: watch::Receiver<bool>) {
     let mut maps = core.cluster.watch();
+    // After a failure, the newest map only: an intermediate one that
+    // cannot be put into effect (its cursor reset needs an engine sync that
+    // a failed disk refuses) must not hold back the ones after it.
+    let mut newest_only = false;
     loop {
         maps.borrow_and_update();
         let adopted = core.maps.get().map_or(0, |m| m.epoch);
@@ -358,8 +362,17 @@ async fn follow_maps(core: Arc<NodeCore>, stop: watch::Receiver<bool>) {
         // acknowledged, or a lease it confirmed, under one epoch still
         // counts under the next for the keys that kept their roles (see
         // `Replication::kept_roles`), which a skipped epoch cannot tell.
+        let pending = if newest_only {
+            core.cluster
+                .map()
+                .into_iter()
+                .filter(|m| m.epoch > adopted)
+                .collect()
+        } else {
+            core.cluster.maps_after(adopted)
+        };
         let mut again = false;
-        for map in core.cluster.maps_after(adopted) {
+        for map in pending {
             let epoch = map.epoch;
             if let Err(status) = core.adopt_map(map.to_proto()).await {
                 tracing::error!(epoch, error = %status.message(), "putting the cluster map into effect; retrying");
@@ -368,6 +381,7 @@ async fn follow_maps(core: Arc<NodeCore>, stop: watch::Receiver<bool>) {
                     () = stopped(stop.clone()) => return,
                 }
                 again = true;
+                newest_only = true;
                 break;
             }
             tracing::info!(epoch, "cluster map in effect");
@@ -375,6 +389,7 @@ async fn follow_maps(core: Arc<NodeCore>, stop: watch::Receiver<bool>) {
         if again {
             continue;
         }
+        newest_only = false;
         tokio::select! {
             changed = maps.changed() => if changed.is_err() { return },
             () = stopped(stop.clone()) => return,

@@ -15,7 +15,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use caskade_node::engine::{DeleteOptions, Engine, EngineError, FaultHook, FaultPoint, PutOptions};
+use caskade_node::engine::{
+    DeleteOptions, Engine, EngineError, FaultHook, FaultPoint, PutOptions, Record,
+};
 use common::{
     MockClock, RETENTION_MS, T0, active_id, data_file_ids, hint_path, rotate, test_options,
     version_at,
@@ -217,7 +219,8 @@ fn a_read_of_the_log_yields_an_expired_value_a_merge_dropped_meanwhile() {
 
     clock.advance(RETENTION_MS + 1_000);
     let merged = engine.merge().unwrap();
-    assert!(merged.records_dropped > 0, "the merge dropped nothing");
+    // The older value, superseded, and the newer one, expired.
+    assert_eq!(merged.records_dropped, 2, "{merged:?}");
     assert_eq!(engine.get(b"key").unwrap(), None);
 
     let of_key: Vec<_> = since
@@ -276,5 +279,54 @@ fn a_read_of_the_log_yields_no_record_whose_fsync_failed() {
     assert!(
         seen.iter().all(|r| r.key != b"never-held"),
         "a delete whose fsync failed was read from the log: {seen:?}"
+    );
+}
+
+/// The records of a commit whose fsync failed stay unpublished when a later
+/// batch commits nothing (every write in it refused by the poison): here a
+/// replicated apply larger than one batch, whose first batch fails.
+#[test]
+fn records_of_a_failed_batch_stay_unread_after_the_batches_refused_behind_it() {
+    let clock = MockClock::new(T0);
+    let dir = tempfile::tempdir().unwrap();
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook: FaultHook = {
+        let armed = Arc::clone(&armed);
+        Arc::new(move |point| {
+            if point == FaultPoint::Fsync && armed.load(Ordering::SeqCst) {
+                return Err(io::Error::other("injected writeback error"));
+            }
+            Ok(())
+        })
+    };
+    let options = caskade_node::engine::Options {
+        fault_hook: Some(hook),
+        ..test_options(&clock, ONE_FILE)
+    };
+    let engine = Engine::open(dir.path(), options).unwrap();
+    put(&engine, "kept", b"value", 1);
+    let published = engine.stats().last_seq;
+    armed.store(true, Ordering::SeqCst);
+    let tombstones: Vec<Record> = (0..3_000u16)
+        .map(|n| Record {
+            seq: 0,
+            key: format!("never-held-{n}").into_bytes(),
+            value: None,
+            version: version_at(T0, n + 10),
+            expires_at: None,
+        })
+        .collect();
+    assert!(engine.apply(tombstones).is_err());
+    let since = engine.iter_since(0).unwrap();
+    assert_eq!(
+        since.upto(),
+        published,
+        "the log's end moved past the failed batch"
+    );
+    let seen: Vec<_> = since.map(Result::unwrap).collect();
+    assert!(
+        seen.iter().all(|r| r.key == b"kept"),
+        "records of a failed batch were read from the log: {} of them",
+        seen.len() - 1
     );
 }

@@ -151,6 +151,7 @@ fn take_outcome(pending: &PendingWrite) -> Result<WriteOutcome, EngineError> {
 /// A record of the batch, appended but not yet in the keydir.
 struct Staged {
     index: usize,
+    seq: u64,
     entry: Entry,
 }
 
@@ -312,7 +313,7 @@ impl Inner {
                 pending.value.is_none(),
             );
             batch_view.insert(key, entry);
-            staged.push(Staged { index, entry });
+            staged.push(Staged { index, seq, entry });
             outcomes.push(Ok(WriteOutcome::Applied { seq, previous }));
         }
         if io_result.is_ok() {
@@ -344,7 +345,11 @@ impl Inner {
                 }
             }
         }
-        w.published = w.next_seq - 1;
+        if let Some(last) = staged.last() {
+            // Not `next_seq - 1`: a failed batch before this one took seqs
+            // it never published.
+            w.published = last.seq;
+        }
         if let Some(observe) = &self.opts.append_observer {
             for s in &staged {
                 let pending = &batch[s.index];

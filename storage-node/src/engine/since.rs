@@ -124,7 +124,8 @@ pub struct SinceIter {
     inner: Arc<Inner>,
     records: SeqMerge<Arc<DataFile>>,
     after: u64,
-    /// The last seq assigned when the iterator was created: it covers no later record.
+    /// The last seq published when the iterator was created: it covers no
+    /// later record (nor an earlier one whose commit failed).
     upto: u64,
     failed: bool,
 }

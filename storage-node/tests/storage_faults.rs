@@ -36,15 +36,13 @@ fn put(engine: &Engine, key: &str, value: &[u8], counter: u16) {
     engine.put(key.as_bytes(), value, opts).unwrap();
 }
 
-/// An engine whose fsync failed once (an unknown outcome for the put it
-/// covered) and works again afterwards, as Linux reports a writeback error
-/// once per file: poisoned, with ten acknowledged keys.
-fn poisoned_engine(dir: &Path, clock: &MockClock) -> Engine {
+/// An engine whose fsyncs fail while the flag returned is set.
+fn engine_with_failing_fsync(dir: &Path, clock: &MockClock) -> (Engine, Arc<AtomicBool>) {
     let armed = Arc::new(AtomicBool::new(false));
     let hook: FaultHook = {
         let armed = Arc::clone(&armed);
         Arc::new(move |point| {
-            if point == FaultPoint::Fsync && armed.swap(false, Ordering::SeqCst) {
+            if point == FaultPoint::Fsync && armed.load(Ordering::SeqCst) {
                 return Err(io::Error::other("injected writeback error"));
             }
             Ok(())
@@ -54,7 +52,14 @@ fn poisoned_engine(dir: &Path, clock: &MockClock) -> Engine {
         fault_hook: Some(hook),
         ..test_options(clock, ONE_FILE)
     };
-    let engine = Engine::open(dir, options).unwrap();
+    (Engine::open(dir, options).unwrap(), armed)
+}
+
+/// An engine whose fsync failed once (an unknown outcome for the put it
+/// covered) and works again afterwards, as Linux reports a writeback error
+/// once per file: poisoned, with ten acknowledged keys.
+fn poisoned_engine(dir: &Path, clock: &MockClock) -> Engine {
+    let (engine, armed) = engine_with_failing_fsync(dir, clock);
     for i in 0..10u16 {
         put(&engine, &format!("acked{i}"), b"value", i + 1);
     }
@@ -67,6 +72,7 @@ fn poisoned_engine(dir: &Path, clock: &MockClock) -> Engine {
         engine.put(b"doomed", b"unknown", opts),
         Err(EngineError::OutcomeUnknown(_))
     ));
+    armed.store(false, Ordering::SeqCst);
     engine
 }
 
@@ -250,22 +256,8 @@ fn a_read_of_the_log_yields_no_record_whose_fsync_failed() {
     );
     drop(engine);
 
-    let armed = Arc::new(AtomicBool::new(false));
-    let hook: FaultHook = {
-        let armed = Arc::clone(&armed);
-        Arc::new(move |point| {
-            if point == FaultPoint::Fsync && armed.load(Ordering::SeqCst) {
-                return Err(io::Error::other("injected writeback error"));
-            }
-            Ok(())
-        })
-    };
     let dir = tempfile::tempdir().unwrap();
-    let options = caskade_node::engine::Options {
-        fault_hook: Some(hook),
-        ..test_options(&clock, ONE_FILE)
-    };
-    let engine = Engine::open(dir.path(), options).unwrap();
+    let (engine, armed) = engine_with_failing_fsync(dir.path(), &clock);
     put(&engine, "kept", b"value", 1);
     armed.store(true, Ordering::SeqCst);
     let delete = DeleteOptions {
@@ -289,21 +281,7 @@ fn a_read_of_the_log_yields_no_record_whose_fsync_failed() {
 fn records_of_a_failed_batch_stay_unread_after_the_batches_refused_behind_it() {
     let clock = MockClock::new(T0);
     let dir = tempfile::tempdir().unwrap();
-    let armed = Arc::new(AtomicBool::new(false));
-    let hook: FaultHook = {
-        let armed = Arc::clone(&armed);
-        Arc::new(move |point| {
-            if point == FaultPoint::Fsync && armed.load(Ordering::SeqCst) {
-                return Err(io::Error::other("injected writeback error"));
-            }
-            Ok(())
-        })
-    };
-    let options = caskade_node::engine::Options {
-        fault_hook: Some(hook),
-        ..test_options(&clock, ONE_FILE)
-    };
-    let engine = Engine::open(dir.path(), options).unwrap();
+    let (engine, armed) = engine_with_failing_fsync(dir.path(), &clock);
     put(&engine, "kept", b"value", 1);
     let published = engine.stats().last_seq;
     armed.store(true, Ordering::SeqCst);

@@ -17,6 +17,7 @@ pub(crate) mod cluster;
 pub mod config;
 pub mod engine;
 pub mod engine_threads;
+mod epochs;
 pub mod kv;
 pub mod observe;
 pub mod replication;

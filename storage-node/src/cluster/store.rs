@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use super::map::{self, Map};
 use super::types::{NodeId, RaftNode, TypeConfig};
+use crate::epochs::push_consecutive;
 
 /// File name of the Raft database in the data directory.
 pub const RAFT_FILE: &str = "raft.redb";
@@ -488,19 +489,7 @@ impl MapMachine {
                 map.iter().cloned().collect()
             });
             for next in applied {
-                if recent.back().is_some_and(|last| last.epoch >= next.epoch) {
-                    continue;
-                }
-                if recent
-                    .back()
-                    .is_some_and(|last| last.epoch + 1 != next.epoch)
-                {
-                    recent.clear();
-                }
-                if recent.len() == RECENT_MAPS {
-                    recent.pop_front();
-                }
-                recent.push_back(next);
+                push_consecutive(&mut recent, next, |m| m.epoch, RECENT_MAPS);
             }
         }
         self.maps.send_if_modified(|current| {

@@ -43,7 +43,7 @@ pub struct Acks {
     peers_changed: Mutex<Instant>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct PeerAck {
     /// (epoch, the seq acknowledged under it) of the peer's latest epochs,
     /// oldest first, at most [`KEPT_EPOCHS`].
@@ -158,13 +158,11 @@ impl Acks {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         ) < self.alive_for;
-        let latest: Vec<(u32, Option<PeerAck>)> = {
-            let known = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-            peers.iter().map(|p| (*p, known.get(p).cloned())).collect()
-        };
+        // `counts` takes no lock of this module's: it may run under `peers`.
+        let known = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let (mut acked, mut possible) = (1, 1);
-        for (peer, ack) in latest {
-            let Some(ack) = ack else {
+        for &peer in peers {
+            let Some(ack) = known.get(&peer) else {
                 possible += usize::from(newcomers_may_pull);
                 continue;
             };

@@ -41,6 +41,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::config::ReplicationConfig;
 use crate::engine::SinceIter;
+use crate::epochs::push_consecutive;
 use crate::status::{
     ACKS_METADATA, PRIMARY_METADATA, REQUIRED_ACKS_METADATA, WRITTEN_VERSION_METADATA,
 };
@@ -499,16 +500,7 @@ impl Replication {
     /// Keeps `new` in the history of consecutive placements.
     fn remember(&self, new: &Arc<Placement>) {
         let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
-        if history
-            .back()
-            .is_none_or(|last| last.epoch + 1 != new.epoch)
-        {
-            history.clear();
-        }
-        if history.len() == MAX_HISTORY {
-            history.pop_front();
-        }
-        history.push_back(Arc::clone(new));
+        push_consecutive(&mut history, Arc::clone(new), |p| p.epoch, MAX_HISTORY);
     }
 
     /// Updates what the puller of `peer` last saw.

@@ -68,6 +68,10 @@ pub enum ApiError {
         "the storage node stopped answering after it got the request; it may or may not have been applied"
     )]
     Interrupted,
+    /// Too few replicas of some range answered a request that needs a
+    /// majority of every range (a listing).
+    #[error("{0}")]
+    Incomplete(String),
     /// A cluster map change could not be committed: no Raft leader, no
     /// quorum of nodes, or no node reachable. It may still commit.
     #[error("{0}")]
@@ -121,6 +125,7 @@ impl ApiError {
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable
             | ApiError::Interrupted
+            | ApiError::Incomplete(_)
             | ApiError::ClusterUnavailable(_)
             | ApiError::WriteLevelNotMet { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
@@ -142,7 +147,9 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::TooLarge(_) => "too_large",
             ApiError::Overloaded => "overloaded",
-            ApiError::Unavailable | ApiError::Interrupted => "unavailable",
+            ApiError::Unavailable | ApiError::Interrupted | ApiError::Incomplete(_) => {
+                "unavailable"
+            }
             ApiError::ClusterUnavailable(_) => "cluster_unavailable",
             ApiError::WriteLevelNotMet { .. } => "write_level_not_met",
             ApiError::InsufficientStorage => "insufficient_storage",
@@ -172,6 +179,7 @@ impl ApiError {
             | ApiError::Conflict(_)
             | ApiError::IdempotencyKeyReused
             | ApiError::TooLarge(_)
+            | ApiError::Incomplete(_)
             | ApiError::ClusterUnavailable(_) => None,
         }
     }

@@ -26,6 +26,7 @@ use crate::app::{AppState, RequestId, read_body};
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::forward::{self, Access, Order};
+use crate::listing;
 use crate::params::{Query, key_from_path, validate_key};
 use crate::quorum;
 
@@ -244,9 +245,9 @@ pub async fn list(
         // The node reads one more itself to tell whether a next page exists.
         limit: u32::try_from(limit).unwrap_or(1000),
         include_values: false,
+        include_deleted: true,
     };
     let mut scans = tokio::task::JoinSet::new();
-    // Nodes still joining hold no range yet; the ring's nodes hold them all.
     for node in view.nodes.values().filter(|n| view.ring.contains(n.id)) {
         let (node, message, request_id) = (Arc::clone(node), message.clone(), request_id.clone());
         scans.spawn(async move {
@@ -258,31 +259,25 @@ pub async fn list(
             (node.id, answer)
         });
     }
-    let mut keys = BTreeSet::new();
-    let mut more = false;
-    let mut failed = 0usize;
+    let mut pages = Vec::new();
+    let mut answered = BTreeSet::new();
     while let Some(joined) = scans.join_next().await {
         match joined {
-            Ok((_, Ok(page))) => {
-                more |= page.next.is_some();
-                keys.extend(page.entries.into_iter().map(|e| e.key.to_vec()));
+            Ok((node, Ok(page))) => {
+                answered.insert(node);
+                pages.push(listing::NodePage {
+                    more: page.next.is_some(),
+                    entries: page.entries,
+                });
             }
             Ok((node, Err(error))) => {
                 tracing::debug!(node, %error, "a node did not answer the listing");
-                failed += 1;
             }
-            Err(_) => failed += 1,
+            Err(error) => tracing::error!(%error, "a listing scan failed"),
         }
     }
-    // With fewer failed nodes than replicas, every key range still had a
-    // replica answering; otherwise the page could silently miss keys.
-    let replicas = view.ring.replication_factor().min(view.ring.node_count());
-    if failed >= replicas.max(1) {
-        return Err(ApiError::Unavailable);
-    }
-    let limit = limit as usize;
-    more |= keys.len() > limit;
-    let page: Vec<Vec<u8>> = keys.into_iter().take(limit).collect();
+    listing::check_answered(&view.ring, &answered).map_err(ApiError::Incomplete)?;
+    let listing::Listed { keys: page, next } = listing::merge(pages, limit as usize);
     let encode = |key: &[u8]| -> Result<String, ApiError> {
         if base64 {
             return Ok(BASE64.encode(key));
@@ -294,10 +289,7 @@ pub async fn list(
             )
         })
     };
-    let next = match page.last() {
-        Some(last) if more => Some(encode(last)?),
-        _ => None,
-    };
+    let next = next.map(|key| encode(&key)).transpose()?;
     let keys = page
         .iter()
         .map(|k| encode(k))

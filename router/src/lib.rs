@@ -18,6 +18,7 @@ pub mod error;
 pub mod forward;
 pub mod idempotency;
 pub mod kv;
+pub mod listing;
 pub mod membership;
 pub mod nodes;
 pub mod params;

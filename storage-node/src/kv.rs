@@ -359,15 +359,18 @@ impl NodeCore {
         }
         let after = (!request.after.is_empty()).then_some(&request.after[..]);
         // One more than asked tells whether another page follows.
-        let mut entries = self
-            .engine
-            .scan(&request.prefix, after, limit + 1)
-            .map_err(|e| engine_status(&e))?;
+        let scanned = if request.include_deleted {
+            self.engine
+                .scan_including_deleted(&request.prefix, after, limit + 1)
+        } else {
+            self.engine.scan(&request.prefix, after, limit + 1)
+        };
+        let mut entries = scanned.map_err(|e| engine_status(&e))?;
         let more = entries.len() > limit;
         entries.truncate(limit);
         let mut page = Vec::with_capacity(entries.len());
         for entry in entries {
-            let value = if request.include_values {
+            let value = if request.include_values && !entry.deleted {
                 match self.engine.get(&entry.key).map_err(|e| engine_status(&e))? {
                     Some(value) => Bytes::from(value.value),
                     // Deleted since the scan read the keydir.
@@ -381,6 +384,7 @@ impl NodeCore {
                 version: Some(to_proto(entry.version)),
                 expires_at_ms: entry.expires_at.unwrap_or(0),
                 value,
+                deleted: entry.deleted,
             });
         }
         let next = if more {

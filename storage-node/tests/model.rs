@@ -393,6 +393,7 @@ impl<'a> Harness<'a> {
                     key: k.as_bytes().to_vec(),
                     version: l.version,
                     expires_at: l.expires_at,
+                    deleted: false,
                 })
             })
             .take(limit)

@@ -101,6 +101,7 @@ async fn a_cluster_client_can_put_get_delete_and_scan() {
         after: Bytes::from(after.to_string()),
         limit: 2,
         include_values: true,
+        include_deleted: false,
     };
     let first_page = kv.scan(page("")).await.unwrap().into_inner();
     let keys: Vec<_> = first_page.entries.iter().map(|e| e.key.clone()).collect();
@@ -130,6 +131,18 @@ async fn a_cluster_client_can_put_get_delete_and_scan() {
             .into_inner()
             .found
     );
+    // A listing across replicas compares deleted keys' versions too.
+    let with_deleted = ScanRequest {
+        include_deleted: true,
+        ..page("")
+    };
+    let entries = kv.scan(with_deleted).await.unwrap().into_inner().entries;
+    assert_eq!(entries[0].key, "fruit/apple");
+    assert!(entries[0].deleted && entries[0].value.is_empty());
+    assert_eq!(entries[0].version, deleted.version);
+    assert!(!entries[1].deleted);
+    let live = kv.scan(page("")).await.unwrap().into_inner().entries;
+    assert_eq!(live[0].key, "fruit/banana");
 
     node.stop().await.unwrap();
 }

@@ -581,6 +581,7 @@ impl TestCluster {
                     after: after.clone().into(),
                     limit: 1000,
                     include_values: true,
+                    include_deleted: false,
                 })
                 .await?
                 .into_inner();

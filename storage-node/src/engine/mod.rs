@@ -262,18 +262,42 @@ impl Engine {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<ScanEntry>, EngineError> {
+        Ok(self.scan_keydir(prefix, after, limit, false))
+    }
+
+    /// Like [`Engine::scan`], with the keys whose latest record is a
+    /// tombstone or an expired value (not yet merged away) too, marked
+    /// `deleted`: what a listing across replicas compares by version.
+    pub fn scan_including_deleted(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<ScanEntry>, EngineError> {
+        Ok(self.scan_keydir(prefix, after, limit, true))
+    }
+
+    fn scan_keydir(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        include_deleted: bool,
+    ) -> Vec<ScanEntry> {
         let now = self.inner.opts.clock.now_ms();
         let keydir = read(&self.inner.keydir);
-        Ok(keydir
+        keydir
             .range_from(prefix, after)
-            .filter(|(_, e)| e.is_live(now))
+            .map(|(k, e)| (k, e, !e.is_live(now)))
+            .filter(|&(_, _, deleted)| include_deleted || !deleted)
             .take(limit)
-            .map(|(k, e)| ScanEntry {
+            .map(|(k, e, deleted)| ScanEntry {
                 key: k.as_bytes().to_vec(),
                 version: e.version(),
                 expires_at: e.expiry(),
+                deleted,
             })
-            .collect())
+            .collect()
     }
 
     /// Every record with a seq above `seq` that is still its key's latest

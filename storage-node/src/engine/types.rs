@@ -92,6 +92,8 @@ pub struct ScanEntry {
     pub version: Version,
     /// Expiry, Unix milliseconds.
     pub expires_at: Option<u64>,
+    /// The latest version is a tombstone, or a value that has expired.
+    pub deleted: bool,
 }
 
 /// One record as stored, yielded by [`Engine::iter_since`](super::Engine::iter_since)

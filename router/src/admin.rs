@@ -67,6 +67,12 @@ pub async fn cluster(
                     "caught_up": s.ready,
                     "map_epoch": s.map_epoch,
                     "taking_over_epoch": s.taking_over_epoch,
+                    "anti_entropy": json!({
+                        "repaired": s.anti_entropy_repaired,
+                        "last_full_round_age_seconds":
+                            (s.anti_entropy_last_full_round_age_seconds >= 0.0)
+                                .then_some(s.anti_entropy_last_full_round_age_seconds),
+                    }),
                     "raft": s.raft.as_ref().map(|r| json!({
                         "role": r.role,
                         "term": r.term,

@@ -341,6 +341,12 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
             .replication
             .takeover_pending()
             .map_or(0, |(epoch, _, _)| epoch),
+        anti_entropy_repaired: core.replication.anti_entropy().repaired,
+        anti_entropy_last_full_round_age_seconds: core
+            .replication
+            .anti_entropy()
+            .last_full_round
+            .map_or(-1.0, |at| at.elapsed().as_secs_f64()),
         peers: core
             .replication
             .lag()

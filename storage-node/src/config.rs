@@ -278,6 +278,10 @@ pub struct ReplicationConfig {
     pub feed_bytes: usize,
     /// How often the catch-up cursors are made durable (default 1000 ms).
     pub cursor_sync_ms: u64,
+    /// How often this node compares the digests of the ranges it shares
+    /// with each peer and copies what differs (anti-entropy; default
+    /// 60000 ms, 0: never).
+    pub anti_entropy_interval_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -288,6 +292,7 @@ impl Default for ReplicationConfig {
             pull_max_records: 1000,
             feed_bytes: 32 << 20,
             cursor_sync_ms: 1000,
+            anti_entropy_interval_ms: 60_000,
         }
     }
 }

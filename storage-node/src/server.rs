@@ -38,7 +38,7 @@ use crate::observe::Observer;
 use crate::replication::cursors::Cursors;
 use crate::replication::feed::Feed;
 use crate::replication::service::ReplicationService;
-use crate::replication::{Replication, puller, takeover};
+use crate::replication::{Replication, antientropy, puller, takeover};
 
 /// The readiness the health service reports: the `Kv` service's name.
 const KV_SERVICE: &str = <KvServer<KvService> as tonic::server::NamedService>::NAME;
@@ -240,6 +240,11 @@ impl Node {
             stop_rx.clone(),
         ));
         let maps = tokio::spawn(follow_maps(Arc::clone(&core), stop_rx.clone()));
+        let anti_entropy = tokio::spawn(antientropy::run(
+            Arc::clone(&core),
+            tls.clone(),
+            stop_rx.clone(),
+        ));
         let leader = tokio::spawn(cluster::leader::run(
             Arc::clone(&core.cluster),
             initial,
@@ -330,6 +335,9 @@ impl Node {
         }
         if let Err(e) = takeovers.await {
             tracing::error!(error = %e, "takeover task failed");
+        }
+        if let Err(e) = anti_entropy.await {
+            tracing::error!(error = %e, "anti-entropy task failed");
         }
         close_engine(core).await
     }

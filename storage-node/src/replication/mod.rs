@@ -20,6 +20,7 @@
 //! through the engine.
 
 pub mod acks;
+pub mod antientropy;
 pub mod cursors;
 pub mod feed;
 pub mod handoff;
@@ -158,6 +159,15 @@ pub struct WritePlan {
     pub epoch: u64,
 }
 
+/// What anti-entropy did on this node since start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AntiEntropyStats {
+    /// Records copied from peers that were newer here.
+    pub repaired: u64,
+    /// When the last round that compared with every peer ended.
+    pub last_full_round: Option<Instant>,
+}
+
 /// How far this node is behind one peer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PeerLag {
@@ -237,6 +247,8 @@ pub struct Replication {
     drop_pending: Mutex<Option<u64>>,
     /// Peer id → lag, as the pullers last saw it.
     lag: Mutex<BTreeMap<u32, PeerLag>>,
+    /// What anti-entropy did.
+    anti_entropy: Mutex<AntiEntropyStats>,
     /// Peer id → the on-disk read of this node's log that peer's pulls are
     /// walking through (one per peer; a pull from elsewhere replaces it),
     /// and when it was last used.
@@ -286,6 +298,7 @@ impl Replication {
             takeover: RwLock::new(None),
             drop_pending: Mutex::new(None),
             lag: Mutex::new(BTreeMap::new()),
+            anti_entropy: Mutex::new(AntiEntropyStats::default()),
             sessions: Mutex::new(HashMap::new()),
             started: Instant::now(),
             incarnation: new_incarnation(),
@@ -507,6 +520,30 @@ impl Replication {
     pub fn note_lag(&self, peer: u32, update: impl FnOnce(&mut PeerLag)) {
         let mut lag = self.lag.lock().unwrap_or_else(PoisonError::into_inner);
         update(lag.entry(peer).or_default());
+    }
+
+    /// Anti-entropy copied `repaired` records that were newer here.
+    pub fn note_anti_entropy(&self, repaired: u64) {
+        self.anti_entropy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .repaired += repaired;
+    }
+
+    /// An anti-entropy round compared with every peer.
+    pub fn note_full_anti_entropy(&self) {
+        self.anti_entropy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last_full_round = Some(Instant::now());
+    }
+
+    /// What anti-entropy did since start.
+    pub fn anti_entropy(&self) -> AntiEntropyStats {
+        *self
+            .anti_entropy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Lag behind every peer pulled from.

@@ -18,12 +18,12 @@ use caskade_proto::{PullRequest, SnapshotRequest};
 use metrics::counter;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
-use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
 
 use super::Placement;
 use super::cursors::{Cursor, Reading};
-use super::service::{LOG_REPLACED_METADATA, apply, apply_received};
+use super::service::{LOG_REPLACED_METADATA, apply, apply_received, from_proto};
 use crate::engine::{Latest, Record};
 use crate::kv::NodeCore;
 
@@ -162,6 +162,50 @@ pub(crate) fn channel(addr: &str, tls: &TlsMaterial) -> Result<Channel, tonic::t
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect_lazy())
+}
+
+/// One page of a snapshot copy answers within this, or the copy fails.
+const COPY_PAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Records a snapshot copy received, and how many of them were newer here.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Copied {
+    /// Records received.
+    pub received: u64,
+    /// Records that were newer than what this node held.
+    pub applied: u64,
+}
+
+/// Copies every page of the snapshot `request` (its `after` is moved along)
+/// from the peer at `addr` and applies the records by last-writer-wins.
+/// Nothing is inferred from keys absent from the copy: that is the full
+/// catch-up's business ([`Puller`]), not a takeover's or anti-entropy's.
+pub(crate) async fn copy_snapshot(
+    core: &Arc<NodeCore>,
+    tls: &TlsMaterial,
+    addr: &str,
+    mut request: SnapshotRequest,
+) -> Result<Copied, Status> {
+    let channel = channel(addr, tls).map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut client = ReplicationClient::new(channel).max_decoding_message_size(usize::MAX);
+    let mut copied = Copied::default();
+    loop {
+        let page = tokio::time::timeout(COPY_PAGE_TIMEOUT, client.snapshot(request.clone()))
+            .await
+            .map_err(|_| Status::deadline_exceeded("snapshot page timed out"))??
+            .into_inner();
+        let records = page
+            .records
+            .into_iter()
+            .map(from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
+        copied.received += records.len() as u64;
+        copied.applied += apply(core, records).await? as u64;
+        match page.next {
+            Some(next) => request.after = next,
+            None => return Ok(copied),
+        }
+    }
 }
 
 /// Makes the cursors durable every `cursor_sync_ms`, and once more at the end.
@@ -428,7 +472,7 @@ impl Puller {
                 epoch: placement.epoch,
                 after: after.clone(),
                 max_records: replication.config.pull_max_records,
-                primary_only: false,
+                ..SnapshotRequest::default()
             };
             let page = self.client.snapshot(request).await?.into_inner();
             if infer_deletes && !page.complete {

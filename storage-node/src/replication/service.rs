@@ -15,14 +15,15 @@ use caskade_common::Version;
 use caskade_common::version::unix_millis;
 use caskade_proto::replication_server::Replication as ReplicationApi;
 use caskade_proto::{
-    ApplyRequest, ApplyResponse, PullRequest, PullResponse, ReplicatedRecord, SnapshotRequest,
-    SnapshotResponse,
+    ApplyRequest, ApplyResponse, DigestRequest, DigestResponse, PullRequest, PullResponse,
+    ReplicatedRecord, SnapshotRequest, SnapshotResponse,
 };
 use prost::bytes::Bytes;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::Placement;
+use super::antientropy::{self, MAX_BUCKETS};
 use super::feed::FeedRecord;
 use crate::engine::{Latest, Record, WriteOutcome};
 use crate::kv::{NodeCore, to_proto};
@@ -82,6 +83,33 @@ impl ReplicationApi for ReplicationService {
             let placement = puller_placement(&core, request.node_id, request.epoch)?;
             core.read(move |core| snapshot_page(core, &placement, &request))
                 .await
+        }
+        .instrument(call.span())
+        .await;
+        call.finish(result.map(Response::new))
+    }
+
+    async fn digest(
+        &self,
+        request: Request<DigestRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        let call = self.core.observer.start("Digest", request.metadata());
+        let request = request.into_inner();
+        let core = Arc::clone(&self.core);
+        let result = async move {
+            if !(1..=MAX_BUCKETS).contains(&request.buckets) {
+                return Err(Status::invalid_argument(format!(
+                    "{} buckets; 1 to {MAX_BUCKETS} are allowed",
+                    request.buckets
+                )));
+            }
+            let placement = puller_placement(&core, request.node_id, request.epoch)?;
+            let digests = core
+                .read(move |core| {
+                    antientropy::digests(core, &placement, request.node_id, request.buckets)
+                })
+                .await?;
+            Ok(DigestResponse { digests })
         }
         .instrument(call.span())
         .await;
@@ -341,6 +369,7 @@ fn snapshot_page(
         n => n.min(MAX_RECORDS),
     } as usize;
     let mut after = (!request.after.is_empty()).then(|| request.after.to_vec());
+    let buckets = antientropy::requested_buckets(request);
     let mut records = Vec::new();
     let mut examined = 0;
     let mut bytes = 0;
@@ -360,6 +389,9 @@ fn snapshot_page(
             examined += 1;
             let wanted = if request.primary_only {
                 placement.primary_of(&key) == Some(request.node_id)
+            } else if let Some((count, only)) = &buckets {
+                only.contains(&antientropy::bucket_of(&key, *count))
+                    && antientropy::shared(placement, core.id, request.node_id, &key)
             } else {
                 placement.ring.owns(request.node_id, &key)
             };

@@ -45,13 +45,10 @@ use caskade_common::Version;
 use caskade_common::tls::TlsMaterial;
 use caskade_common::version::unix_millis;
 use caskade_proto::SnapshotRequest;
-use caskade_proto::replication_client::ReplicationClient;
-use prost::bytes::Bytes;
 use tokio::sync::watch;
 use tonic::Status;
 
-use super::puller::channel;
-use super::service::apply_received;
+use super::puller::copy_snapshot;
 use super::{Placement, Replication};
 use crate::clock;
 use crate::kv::NodeCore;
@@ -59,8 +56,6 @@ use crate::kv::NodeCore;
 /// First pause after a failed copy; doubled up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// One page of a copy answers within this, or the copy is tried again.
-const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most map changes during one unfinished takeover whose placements are
 /// kept to tell the keys held; past that, every key is taken over again.
 const MAX_HELD_EPOCHS: usize = 64;
@@ -305,7 +300,7 @@ fn clock_floor() -> Version {
 }
 
 /// Copies from `peer` the latest record of every key this node is the
-/// primary of under `placement`; how many records.
+/// primary of under `placement`; how many records it received.
 async fn copy_from(
     core: &Arc<NodeCore>,
     tls: &TlsMaterial,
@@ -316,26 +311,12 @@ async fn copy_from(
         .addrs
         .get(&peer)
         .ok_or_else(|| Status::invalid_argument(format!("node {peer} is not in the map")))?;
-    let channel = channel(addr, tls).map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut client = ReplicationClient::new(channel).max_decoding_message_size(usize::MAX);
-    let mut after = Bytes::new();
-    let mut copied = 0;
-    loop {
-        let request = SnapshotRequest {
-            node_id: core.id,
-            epoch: placement.epoch,
-            after: after.clone(),
-            max_records: core.replication.config.pull_max_records,
-            primary_only: true,
-        };
-        let page = tokio::time::timeout(PAGE_TIMEOUT, client.snapshot(request))
-            .await
-            .map_err(|_| Status::deadline_exceeded("snapshot page timed out"))??
-            .into_inner();
-        copied += apply_received(core, page.records).await?;
-        match page.next {
-            Some(next) => after = next,
-            None => return Ok(copied),
-        }
-    }
+    let request = SnapshotRequest {
+        node_id: core.id,
+        epoch: placement.epoch,
+        max_records: core.replication.config.pull_max_records,
+        primary_only: true,
+        ..SnapshotRequest::default()
+    };
+    Ok(copy_snapshot(core, tls, addr, request).await?.received)
 }

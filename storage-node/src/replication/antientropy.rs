@@ -1,0 +1,240 @@
+//! Anti-entropy: the replicas of a range compare digests of what they hold
+//! and copy what differs. Replication alone relies on each coordinator to
+//! deliver its own writes (a caught-up puller takes from a peer only the
+//! records that peer coordinated), so a write that reached some replicas
+//! but not all (its coordinator crashed, or lost its unsynced tail, before
+//! a replica pulled it) would otherwise stay where it is.
+//!
+//! Every `anti_entropy_interval_ms` a node asks each peer that is up for
+//! the digests of the keys both replicate under the current epoch, split
+//! into [`BUCKETS`] buckets by a hash of the key. A bucket's digest is the
+//! XOR of a hash of (key, version) over each such key's latest record,
+//! tombstones and expired values included. The node computes its own, and
+//! for the buckets that differ copies the peer's latest records of those
+//! keys (`Snapshot` with `only_buckets`) and applies them: last writer
+//! wins, so only newer versions change anything. The peer does the same in
+//! its own rounds, so what this node holds newer reaches it too.
+//!
+//! Digests walk the keydir in pages (no data file is read; the keydir lock
+//! is taken once per page); a copy reads the records of differing buckets
+//! only. Deletes travel as tombstones like any record: nothing is deleted
+//! because a peer lacks a key.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use caskade_common::Version;
+use caskade_common::tls::TlsMaterial;
+use caskade_proto::replication_client::ReplicationClient;
+use caskade_proto::{DigestRequest, SnapshotRequest};
+use metrics::{counter, gauge};
+use tokio::sync::watch;
+use tonic::Status;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+use super::Placement;
+use super::puller::{channel, copy_snapshot};
+use crate::kv::NodeCore;
+use crate::status::engine_status;
+
+/// Buckets per exchange: a differing key costs copying its bucket's
+/// records, about 1/1024 of the keys two nodes share.
+pub const BUCKETS: u32 = 1024;
+/// Most buckets a peer may ask for.
+pub const MAX_BUCKETS: u32 = 1 << 16;
+/// Keydir entries read under one hold of its lock.
+const DIGEST_PAGE: usize = 4096;
+/// Seed of the bucket hash (the ring hashes keys unseeded).
+const BUCKET_SEED: u64 = 0x6361_736b_6164_6521;
+/// One digest answers within this.
+const DIGEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The bucket of `key` among `buckets`.
+pub fn bucket_of(key: &[u8], buckets: u32) -> u32 {
+    (xxh3_64_with_seed(key, BUCKET_SEED) % u64::from(buckets.max(1))) as u32
+}
+
+/// What one record adds to its bucket's digest.
+fn record_hash(key: &[u8], version: Version) -> u64 {
+    let mut bytes = Vec::with_capacity(key.len() + 12);
+    bytes.extend_from_slice(key);
+    bytes.extend_from_slice(&version.hlc.to_le_bytes());
+    bytes.extend_from_slice(&version.origin.to_le_bytes());
+    xxh3_64(&bytes)
+}
+
+/// Whether both `me` and `peer` replicate `key` under `placement`.
+pub fn shared(placement: &Placement, me: u32, peer: u32, key: &[u8]) -> bool {
+    placement.ring.owns(me, key) && placement.ring.owns(peer, key)
+}
+
+/// The digests, in `buckets` buckets, of the keys this node and `peer`
+/// both replicate under `placement`.
+pub fn digests(
+    core: &NodeCore,
+    placement: &Placement,
+    peer: u32,
+    buckets: u32,
+) -> Result<Vec<u64>, Status> {
+    let mut digests = vec![0u64; buckets as usize];
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = core
+            .engine
+            .scan_including_deleted(b"", after.as_deref(), DIGEST_PAGE)
+            .map_err(|e| engine_status(&e))?;
+        for entry in &page {
+            if shared(placement, core.id, peer, &entry.key) {
+                digests[bucket_of(&entry.key, buckets) as usize] ^=
+                    record_hash(&entry.key, entry.version);
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == DIGEST_PAGE => after = Some(last.key.clone()),
+            _ => return Ok(digests),
+        }
+    }
+}
+
+/// What one exchange with a peer found.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Exchange {
+    /// Buckets whose digests differed.
+    pub differing: usize,
+    /// Records copied from the peer that were newer here.
+    pub repaired: u64,
+}
+
+/// Compares the ranges shared with `peer` and copies what differs.
+async fn exchange(
+    core: &Arc<NodeCore>,
+    tls: &TlsMaterial,
+    placement: &Arc<Placement>,
+    peer: u32,
+) -> Result<Exchange, Status> {
+    let addr = placement
+        .addrs
+        .get(&peer)
+        .ok_or_else(|| Status::invalid_argument(format!("node {peer} is not in the map")))?;
+    let channel = channel(addr, tls).map_err(|e| Status::unavailable(e.to_string()))?;
+    let request = DigestRequest {
+        node_id: core.id,
+        epoch: placement.epoch,
+        buckets: BUCKETS,
+    };
+    let theirs = tokio::time::timeout(
+        DIGEST_TIMEOUT,
+        ReplicationClient::new(channel).digest(request),
+    )
+    .await
+    .map_err(|_| Status::deadline_exceeded("digest timed out"))??
+    .into_inner()
+    .digests;
+    let mine = {
+        let placement = Arc::clone(placement);
+        core.read(move |core| digests(core, &placement, peer, BUCKETS))
+            .await?
+    };
+    if theirs.len() != mine.len() {
+        return Err(Status::internal(format!(
+            "node {peer} answered {} digests for {BUCKETS} buckets",
+            theirs.len()
+        )));
+    }
+    let differing: Vec<u32> = (0..BUCKETS)
+        .filter(|&b| theirs[b as usize] != mine[b as usize])
+        .collect();
+    if differing.is_empty() {
+        return Ok(Exchange::default());
+    }
+    let request = SnapshotRequest {
+        node_id: core.id,
+        epoch: placement.epoch,
+        max_records: core.replication.config.pull_max_records,
+        buckets: BUCKETS,
+        only_buckets: differing.clone(),
+        ..SnapshotRequest::default()
+    };
+    let copied = copy_snapshot(core, tls, addr, request).await?;
+    Ok(Exchange {
+        differing: differing.len(),
+        repaired: copied.applied,
+    })
+}
+
+/// The buckets a snapshot request restricts itself to, if any.
+pub fn requested_buckets(request: &SnapshotRequest) -> Option<(u32, HashSet<u32>)> {
+    (request.buckets > 0).then(|| {
+        (
+            request.buckets,
+            request.only_buckets.iter().copied().collect(),
+        )
+    })
+}
+
+/// Runs anti-entropy rounds every `anti_entropy_interval_ms` until `stop`.
+pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receiver<bool>) {
+    let interval = core.replication.config.anti_entropy_interval_ms;
+    if interval == 0 {
+        return;
+    }
+    let period = Duration::from_millis(interval);
+    let node = core.id.to_string();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(placement) = core.replication.placement() else {
+            continue;
+        };
+        if !core.replication.is_ready() || !placement.ring.contains(core.id) {
+            continue;
+        }
+        let peers: Vec<u32> = placement
+            .peers_of(core.id)
+            .into_iter()
+            .filter(|p| placement.ring.contains(*p) && !placement.down.contains(p))
+            .collect();
+        let mut complete = true;
+        for peer in peers {
+            let result = tokio::select! {
+                result = exchange(&core, &tls, &placement, peer) => result,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let labels = [("node", node.clone()), ("peer", peer.to_string())];
+            match result {
+                Ok(found) => {
+                    counter!("caskade_node_anti_entropy_exchanges_total", &labels).increment(1);
+                    counter!("caskade_node_anti_entropy_buckets_differing_total", &labels)
+                        .increment(found.differing as u64);
+                    counter!("caskade_node_anti_entropy_keys_repaired_total", &labels)
+                        .increment(found.repaired);
+                    if found.repaired > 0 {
+                        tracing::info!(
+                            peer,
+                            buckets = found.differing,
+                            repaired = found.repaired,
+                            "anti-entropy copied records this node lacked"
+                        );
+                    }
+                    core.replication.note_anti_entropy(found.repaired);
+                }
+                Err(status) => {
+                    complete = false;
+                    counter!("caskade_node_anti_entropy_failures_total", &labels).increment(1);
+                    tracing::debug!(peer, error = %status.message(), "anti-entropy exchange failed");
+                }
+            }
+        }
+        if complete {
+            core.replication.note_full_anti_entropy();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            gauge!("caskade_node_anti_entropy_last_full_round_timestamp_seconds", "node" => node.clone())
+                .set(now);
+        }
+    }
+}

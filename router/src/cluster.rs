@@ -32,6 +32,9 @@ pub struct ClusterView {
     pub map: ClusterMap,
     /// The ring over the map's active nodes.
     pub ring: Ring,
+    /// Every distinct preference list of the ring (what a listing needs a
+    /// majority of), computed once per map.
+    pub preference_lists: Vec<Vec<u32>>,
     /// Every node of the map, by id.
     pub nodes: BTreeMap<u32, Arc<NodeHandle>>,
 }
@@ -136,7 +139,13 @@ impl Cluster {
             nodes = map.nodes.len(),
             "adopted cluster map"
         );
-        let view = Arc::new(ClusterView { map, ring, nodes });
+        let preference_lists = ring.preference_lists();
+        let view = Arc::new(ClusterView {
+            map,
+            ring,
+            preference_lists,
+            nodes,
+        });
         *self
             .view
             .write()

@@ -217,6 +217,7 @@ impl IntoResponse for ApiError {
             ApiError::Overloaded
             | ApiError::Unavailable
             | ApiError::Interrupted
+            | ApiError::Incomplete(_)
             | ApiError::ClusterUnavailable(_) => {
                 response
                     .headers_mut()

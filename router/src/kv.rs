@@ -246,6 +246,7 @@ pub async fn list(
         limit: u32::try_from(limit).unwrap_or(1000),
         include_values: false,
         include_deleted: true,
+        epoch: view.map.epoch,
     };
     let mut scans = tokio::task::JoinSet::new();
     for node in view.nodes.values().filter(|n| view.ring.contains(n.id)) {
@@ -266,8 +267,9 @@ pub async fn list(
             Ok((node, Ok(page))) => {
                 answered.insert(node);
                 pages.push(listing::NodePage {
-                    more: page.next.is_some(),
+                    node,
                     entries: page.entries,
+                    next: page.next.map(|next| next.to_vec()),
                 });
             }
             Ok((node, Err(error))) => {
@@ -276,8 +278,12 @@ pub async fn list(
             Err(error) => tracing::error!(%error, "a listing scan failed"),
         }
     }
-    listing::check_answered(&view.ring, &answered).map_err(ApiError::Incomplete)?;
-    let listing::Listed { keys: page, next } = listing::merge(pages, limit as usize);
+    listing::check_answered(&view.preference_lists, &answered).map_err(|refused| {
+        tracing::info!(answered = ?answered, "{refused}");
+        ApiError::Incomplete(refused)
+    })?;
+    let owns = |node, key: &[u8]| view.ring.owns(node, key);
+    let listing::Listed { keys: page, next } = listing::merge(pages, limit as usize, owns);
     let encode = |key: &[u8]| -> Result<String, ApiError> {
         if base64 {
             return Ok(BASE64.encode(key));

@@ -13,16 +13,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use caskade_common::ring::Ring;
 use caskade_proto::ScanEntry;
 
 /// One node's page of a listing scan.
 #[derive(Debug)]
 pub struct NodePage {
+    /// The node.
+    pub node: u32,
     /// Its entries in key order, deleted ones included.
     pub entries: Vec<ScanEntry>,
-    /// Whether the node has more after the last entry.
-    pub more: bool,
+    /// Where the node's next page starts (after this key), if it has more.
+    pub next: Option<Vec<u8>>,
 }
 
 /// A page of the listing.
@@ -35,46 +36,52 @@ pub struct Listed {
 }
 
 /// Refuses a listing that `answered` (the nodes whose pages came back)
-/// cannot vouch for: some range of `ring` has fewer than a majority of its
-/// replicas among them.
-pub fn check_answered(ring: &Ring, answered: &BTreeSet<u32>) -> Result<(), String> {
-    for list in ring.preference_lists() {
+/// cannot vouch for: some range, of the ring's `preference_lists`, has
+/// fewer than a majority of its replicas among them.
+pub fn check_answered(
+    preference_lists: &[Vec<u32>],
+    answered: &BTreeSet<u32>,
+) -> Result<(), String> {
+    for list in preference_lists {
         let needed = list.len() / 2 + 1;
         let got = list.iter().filter(|n| answered.contains(n)).count();
         if got < needed {
             return Err(format!(
-                "only {got} of the {needed} replicas needed for the range held by nodes \
-                 {list:?} answered; the listing could miss keys or list deleted ones"
+                "only {got} of the {needed} replicas needed for a key range answered the \
+                 listing; it could miss keys or list deleted ones"
             ));
         }
     }
     Ok(())
 }
 
-/// Merges the nodes' pages into at most `limit` live keys.
+/// Merges the nodes' pages into at most `limit` live keys; `owns(node,
+/// key)` tells whether a node replicates a key (a copy left on a node
+/// that no longer does has no say).
 ///
 /// Each page that has more stops at its last key, and keys past it may
 /// be on that node: only keys up to the smallest such last key are
 /// decided. The next page starts after the last key listed, or after that
 /// bound if fewer than `limit` live keys lie below it (a page may then hold
-/// fewer keys than `limit`, even none, while `next` is set).
-pub fn merge(pages: Vec<NodePage>, limit: usize) -> Listed {
-    let bound: Option<Vec<u8>> = pages
-        .iter()
-        .filter(|p| p.more)
-        .filter_map(|p| p.entries.last().map(|e| e.key.to_vec()))
-        .min();
+/// fewer keys than `limit`, even none, while `next` is set). Of two equal
+/// versions, the deleted one wins: nodes may disagree on whether a value
+/// has expired.
+pub fn merge(pages: Vec<NodePage>, limit: usize, owns: impl Fn(u32, &[u8]) -> bool) -> Listed {
+    let bound: Option<Vec<u8>> = pages.iter().filter_map(|p| p.next.clone()).min();
     let mut newest: BTreeMap<Vec<u8>, ((u64, u32), bool)> = BTreeMap::new();
-    for entry in pages.into_iter().flat_map(|p| p.entries) {
-        if bound.as_ref().is_some_and(|b| entry.key[..] > b[..]) {
-            continue;
-        }
-        let version = entry.version.map_or((0, 0), |v| (v.hlc, v.origin));
-        let seen = newest
-            .entry(entry.key.to_vec())
-            .or_insert((version, entry.deleted));
-        if version > seen.0 {
-            *seen = (version, entry.deleted);
+    for page in pages {
+        for entry in page.entries {
+            if bound.as_ref().is_some_and(|b| entry.key[..] > b[..]) || !owns(page.node, &entry.key)
+            {
+                continue;
+            }
+            let version = entry.version.map_or((0, 0), |v| (v.hlc, v.origin));
+            let seen = newest
+                .entry(entry.key.to_vec())
+                .or_insert((version, entry.deleted));
+            if (version, entry.deleted) > *seen {
+                *seen = (version, entry.deleted);
+            }
         }
     }
     let mut live = newest
@@ -93,6 +100,7 @@ pub fn merge(pages: Vec<NodePage>, limit: usize) -> Listed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use caskade_common::ring::Ring;
     use caskade_proto::Version;
 
     fn entry(key: &str, hlc: u64, deleted: bool) -> ScanEntry {
@@ -104,8 +112,18 @@ mod tests {
         }
     }
 
-    fn page(entries: Vec<ScanEntry>, more: bool) -> NodePage {
-        NodePage { entries, more }
+    /// Node `node`'s page; with `more`, its next page starts after its last entry.
+    fn page(node: u32, entries: Vec<ScanEntry>, more: bool) -> NodePage {
+        let next = more.then(|| entries.last().unwrap().key.to_vec());
+        NodePage {
+            node,
+            entries,
+            next,
+        }
+    }
+
+    fn merged(pages: Vec<NodePage>, limit: usize) -> Listed {
+        merge(pages, limit, |_, _| true)
     }
 
     fn keys(listed: &Listed) -> Vec<&str> {
@@ -118,12 +136,12 @@ mod tests {
 
     #[test]
     fn a_key_deleted_on_some_replicas_is_not_listed_from_a_stale_one() {
-        let listed = merge(
+        let listed = merged(
             vec![
-                page(vec![entry("a", 1, false), entry("k", 5, true)], false),
-                page(vec![entry("a", 1, false), entry("k", 5, true)], false),
+                page(1, vec![entry("a", 1, false), entry("k", 5, true)], false),
+                page(2, vec![entry("a", 1, false), entry("k", 5, true)], false),
                 // The third replica has not applied the delete yet.
-                page(vec![entry("a", 1, false), entry("k", 4, false)], false),
+                page(3, vec![entry("a", 1, false), entry("k", 4, false)], false),
             ],
             10,
         );
@@ -133,10 +151,10 @@ mod tests {
 
     #[test]
     fn a_value_written_after_a_delete_is_listed() {
-        let listed = merge(
+        let listed = merged(
             vec![
-                page(vec![entry("k", 5, true)], false),
-                page(vec![entry("k", 6, false)], false),
+                page(1, vec![entry("k", 5, true)], false),
+                page(2, vec![entry("k", 6, false)], false),
             ],
             10,
         );
@@ -144,13 +162,44 @@ mod tests {
     }
 
     #[test]
+    fn of_equal_versions_the_deleted_one_wins_whatever_the_order() {
+        for pages in [
+            vec![
+                page(1, vec![entry("k", 5, false)], false),
+                page(2, vec![entry("k", 5, true)], false),
+            ],
+            vec![
+                page(2, vec![entry("k", 5, true)], false),
+                page(1, vec![entry("k", 5, false)], false),
+            ],
+        ] {
+            assert!(merged(pages, 10).keys.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_copy_on_a_node_that_no_longer_replicates_the_key_has_no_say() {
+        let pages = vec![
+            page(1, vec![entry("a", 1, false)], false),
+            // Node 9 lost the range; the owners merged the delete away.
+            page(
+                9,
+                vec![entry("a", 1, false), entry("gone", 1, false)],
+                false,
+            ),
+        ];
+        let listed = merge(pages, 10, |node, _| node != 9);
+        assert_eq!(keys(&listed), ["a"]);
+    }
+
+    #[test]
     fn keys_past_a_full_page_of_one_node_wait_for_the_next_page() {
         // Node one stopped at "c": "d" may be deleted there, so it is not
         // decided on this page.
-        let listed = merge(
+        let listed = merged(
             vec![
-                page(vec![entry("a", 1, false), entry("c", 1, true)], true),
-                page(vec![entry("b", 1, false), entry("d", 1, false)], false),
+                page(1, vec![entry("a", 1, false), entry("c", 1, true)], true),
+                page(2, vec![entry("b", 1, false), entry("d", 1, false)], false),
             ],
             10,
         );
@@ -159,9 +208,24 @@ mod tests {
     }
 
     #[test]
-    fn a_page_ends_at_its_limit() {
-        let listed = merge(
+    fn a_page_of_deleted_keys_still_moves_on() {
+        let listed = merged(
             vec![page(
+                1,
+                vec![entry("a", 1, true), entry("b", 1, true)],
+                true,
+            )],
+            2,
+        );
+        assert!(listed.keys.is_empty());
+        assert_eq!(listed.next.as_deref(), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn a_page_ends_at_its_limit() {
+        let listed = merged(
+            vec![page(
+                1,
                 vec![
                     entry("a", 1, false),
                     entry("b", 1, false),
@@ -177,12 +241,12 @@ mod tests {
 
     #[test]
     fn a_listing_needs_a_majority_of_every_range() {
-        let ring = Ring::new(&[1, 2, 3, 4], 16, 3);
+        let lists = Ring::new(&[1, 2, 3, 4], 16, 3).preference_lists();
         let all: BTreeSet<u32> = [1, 2, 3, 4].into();
-        assert!(check_answered(&ring, &all).is_ok());
+        assert!(check_answered(&lists, &all).is_ok());
         let one_down: BTreeSet<u32> = [1, 2, 3].into();
-        assert!(check_answered(&ring, &one_down).is_ok());
+        assert!(check_answered(&lists, &one_down).is_ok());
         let two_down: BTreeSet<u32> = [1, 2].into();
-        assert!(check_answered(&ring, &two_down).is_err());
+        assert!(check_answered(&lists, &two_down).is_err());
     }
 }

@@ -360,6 +360,7 @@ impl NodeCore {
         let after = (!request.after.is_empty()).then_some(&request.after[..]);
         // One more than asked tells whether another page follows.
         let scanned = if request.include_deleted {
+            self.replication.check_listing(request.epoch)?;
             self.engine
                 .scan_including_deleted(&request.prefix, after, limit + 1)
         } else {

@@ -101,7 +101,7 @@ async fn a_cluster_client_can_put_get_delete_and_scan() {
         after: Bytes::from(after.to_string()),
         limit: 2,
         include_values: true,
-        include_deleted: false,
+        ..ScanRequest::default()
     };
     let first_page = kv.scan(page("")).await.unwrap().into_inner();
     let keys: Vec<_> = first_page.entries.iter().map(|e| e.key.clone()).collect();

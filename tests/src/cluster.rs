@@ -582,6 +582,7 @@ impl TestCluster {
                     limit: 1000,
                     include_values: true,
                     include_deleted: false,
+                    epoch: 0,
                 })
                 .await?
                 .into_inner();

@@ -139,6 +139,49 @@ impl Replication {
         }
     }
 
+    /// Refuses a listing scan (one that compares deleted keys across
+    /// replicas) made under a router's map `epoch` whose ring is not this
+    /// node's, or while this node is still receiving ranges it did not hold
+    /// before: its page could then hold keys of others' ranges, or miss
+    /// keys of its own.
+    pub fn check_listing(&self, epoch: u64) -> Result<(), Status> {
+        if let Some(p) = self.placement()
+            && epoch != 0
+            && !(p.ring_epoch..=p.epoch).contains(&epoch)
+        {
+            return Err(Status::aborted(format!(
+                "listing under cluster map epoch {epoch}, but this node's ring is the one of \
+                 epochs {} to {}",
+                p.ring_epoch, p.epoch
+            )));
+        }
+        if self.receiving_ranges() {
+            return Err(Status::unavailable(
+                "this node is still receiving ranges it did not hold before",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the ring change being pulled for gave this node ranges it did
+    /// not hold before. Nodes added to a ring only take ranges from others
+    /// (a preference list gains the new node and drops its last one), so
+    /// only removals and changes of the replication factor or vnodes do.
+    fn receiving_ranges(&self) -> bool {
+        let handoff = self.handoff.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(h) = handoff.as_ref() else {
+            return false;
+        };
+        let (Some(before), Some(now)) = (&h.before, self.placement()) else {
+            return true;
+        };
+        let ((old_members, old_rf, old_vnodes), (new_members, new_rf, new_vnodes)) =
+            (&before.shape, &now.shape);
+        !(old_rf == new_rf
+            && old_vnodes == new_vnodes
+            && old_members.iter().all(|m| new_members.contains(m)))
+    }
+
     /// Whether `peer` has not been pulled from to its end since its cursor
     /// went back to 0: pulls ask it for every record, not just its own.
     pub fn is_refilling(&self, peer: u32) -> bool {

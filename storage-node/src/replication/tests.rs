@@ -14,12 +14,17 @@ use crate::config::ReplicationConfig;
 const ME: u32 = 1;
 
 fn map(epoch: u64, down: &[u32]) -> ClusterMap {
+    map_of(epoch, &[1, 2, 3], down)
+}
+
+fn map_of(epoch: u64, nodes: &[u32], down: &[u32]) -> ClusterMap {
     ClusterMap {
         epoch,
         replication_factor: 3,
         vnodes_per_node: 16,
-        nodes: (1..=3)
-            .map(|id| ClusterNode {
+        nodes: nodes
+            .iter()
+            .map(|&id| ClusterNode {
                 id,
                 addr: format!("127.0.0.1:{}", 7000 + id),
                 state: NodeState::Active.into(),
@@ -111,4 +116,32 @@ fn a_lease_confirmed_under_an_earlier_epoch_holds_only_for_keys_that_kept_their_
     assert!(r.check_lease(3, &key, &replicas).is_err());
     r.confirm(3, 3, Instant::now());
     assert!(r.check_lease(3, &key, &replicas).is_ok());
+}
+
+#[test]
+fn a_listing_is_served_only_on_the_routers_ring_and_with_every_range_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replication(&dir, &map_of(1, &[1, 2, 3, 4], &[]));
+    r.mark_started();
+    assert!(r.check_listing(1).is_ok());
+    assert!(r.check_listing(0).is_ok(), "no epoch: no check");
+    // Node 4 is removed: node 1 gains ranges and pulls them.
+    r.set_map(&map_of(2, &[1, 2, 3], &[]));
+    let refused = r.check_listing(2).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(r.check_listing(1).unwrap_err().code(), tonic::Code::Aborted);
+
+    // Node 4 added: node 1 only gives ranges away.
+    let dir = tempfile::tempdir().unwrap();
+    let r = replication(&dir, &map(1, &[]));
+    r.mark_started();
+    r.set_map(&map_of(2, &[1, 2, 3, 4], &[]));
+    assert!(r.check_listing(2).is_ok());
+    // A map change that keeps the ring: both epochs have its ring.
+    r.set_map(&map_of(3, &[1, 2, 3, 4], &[4]));
+    assert!(r.check_listing(2).is_ok() && r.check_listing(3).is_ok());
+    assert!(
+        r.check_listing(4).is_err(),
+        "a ring this node has not adopted"
+    );
 }

@@ -30,6 +30,7 @@ use crate::engine::{
     Condition, DeleteOptions, Engine, EngineError, Latest, PutOptions, WriteOutcome,
 };
 use crate::engine_threads::EngineThreads;
+use crate::key_locks::KeyLocks;
 use crate::observe::Observer;
 use crate::replication::{Replication, WritePlan, level_not_met};
 use crate::status::engine_status;
@@ -67,6 +68,8 @@ pub struct NodeCore {
     pub maps: Arc<ClusterMapStore>,
     /// The cluster map's Raft group.
     pub cluster: Arc<Cluster>,
+    /// One write of a key at a time, until it is replicated.
+    pub key_locks: KeyLocks,
 }
 
 impl NodeCore {
@@ -171,6 +174,8 @@ impl Kv for KvService {
         let request = request.into_inner();
         let result = async {
             self.serving()?;
+            let key = request.key.clone();
+            let _key = self.core.key_locks.lock([&key[..]]).await;
             let (mut response, pending) = self.core.write(move |core| core.put(&request)).await?;
             response.acks = self.replicated(&pending).await?;
             Ok(response)
@@ -188,6 +193,8 @@ impl Kv for KvService {
         let request = request.into_inner();
         let result = async {
             self.serving()?;
+            let key = request.key.clone();
+            let _key = self.core.key_locks.lock([&key[..]]).await;
             let (mut response, pending) =
                 self.core.write(move |core| core.delete(&request)).await?;
             response.acks = self.replicated(&pending).await?;
@@ -219,6 +226,20 @@ impl Kv for KvService {
         let result = async {
             self.serving()?;
             validate_batch(&request)?;
+            let written: Vec<Bytes> = request
+                .ops
+                .iter()
+                .filter_map(|op| match &op.op {
+                    Some(Op::Put(put)) => Some(put.key.clone()),
+                    Some(Op::Delete(delete)) => Some(delete.key.clone()),
+                    _ => None,
+                })
+                .collect();
+            let _keys = self
+                .core
+                .key_locks
+                .lock(written.iter().map(|key| &key[..]))
+                .await;
             let (mut results, pending) =
                 self.core.write(move |core| Ok(core.batch(request))).await?;
             // Every write of the batch is applied here; now wait for their

@@ -33,6 +33,7 @@ use crate::config::InitialMembers;
 use crate::config::{DurabilityMode, NodeConfig};
 use crate::engine::{Engine, EngineError, FsyncObserver};
 use crate::engine_threads::EngineThreads;
+use crate::key_locks::KeyLocks;
 use crate::kv::{KvService, NodeCore};
 use crate::observe::Observer;
 use crate::replication::cursors::Cursors;
@@ -145,6 +146,7 @@ impl Node {
             replication,
             maps: Arc::new(map),
             cluster,
+            key_locks: KeyLocks::default(),
         });
         Ok(Node {
             config,

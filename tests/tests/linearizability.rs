@@ -47,9 +47,11 @@ fn policy() -> NodePolicy {
     }
 }
 
-/// Failover after 1 s without answers.
+/// Failover after 1 s without answers; anti-entropy rounds every 300 ms,
+/// so that they run under the faults too.
 fn quick_failover(config: &mut caskade_node::NodeConfig) {
     config.cluster.failover_after_ms = 1000;
+    config.replication.anti_entropy_interval_ms = 300;
 }
 
 /// How a client's request ended, for the history.

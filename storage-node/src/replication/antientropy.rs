@@ -19,6 +19,14 @@
 //! is taken once per page); a copy reads the records of differing buckets
 //! only. Deletes travel as tombstones like any record: nothing is deleted
 //! because a peer lacks a key.
+//!
+//! Older than the tombstone retention, nothing is repaired onto a node
+//! that holds no record of the key: merges drop tombstones and expired
+//! values after the retention, at different times on different nodes, so
+//! such a node may have deleted the key and dropped the tombstone, and an
+//! old value copied back would undo the delete. The digests leave those
+//! old deletes out for the same reason (both sides use the asker's
+//! cutoff), so that merges do not make digests differ for good.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -26,6 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use caskade_common::Version;
 use caskade_common::tls::TlsMaterial;
+use caskade_common::version::unix_millis;
 use caskade_proto::replication_client::ReplicationClient;
 use caskade_proto::{DigestRequest, SnapshotRequest};
 use metrics::{counter, gauge};
@@ -35,6 +44,8 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::Placement;
 use super::puller::{channel, copy_snapshot};
+use super::service::MAX_CLOCK_AHEAD_MS;
+use crate::engine::{Record, WriteOutcome};
 use crate::kv::NodeCore;
 use crate::status::engine_status;
 
@@ -71,11 +82,14 @@ pub fn shared(placement: &Placement, me: u32, peer: u32, key: &[u8]) -> bool {
 
 /// The digests, in `buckets` buckets, of the keys this node and `peer`
 /// both replicate under `placement`.
+/// Deletes and expired values with versions before `retired_before_ms`
+/// are left out.
 pub fn digests(
     core: &NodeCore,
     placement: &Placement,
     peer: u32,
     buckets: u32,
+    retired_before_ms: u64,
 ) -> Result<Vec<u64>, Status> {
     let mut digests = vec![0u64; buckets as usize];
     let mut after: Option<Vec<u8>> = None;
@@ -85,7 +99,8 @@ pub fn digests(
             .scan_including_deleted(b"", after.as_deref(), DIGEST_PAGE)
             .map_err(|e| engine_status(&e))?;
         for entry in &page {
-            if shared(placement, core.id, peer, &entry.key) {
+            let retired = entry.deleted && entry.version.physical_ms() < retired_before_ms;
+            if !retired && shared(placement, core.id, peer, &entry.key) {
                 digests[bucket_of(&entry.key, buckets) as usize] ^=
                     record_hash(&entry.key, entry.version);
             }
@@ -118,10 +133,13 @@ async fn exchange(
         .get(&peer)
         .ok_or_else(|| Status::invalid_argument(format!("node {peer} is not in the map")))?;
     let channel = channel(addr, tls).map_err(|e| Status::unavailable(e.to_string()))?;
+    let retention = core.engine.tombstone_retention().as_millis() as u64;
+    let cutoff = unix_millis().saturating_sub(retention);
     let request = DigestRequest {
         node_id: core.id,
         epoch: placement.epoch,
         buckets: BUCKETS,
+        retired_before_ms: cutoff,
     };
     let theirs = tokio::time::timeout(
         DIGEST_TIMEOUT,
@@ -133,7 +151,7 @@ async fn exchange(
     .digests;
     let mine = {
         let placement = Arc::clone(placement);
-        core.read(move |core| digests(core, &placement, peer, BUCKETS))
+        core.read(move |core| digests(core, &placement, peer, BUCKETS, cutoff))
             .await?
     };
     if theirs.len() != mine.len() {
@@ -156,11 +174,79 @@ async fn exchange(
         only_buckets: differing.clone(),
         ..SnapshotRequest::default()
     };
-    let copied = copy_snapshot(core, tls, addr, request).await?;
+    let epoch = placement.epoch;
+    let copied = copy_snapshot(tls, addr, request, |records| {
+        let core = Arc::clone(core);
+        async move {
+            core.write(move |core| apply_repairs(core, epoch, cutoff, records))
+                .await
+        }
+    })
+    .await?;
     Ok(Exchange {
         differing: differing.len(),
         repaired: copied.applied,
     })
+}
+
+/// Refuses to take part in an exchange while this node does not hold all
+/// of its ranges (catching up after a start, or receiving ranges): a key
+/// it still holds that the others deleted, with the tombstone merged away
+/// since, would otherwise be copied back to them.
+pub fn check_holds_all_ranges(core: &NodeCore) -> Result<(), Status> {
+    if core.replication.is_ready() && core.replication.holds_all_ranges() {
+        Ok(())
+    } else {
+        Err(Status::unavailable(
+            "this node does not hold all of its ranges yet; no anti-entropy exchange",
+        ))
+    }
+}
+
+/// Applies records an exchange under map `epoch` copied, by
+/// last-writer-wins; how many were newer here. The exchange stops if the
+/// map changed (its ranges may have); records of keys this node does not
+/// replicate with the peer are left out, so are versions far ahead of this
+/// node's clock, and so are records older than `cutoff` of keys this node
+/// holds no record of (see the module documentation).
+fn apply_repairs(
+    core: &NodeCore,
+    epoch: u64,
+    cutoff: u64,
+    records: Vec<Record>,
+) -> Result<usize, Status> {
+    let _placement = core.replication.hold_placement();
+    let placement = core
+        .replication
+        .placement()
+        .filter(|p| p.epoch == epoch)
+        .ok_or_else(|| Status::aborted("the cluster map changed during the exchange"))?;
+    let ahead = unix_millis().saturating_add(MAX_CLOCK_AHEAD_MS);
+    let mut wanted = Vec::with_capacity(records.len());
+    for record in records {
+        let physical = record.version.physical_ms();
+        if !placement.ring.owns(core.id, &record.key) || physical > ahead {
+            continue;
+        }
+        if physical < cutoff
+            && core
+                .engine
+                .latest(&record.key)
+                .map_err(|e| engine_status(&e))?
+                .is_none()
+        {
+            continue;
+        }
+        wanted.push(record);
+    }
+    if let Some(newest) = wanted.iter().map(|r| r.version).max() {
+        core.hlc.observe(newest);
+    }
+    let outcomes = core.engine.apply(wanted).map_err(|e| engine_status(&e))?;
+    Ok(outcomes
+        .iter()
+        .filter(|o| matches!(o, WriteOutcome::Applied { .. }))
+        .count())
 }
 
 /// The buckets a snapshot request restricts itself to, if any.
@@ -173,6 +259,14 @@ pub fn requested_buckets(request: &SnapshotRequest) -> Option<(u32, HashSet<u32>
     })
 }
 
+/// Up to half of `period`, different at every call.
+fn jitter(period: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    period.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
+
 /// Runs anti-entropy rounds every `anti_entropy_interval_ms` until `stop`.
 pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receiver<bool>) {
     let interval = core.replication.config.anti_entropy_interval_ms;
@@ -181,15 +275,18 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
     }
     let period = Duration::from_millis(interval);
     let node = core.id.to_string();
+    // Nodes started together do not all walk their keydirs at once.
+    let mut next = period + jitter(period);
     loop {
         tokio::select! {
-            () = tokio::time::sleep(period) => {}
+            () = tokio::time::sleep(next) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        next = period;
         let Some(placement) = core.replication.placement() else {
             continue;
         };
-        if !core.replication.is_ready() || !placement.ring.contains(core.id) {
+        if check_holds_all_ranges(&core).is_err() || !placement.ring.contains(core.id) {
             continue;
         }
         let peers: Vec<u32> = placement

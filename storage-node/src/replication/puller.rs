@@ -8,6 +8,7 @@
 //! nothing to give, and waiting for it would keep a restarting cluster down).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -177,15 +178,20 @@ pub struct Copied {
 }
 
 /// Copies every page of the snapshot `request` (its `after` is moved along)
-/// from the peer at `addr` and applies the records by last-writer-wins.
-/// Nothing is inferred from keys absent from the copy: that is the full
-/// catch-up's business ([`Puller`]), not a takeover's or anti-entropy's.
-pub(crate) async fn copy_snapshot(
-    core: &Arc<NodeCore>,
+/// from the peer at `addr` and hands each page's records to `apply_page`,
+/// which answers how many were newer here. Nothing is inferred from keys
+/// absent from the copy: that is the full catch-up's business
+/// ([`Puller`]), not a takeover's or anti-entropy's.
+pub(crate) async fn copy_snapshot<F, Fut>(
     tls: &TlsMaterial,
     addr: &str,
     mut request: SnapshotRequest,
-) -> Result<Copied, Status> {
+    apply_page: F,
+) -> Result<Copied, Status>
+where
+    F: Fn(Vec<Record>) -> Fut,
+    Fut: Future<Output = Result<usize, Status>>,
+{
     let channel = channel(addr, tls).map_err(|e| Status::unavailable(e.to_string()))?;
     let mut client = ReplicationClient::new(channel).max_decoding_message_size(usize::MAX);
     let mut copied = Copied::default();
@@ -200,7 +206,7 @@ pub(crate) async fn copy_snapshot(
             .map(from_proto)
             .collect::<Result<Vec<_>, _>>()?;
         copied.received += records.len() as u64;
-        copied.applied += apply(core, records).await? as u64;
+        copied.applied += apply_page(records).await? as u64;
         match page.next {
             Some(next) => request.after = next,
             None => return Ok(copied),

@@ -45,7 +45,7 @@ const MAX_APPLY_RECORDS: usize = 1000;
 const MAX_ANSWER_BYTES: usize = 8 << 20;
 /// How far ahead of this node's clock a repaired record's version may be: a
 /// version far in the future would drag this node's clock along with it.
-const MAX_CLOCK_AHEAD_MS: u64 = 10 * 60 * 1000;
+pub const MAX_CLOCK_AHEAD_MS: u64 = 10 * 60 * 1000;
 pub use caskade_proto::metadata::LOG_REPLACED as LOG_REPLACED_METADATA;
 
 /// The `Replication` service.
@@ -104,9 +104,16 @@ impl ReplicationApi for ReplicationService {
                 )));
             }
             let placement = puller_placement(&core, request.node_id, request.epoch)?;
+            antientropy::check_holds_all_ranges(&core)?;
             let digests = core
                 .read(move |core| {
-                    antientropy::digests(core, &placement, request.node_id, request.buckets)
+                    antientropy::digests(
+                        core,
+                        &placement,
+                        request.node_id,
+                        request.buckets,
+                        request.retired_before_ms,
+                    )
                 })
                 .await?;
             Ok(DigestResponse { digests })
@@ -370,6 +377,9 @@ fn snapshot_page(
     } as usize;
     let mut after = (!request.after.is_empty()).then(|| request.after.to_vec());
     let buckets = antientropy::requested_buckets(request);
+    if buckets.is_some() {
+        antientropy::check_holds_all_ranges(core)?;
+    }
     let mut records = Vec::new();
     let mut examined = 0;
     let mut bytes = 0;

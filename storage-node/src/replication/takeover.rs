@@ -49,6 +49,7 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use super::puller::copy_snapshot;
+use super::service::apply;
 use super::{Placement, Replication};
 use crate::clock;
 use crate::kv::NodeCore;
@@ -318,5 +319,6 @@ async fn copy_from(
         primary_only: true,
         ..SnapshotRequest::default()
     };
-    Ok(copy_snapshot(core, tls, addr, request).await?.received)
+    let copied = copy_snapshot(tls, addr, request, |records| apply(core, records)).await?;
+    Ok(copied.received)
 }

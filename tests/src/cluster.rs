@@ -652,6 +652,30 @@ impl TestCluster {
         ))
     }
 
+    /// Gives node `id` alone a record of `key` (`None`: a tombstone) with
+    /// `version`, as a repair would; how many records it applied.
+    pub async fn apply_on(
+        &self,
+        id: u32,
+        key: &str,
+        value: Option<&str>,
+        version: caskade_proto::Version,
+    ) -> anyhow::Result<u32> {
+        let record = caskade_proto::ReplicatedRecord {
+            key: key.as_bytes().to_vec().into(),
+            value: value.unwrap_or_default().as_bytes().to_vec().into(),
+            tombstone: value.is_none(),
+            version: Some(version),
+            expires_at_ms: 0,
+        };
+        let request = caskade_proto::ApplyRequest {
+            records: vec![record],
+            epoch: 0,
+        };
+        let mut client = self.node_replication(id).await?;
+        Ok(client.apply(request).await?.into_inner().applied)
+    }
+
     /// Node `id`'s own answer to a readiness check: `Some(true)` serving,
     /// `Some(false)` not serving (catching up, stopping), `None` no answer.
     pub async fn node_serving(&self, id: u32) -> Option<bool> {

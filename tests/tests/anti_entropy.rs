@@ -9,7 +9,6 @@ use std::time::Duration;
 use caskade_common::Version;
 use caskade_common::version::unix_millis;
 use caskade_node::NodeConfig;
-use caskade_proto::{ApplyRequest, ReplicatedRecord};
 use caskade_router::config::NodePolicy;
 use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
 
@@ -20,36 +19,13 @@ fn often(config: &mut NodeConfig) {
     config.replication.anti_entropy_interval_ms = 200;
 }
 
-/// A record of `key` as node `origin` would have coordinated it.
-fn record(key: &str, value: Option<&str>, origin: u32) -> ReplicatedRecord {
+/// A version of node `origin`, now.
+fn version_of(origin: u32) -> caskade_proto::Version {
     let version = Version::from_parts(unix_millis(), 0, origin);
-    ReplicatedRecord {
-        key: key.as_bytes().to_vec().into(),
-        value: value.unwrap_or_default().as_bytes().to_vec().into(),
-        tombstone: value.is_none(),
-        version: Some(caskade_proto::Version {
-            hlc: version.hlc,
-            origin: version.origin,
-        }),
-        expires_at_ms: 0,
+    caskade_proto::Version {
+        hlc: version.hlc,
+        origin: version.origin,
     }
-}
-
-/// Puts `record` on node `id` only.
-async fn apply_on(tc: &TestCluster, id: u32, record: ReplicatedRecord) {
-    let applied = tc
-        .node_replication(id)
-        .await
-        .unwrap()
-        .apply(ApplyRequest {
-            records: vec![record],
-            epoch: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .applied;
-    assert_eq!(applied, 1);
 }
 
 /// Waits until every node holds `value` for `key` (`None`: no live value).
@@ -85,10 +61,12 @@ async fn a_record_on_one_replica_reaches_the_others_and_so_does_a_delete() {
     // pulled it: only the first holds it, and the others' pulls from the
     // first skip records that node did not coordinate. Only anti-entropy
     // can bring it to them.
-    apply_on(&tc, ids[0], record("stranded", Some("only here"), GONE)).await;
+    let planted = tc.apply_on(ids[0], "stranded", Some("only here"), version_of(GONE));
+    assert_eq!(planted.await.unwrap(), 1);
     everywhere(&tc, "stranded", Some("only here")).await;
 
-    apply_on(&tc, ids[1], record("stranded", None, GONE)).await;
+    let planted = tc.apply_on(ids[1], "stranded", None, version_of(GONE));
+    assert_eq!(planted.await.unwrap(), 1);
     everywhere(&tc, "stranded", None).await;
 
     // Without anti-entropy (interval 0) the value never reaches every

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use caskade_proto::{ApplyRequest, GetRequest, ReplicatedRecord, Version};
+use caskade_proto::{GetRequest, Version};
 use caskade_router::config::NodePolicy;
 use caskade_tests::cluster::{
     ClusterSpec, NodeCopy, TestCluster, deletes_merge_away, full_catch_ups, poll_until,
@@ -99,35 +99,6 @@ fn just_after(response: &reqwest::Response) -> Version {
         hlc: hlc.parse::<u64>().unwrap() + 1,
         origin: 99,
     }
-}
-
-/// Gives node `id` alone a record of `key` (`None`: a tombstone) with
-/// `version`, as a repair would; how many records it applied.
-async fn apply_on(
-    tc: &TestCluster,
-    id: u32,
-    key: &str,
-    value: Option<&str>,
-    version: Version,
-) -> u32 {
-    let record = ReplicatedRecord {
-        key: key.as_bytes().to_vec().into(),
-        value: value.unwrap_or_default().as_bytes().to_vec().into(),
-        tombstone: value.is_none(),
-        version: Some(version),
-        expires_at_ms: 0,
-    };
-    tc.node_replication(id)
-        .await
-        .unwrap()
-        .apply(ApplyRequest {
-            records: vec![record],
-            epoch: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .applied
 }
 
 async fn get_level(tc: &TestCluster, key: &str, r: &str) -> reqwest::Response {
@@ -247,7 +218,10 @@ async fn quorum_reads_return_the_newest_copy_and_repair_stale_replicas() {
     // A newer version on A only. Its origin is no node of the cluster, so
     // live replication (which forwards a node's own writes) leaves it there.
     let newer = just_after(&response);
-    let applied = apply_on(&tc, a, "repaired", Some("new"), newer).await;
+    let applied = tc
+        .apply_on(a, "repaired", Some("new"), newer)
+        .await
+        .unwrap();
     assert_eq!(applied, 1);
     assert_eq!(node_value(&tc, b, "repaired").await.unwrap().0, "old");
 
@@ -271,7 +245,9 @@ async fn quorum_reads_return_the_newest_copy_and_repair_stale_replicas() {
     let gone = &tc.keys_where("gone", 1, |list| list[0] != c)[0];
     let response = tc.put_level(gone, "x", "quorum").await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    apply_on(&tc, a, gone, None, just_after(&response)).await;
+    tc.apply_on(a, gone, None, just_after(&response))
+        .await
+        .unwrap();
     let response = get_level(&tc, gone, "quorum").await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     poll_until("B to learn of the delete", NOTICE_DEADLINE, || async {

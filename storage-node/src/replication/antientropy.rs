@@ -44,8 +44,8 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::Placement;
 use super::puller::{channel, copy_snapshot};
-use super::service::MAX_CLOCK_AHEAD_MS;
-use crate::engine::{Record, WriteOutcome};
+use super::service::{MAX_CLOCK_AHEAD_MS, apply_now};
+use crate::engine::Record;
 use crate::kv::NodeCore;
 use crate::status::engine_status;
 
@@ -239,14 +239,7 @@ fn apply_repairs(
         }
         wanted.push(record);
     }
-    if let Some(newest) = wanted.iter().map(|r| r.version).max() {
-        core.hlc.observe(newest);
-    }
-    let outcomes = core.engine.apply(wanted).map_err(|e| engine_status(&e))?;
-    Ok(outcomes
-        .iter()
-        .filter(|o| matches!(o, WriteOutcome::Applied { .. }))
-        .count())
+    apply_now(core, wanted)
 }
 
 /// The buckets a snapshot request restricts itself to, if any.

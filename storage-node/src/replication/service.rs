@@ -168,13 +168,17 @@ pub async fn apply(core: &Arc<NodeCore>, records: Vec<Record>) -> Result<usize, 
     if records.is_empty() {
         return Ok(0);
     }
+    core.write(move |core| apply_now(core, records)).await
+}
+
+/// Applies records written elsewhere, on this thread; how many were newer
+/// than what this node held.
+pub(super) fn apply_now(core: &NodeCore, records: Vec<Record>) -> Result<usize, Status> {
     if let Some(newest) = records.iter().map(|r| r.version).max() {
         // Versions this node assigns from now on must beat what it has seen.
         core.hlc.observe(newest);
     }
-    let outcomes = core
-        .write(move |core| core.engine.apply(records).map_err(|e| engine_status(&e)))
-        .await?;
+    let outcomes = core.engine.apply(records).map_err(|e| engine_status(&e))?;
     Ok(outcomes
         .iter()
         .filter(|o| matches!(o, WriteOutcome::Applied { .. }))
@@ -219,14 +223,7 @@ fn repair(core: &NodeCore, epoch: u64, records: Vec<Record>) -> Result<usize, St
         .into_iter()
         .filter(|r| core.replication.check_replica(&r.key).is_ok())
         .collect();
-    if let Some(newest) = records.iter().map(|r| r.version).max() {
-        core.hlc.observe(newest);
-    }
-    let outcomes = core.engine.apply(records).map_err(|e| engine_status(&e))?;
-    Ok(outcomes
-        .iter()
-        .filter(|o| matches!(o, WriteOutcome::Applied { .. }))
-        .count())
+    apply_now(core, records)
 }
 
 /// The placement a pull or snapshot by `puller` with `epoch` is served under.

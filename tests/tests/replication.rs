@@ -562,6 +562,91 @@ async fn full_catch_up_does_not_resurrect_deleted_keys() {
     tc.shutdown().await.unwrap();
 }
 
+/// Issue 13, bug 1: a full catch-up infers no delete of a key that another
+/// replica still holds. RF 3 on {N, P, Q}. K reached N and Q but not P (a
+/// caught-up puller takes from a peer only what that peer coordinated, and
+/// K's coordinator is gone). N is away while P's deletes are merged away;
+/// back, it takes a full catch-up from P, where K is absent and older than
+/// the retention. That absence alone used to delete K on N: with P never
+/// holding it, the acknowledged write would then be gone from a majority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_catch_up_deletes_no_key_another_replica_holds() {
+    let spec = ClusterSpec {
+        configure: |config| {
+            deletes_merge_away(config);
+            quick_failover(config);
+            // The feed is what filters a caught-up puller's records by
+            // their coordinator; anti-entropy would copy K onto P.
+            config.replication.feed_bytes = 32 << 20;
+            config.replication.anti_entropy_interval_ms = 0;
+        },
+        ..ClusterSpec::nodes(3, 3, policy())
+    };
+    let mut tc = TestCluster::start(spec).await.unwrap();
+    let ids = tc.node_ids();
+    let (p, q, n) = (ids[0], ids[1], ids[2]);
+    let filler = "f".repeat(200);
+    let on_p = tc.keys_with_primary(p, "p-", 200);
+    for key in &on_p {
+        let response = tc.put_level(key, &filler, "all").await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    // K is Q's to coordinate, so that no takeover below copies it to P.
+    let k = tc.keys_with_primary(q, "held-", 1).remove(0);
+    let an_hour_ago = caskade_common::version::unix_millis() - 3_600_000;
+    let version = Version {
+        hlc: caskade_common::Version::from_parts(an_hour_ago, 0, 999).hlc,
+        origin: 999,
+    };
+    for id in [n, q] {
+        let applied = tc.apply_on(id, &k, Some("acknowledged"), version);
+        assert_eq!(applied.await.unwrap(), 1);
+    }
+
+    tc.stop_node(n).await.unwrap();
+    tc.wait_failed_over(n).await;
+    for key in on_p.iter().step_by(2) {
+        assert_eq!(delete(&tc, key).await.status(), StatusCode::NO_CONTENT);
+    }
+    for key in tc.keys_with_primary(p, "more-", 100) {
+        let response = tc.put(&key, &filler).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    // A restart empties P's feed, so N's pull reads P's data files, where
+    // the merge leaves a gap after N's cursor.
+    tc.stop_node(p).await.unwrap();
+    tc.start_node(p).await.unwrap();
+    wait_serving(&tc, p).await;
+    tc.merge_node(p).await.unwrap();
+    assert!(
+        !scan_node(&tc, p).await.contains_key(k.as_bytes()),
+        "P never received K"
+    );
+
+    tc.start_node(n).await.unwrap();
+    wait_serving(&tc, n).await;
+    let node = tc.admin_node(n).await.unwrap();
+    assert!(
+        full_catch_ups(&node) >= 1,
+        "N took a full catch-up from P: {node}"
+    );
+    for id in [n, q] {
+        assert_eq!(
+            node_value(&tc, id, &k)
+                .await
+                .map(|(value, _)| value)
+                .as_deref(),
+            Some("acknowledged"),
+            "node {id} still holds K"
+        );
+    }
+    // What P deleted is still deleted on N.
+    for key in on_p.iter().step_by(2) {
+        assert_eq!(node_value(&tc, n, key).await, None, "{key}");
+    }
+    tc.shutdown().await.unwrap();
+}
+
 // ------------------------------------------------------------ conflicts
 
 /// The same key written at once through every node directly and through

@@ -183,6 +183,45 @@ fn active_file_cut_at_every_byte_of_its_last_records_keeps_every_complete_record
     }
 }
 
+/// A crash that loses the unsynced tail of the active file (`interval` or
+/// `never` durability) does not make the next start hand out the lost
+/// records' seqs again: a replica that pulled them holds a cursor past
+/// them, and would skip new records numbered below it for good.
+#[test]
+fn seqs_lost_with_an_unsynced_tail_are_never_handed_out_again() {
+    let clock = MockClock::new(T0);
+    let dir = tempfile::tempdir().unwrap();
+    let (_, records, id) = write_log_and_crash(dir.path(), &clock);
+    let mut highest = records.iter().map(|r| r.seq).max().unwrap();
+    let file = OpenOptions::new()
+        .write(true)
+        .open(data_path(dir.path(), id))
+        .unwrap();
+    file.set_len(records[records.len() - 3].offset).unwrap();
+    drop(file);
+
+    for restart in 0..3 {
+        let engine = Engine::open(dir.path(), test_options(&clock, ONE_FILE)).unwrap();
+        let opts = PutOptions {
+            version: version_at(T0, 1000 + restart),
+            ..Default::default()
+        };
+        let outcome = engine
+            .put(b"after", b"written after the crash", opts)
+            .unwrap();
+        let WriteOutcome::Applied { seq, .. } = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert!(
+            seq > highest,
+            "restart {restart}: seq {seq} was handed out before the crash (up to {highest})"
+        );
+        // The next crash loses nothing more; seqs still only grow.
+        highest = seq;
+        drop(engine);
+    }
+}
+
 #[test]
 fn garbage_after_the_last_record_of_the_active_file_is_truncated_on_open() {
     let clock = MockClock::new(T0);

@@ -17,11 +17,11 @@ use std::thread::Thread;
 
 use caskade_common::Version;
 
-use super::error::EngineError;
+use super::error::{EngineError, IoContext};
 use super::keydir::Entry;
 use super::record::{self, HEADER_LEN};
 use super::types::{Condition, WriteOutcome};
-use super::writer::{Verdict, Write, check};
+use super::writer::{RESERVE, Verdict, Write, check};
 use super::{Inner, lock, read, write};
 
 /// Most writes one leader commits at once.
@@ -291,6 +291,12 @@ impl Inner {
                     outcomes.push(Err(self.poisoned_error()));
                     continue;
                 }
+            }
+            // Enough for the rest of the batch: later writes find them reserved.
+            let rest = (batch.len() - index) as u64;
+            if let Err(e) = self.reserve_seqs(&mut w, rest).ctx(RESERVE, &self.dir) {
+                outcomes.push(Err(e));
+                continue;
             }
             let seq = w.next_seq;
             w.next_seq += 1;

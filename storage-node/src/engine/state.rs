@@ -1,9 +1,10 @@
 //! The `STATE` file: the few facts about a data directory that no record
 //! carries, and the commit record of a merge in progress.
 //!
-//! - `seq_floor`: every seq ever assigned is at or below this once merge
-//!   has dropped records, so a restart never hands out a seq twice even if
-//!   the newest records were merged away.
+//! - `seq_floor`: every seq ever assigned is at or below this. The writer
+//!   reserves seqs here ahead of use and merge raises it to what it drops,
+//!   so a restart never hands out a seq twice, even if the newest records
+//!   were merged away or lost with an unsynced tail.
 //! - `tombstone_horizon`: the highest seq of a tombstone merge has dropped;
 //!   a catch-up cursor below it cannot be served incrementally.
 //! - `pending_merge`: written at a merge's commit point, cleared when it is
@@ -34,7 +35,8 @@ pub struct PendingMerge {
 /// The contents of `STATE`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
-    /// No seq above this was dropped by merge.
+    /// No seq above this was ever assigned (reserved by the writer,
+    /// raised by merge).
     pub seq_floor: u64,
     /// Highest seq of a tombstone dropped by merge.
     pub tombstone_horizon: u64,

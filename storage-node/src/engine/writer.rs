@@ -9,6 +9,7 @@
 //! longer tell what is on disk, so it refuses writes rather than acknowledge
 //! data it may lose.
 
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -25,6 +26,11 @@ use super::state::sync_dir;
 use super::types::{Condition, WriteOutcome};
 use super::{Inner, lock, read, write};
 
+/// Seqs reserved in `STATE` at a time (see [`Inner::reserve_seqs`]).
+pub(super) const SEQ_RESERVATION: u64 = 1 << 16;
+/// What a failed reservation reports.
+pub(super) const RESERVE: &str = "reserve seqs in STATE in";
+
 /// The single writer's state, behind `Inner::writer`.
 #[derive(Debug)]
 pub struct Writer {
@@ -32,6 +38,10 @@ pub struct Writer {
     pub active: Arc<DataFile>,
     /// The seq the next record gets.
     pub next_seq: u64,
+    /// Seqs up to this are reserved in `STATE` (its `seq_floor`): a restart
+    /// numbers from above it, so a seq handed out is never handed out
+    /// again, not even after a crash that lost the records that had it.
+    pub seq_reserved: u64,
     /// The last seq whose record is published (in the keydir): reads of
     /// the log end there, past records whose commit failed.
     pub published: u64,
@@ -45,6 +55,7 @@ impl Writer {
         Writer {
             active,
             next_seq,
+            seq_reserved: next_seq - 1,
             published: next_seq - 1,
             scratch: Vec::with_capacity(4096),
         }
@@ -98,6 +109,7 @@ impl Inner {
             Verdict::Write(previous) => previous,
             Verdict::Stale(current) => return Ok(WriteOutcome::Stale { current }),
         };
+        self.reserve_seqs(&mut w, 1).ctx(RESERVE, &self.dir)?;
         let seq = w.next_seq;
         let mut scratch = std::mem::take(&mut w.scratch);
         scratch.clear();
@@ -267,6 +279,27 @@ impl Inner {
     pub(super) fn poison(&self, reason: String) {
         tracing::error!(%reason, "storage failure: refusing further writes");
         let _ = self.poisoned.set(reason);
+    }
+
+    /// Makes sure the next `count` seqs are reserved in `STATE` before they
+    /// are handed out. Under `interval` or `never` durability a crash can
+    /// lose records that replicas already pulled; their cursors are past
+    /// those seqs, so a restart must never number new records with them.
+    /// Reserving [`SEQ_RESERVATION`] at a time costs one `STATE` write per
+    /// that many records, and leaves a gap of at most that many at a restart.
+    /// Nothing is written when this fails.
+    pub(super) fn reserve_seqs(&self, w: &mut Writer, count: u64) -> io::Result<()> {
+        let last = w.next_seq + count - 1;
+        if last <= w.seq_reserved {
+            return Ok(());
+        }
+        let mut state = lock(&self.state);
+        let mut next = state.clone();
+        next.seq_floor = next.seq_floor.max(last + SEQ_RESERVATION);
+        next.store(&self.dir)?;
+        w.seq_reserved = next.seq_floor;
+        *state = next;
+        Ok(())
     }
 
     pub(super) fn check_poison(&self) -> Result<(), EngineError> {

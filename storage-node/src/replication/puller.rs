@@ -397,8 +397,11 @@ impl Puller {
             && answer.incarnation != reading.cursor.incarnation
             && after > answer.start_seq
         {
-            // The peer restarted, and records after its new start may be
-            // numbered like ones it lost: pull again from where it started.
+            // The peer restarted from a data directory that ends before
+            // this cursor (one restored from a backup: a crash alone never
+            // makes the engine number records again, see `reserve_seqs`),
+            // and records after its new start may be numbered like ones it
+            // lost: pull again from where it started.
             tracing::info!(
                 peer = self.peer,
                 cursor = after,

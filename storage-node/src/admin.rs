@@ -347,6 +347,7 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
             .anti_entropy()
             .last_full_round
             .map_or(-1.0, |at| at.elapsed().as_secs_f64()),
+        anti_entropy_exchanges: core.replication.anti_entropy().exchanges,
         peers: core
             .replication
             .lag()

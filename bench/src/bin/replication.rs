@@ -14,34 +14,22 @@
 //!
 //! Run: `cargo run --release -p caskade-bench --bin caskade-bench-replication -- [--keys N] [--streams 64] [--missed 1000000]`
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use caskade_bench::drive::Phase;
 use caskade_bench::http::router_phase;
+use caskade_bench::nodes::{TwoNodes, admin, engine_config, start_node, wait_serving};
 use caskade_bench::workload::{VALUE_LEN, Workload};
 use caskade_cli::local::{LocalCluster, LocalOptions};
-use caskade_common::certs::{ClusterCertFiles, ensure_cluster_certs};
-use caskade_common::config::LogConfig;
-use caskade_common::tls::{TlsMaterial, install_crypto_provider};
+use caskade_common::tls::install_crypto_provider;
 use caskade_common::{Hlc, Version};
-use caskade_node::config::{
-    ClusterConfig, DurabilityMode, EngineConfig, InitialMembers, MetricsConfig, ServerConfig,
-};
+use caskade_node::config::{DurabilityMode, EngineConfig};
 use caskade_node::engine::{Engine, PutOptions};
-use caskade_node::{Node, NodeConfig};
-use caskade_proto::admin_client::AdminClient;
-use caskade_proto::{GetClusterMapRequest, StatsRequest};
+use caskade_proto::StatsRequest;
 use caskade_router::config::NodePolicy;
 use clap::Parser;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// Benchmark replication: write and read levels, and catch-up.
 #[derive(Debug, Parser)]
@@ -170,70 +158,23 @@ struct CatchUp {
     ready_after: Duration,
 }
 
-/// A node serving in this process until `stop` is sent.
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), caskade_node::NodeError>>,
-}
-
-async fn start_node(config: NodeConfig) -> anyhow::Result<Running> {
-    let node = Node::start(config).await?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(node.serve(async {
-        let _ = stopped.await;
-    }));
-    Ok(Running { stop, task })
-}
-
-impl Running {
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.task.await??;
-        Ok(())
-    }
-}
-
 async fn catch_up(args: &Args) -> anyhow::Result<CatchUp> {
     let root = tempfile::tempdir().context("creating the temporary directory")?;
-    let certs = ensure_cluster_certs(&root.path().join("certs"), 2, &[])?;
-    // Two free ports, so that both nodes know each other from the start
-    // (their initial members) and come back on them.
-    let a_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let b_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let members =
-        InitialMembers::try_from(format!("1={a_addr},2={b_addr}")).map_err(anyhow::Error::msg)?;
-    let config = |id: u32, listen: SocketAddr| NodeConfig {
-        id,
-        listen,
-        data_dir: root.path().join(format!("node-{id}")),
-        backup_dir: None,
-        tls: certs.nodes[id as usize - 1].clone(),
-        engine: EngineConfig {
-            durability: DurabilityMode::Never,
-            ..EngineConfig::default()
-        },
-        cluster: ClusterConfig {
-            initial_members: Some(members.clone()),
-            replication_factor: 2,
-            ..ClusterConfig::default()
-        },
-        replication: Default::default(),
-        server: ServerConfig::default(),
-        metrics: MetricsConfig::default(),
-        log: LogConfig::default(),
-    };
-    let a = start_node(config(1, a_addr)).await?;
-    let b = start_node(config(2, b_addr)).await?;
-    wait_serving(&certs, a_addr).await?;
-    wait_serving(&certs, b_addr).await?;
+    let nodes = TwoNodes::new(root.path())?;
+    let certs = &nodes.certs;
+    let [a_addr, b_addr] = nodes.addrs;
+    let a = start_node(nodes.config(1)).await?;
+    let b = start_node(nodes.config(2)).await?;
+    wait_serving(certs, a_addr).await?;
+    wait_serving(certs, b_addr).await?;
     b.stop().await?;
     a.stop().await?;
 
     eprintln!("writing {} records to node A while B is away…", args.missed);
     let workload = Workload::new(args.missed, args.seed ^ 0xca7c);
-    let a_dir = root.path().join("node-1");
+    let a_dir = nodes.data_dir(1);
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let engine = Engine::open(&a_dir, config_engine_options())?;
+        let engine = Engine::open(&a_dir, engine_config().options())?;
         let clock = Hlc::new(1);
         let mut value = [0u8; VALUE_LEN];
         for i in 0..workload.len() {
@@ -253,15 +194,15 @@ async fn catch_up(args: &Args) -> anyhow::Result<CatchUp> {
     })
     .await??;
 
-    let a = start_node(config(1, a_addr)).await?;
-    wait_serving(&certs, a_addr).await?;
+    let a = start_node(nodes.config(1)).await?;
+    wait_serving(certs, a_addr).await?;
     eprintln!("node B returns and catches up…");
     let started = Instant::now();
-    let b = start_node(config(2, b_addr)).await?;
-    wait_serving(&certs, b_addr).await?;
+    let b = start_node(nodes.config(2)).await?;
+    wait_serving(certs, b_addr).await?;
     let ready_after = started.elapsed();
     // B is ready once caught up: its cursor on A is at A's end.
-    let stats = admin(&certs, b_addr)
+    let stats = admin(certs, b_addr)
         .await?
         .stats(StatsRequest {})
         .await?
@@ -284,58 +225,4 @@ async fn catch_up(args: &Args) -> anyhow::Result<CatchUp> {
         records: args.missed,
         ready_after,
     })
-}
-
-/// The engine options node A's configuration gives.
-fn config_engine_options() -> caskade_node::engine::Options {
-    EngineConfig {
-        durability: DurabilityMode::Never,
-        ..EngineConfig::default()
-    }
-    .options()
-}
-
-async fn channel(certs: &ClusterCertFiles, addr: SocketAddr) -> anyhow::Result<Channel> {
-    let tls = TlsMaterial::load(&certs.client)?;
-    Ok(Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls.grpc_client("127.0.0.1"))?
-        .connect()
-        .await?)
-}
-
-async fn admin(certs: &ClusterCertFiles, addr: SocketAddr) -> anyhow::Result<AdminClient<Channel>> {
-    Ok(AdminClient::new(channel(certs, addr).await?))
-}
-
-/// Polls the node until it holds the cluster map and reports SERVING (at
-/// most ten minutes).
-async fn wait_serving(certs: &ClusterCertFiles, addr: SocketAddr) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut health = HealthClient::new(channel(certs, addr).await?);
-    let mut admin = admin(certs, addr).await?;
-    loop {
-        let has_map = admin
-            .get_cluster_map(GetClusterMapRequest::default())
-            .await
-            .is_ok_and(|r| r.get_ref().map.is_some());
-        if !has_map {
-            if started.elapsed() > Duration::from_secs(600) {
-                bail!("the node at {addr} holds no cluster map");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        }
-        let answer = health
-            .check(HealthCheckRequest {
-                service: "caskade.v1.Kv".into(),
-            })
-            .await;
-        if answer.is_ok_and(|a| a.get_ref().status == ServingStatus::Serving as i32) {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("the node at {addr} did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }

@@ -164,6 +164,8 @@ pub struct WritePlan {
 pub struct AntiEntropyStats {
     /// Records copied from peers that were newer here.
     pub repaired: u64,
+    /// Exchanges with a peer that completed.
+    pub exchanges: u64,
     /// When the last round that compared with every peer ended.
     pub last_full_round: Option<Instant>,
 }
@@ -522,12 +524,15 @@ impl Replication {
         update(lag.entry(peer).or_default());
     }
 
-    /// Anti-entropy copied `repaired` records that were newer here.
+    /// An anti-entropy exchange completed and copied `repaired` records
+    /// that were newer here.
     pub fn note_anti_entropy(&self, repaired: u64) {
-        self.anti_entropy
+        let mut stats = self
+            .anti_entropy
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .repaired += repaired;
+            .unwrap_or_else(PoisonError::into_inner);
+        stats.exchanges += 1;
+        stats.repaired += repaired;
     }
 
     /// An anti-entropy round compared with every peer.

@@ -569,6 +569,7 @@ async fn full_catch_up_does_not_resurrect_deleted_keys() {
 /// back, it takes a full catch-up from P, where K is absent and older than
 /// the retention. That absence alone used to delete K on N: with P never
 /// holding it, the acknowledged write would then be gone from a majority.
+/// A key whose newer tombstone is on Q only is still inferred deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_catch_up_deletes_no_key_another_replica_holds() {
     let spec = ClusterSpec {
@@ -602,6 +603,17 @@ async fn a_full_catch_up_deletes_no_key_another_replica_holds() {
         let applied = tc.apply_on(id, &k, Some("acknowledged"), version);
         assert_eq!(applied.await.unwrap(), 1);
     }
+    // And a key deleted after its write: the value reached N only, the
+    // delete Q only (N's pull from Q skipped it the same way). A newer
+    // tombstone on Q is no copy of the value: N's inference must delete it.
+    let gone = tc.keys_with_primary(q, "gone-", 1).remove(0);
+    let applied = tc.apply_on(n, &gone, Some("deleted later"), version);
+    assert_eq!(applied.await.unwrap(), 1);
+    let later = Version {
+        hlc: version.hlc + 1,
+        ..version
+    };
+    assert_eq!(tc.apply_on(q, &gone, None, later).await.unwrap(), 1);
 
     tc.stop_node(n).await.unwrap();
     tc.wait_failed_over(n).await;
@@ -640,6 +652,7 @@ async fn a_full_catch_up_deletes_no_key_another_replica_holds() {
             "node {id} still holds K"
         );
     }
+    assert_eq!(node_value(&tc, n, &gone).await, None, "N deleted {gone}");
     // What P deleted is still deleted on N.
     for key in on_p.iter().step_by(2) {
         assert_eq!(node_value(&tc, n, key).await, None, "{key}");

@@ -24,6 +24,7 @@ pub mod antientropy;
 pub mod cursors;
 pub mod feed;
 pub mod handoff;
+pub mod inference;
 pub mod puller;
 pub mod service;
 pub mod takeover;

@@ -7,17 +7,14 @@
 //! with was caught up with or found unreachable (a peer that is down has
 //! nothing to give, and waiting for it would keep a restarting cluster down).
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use caskade_common::Version;
 use caskade_common::tls::{TlsMaterial, server_name};
-use caskade_proto::kv_client::KvClient;
 use caskade_proto::replication_client::ReplicationClient;
-use caskade_proto::{GetRequest, PullRequest, ReadLevel, SnapshotRequest};
+use caskade_proto::{PullRequest, SnapshotRequest};
 use metrics::counter;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
@@ -26,8 +23,9 @@ use tonic::{Code, Status};
 
 use super::Placement;
 use super::cursors::{Cursor, Reading};
+use super::inference::{self, Inference};
 use super::service::{LOG_REPLACED_METADATA, apply, apply_received, from_proto};
-use crate::engine::{Latest, Record};
+use crate::engine::Record;
 use crate::kv::NodeCore;
 
 /// First pause after a failed pull; doubled up to [`MAX_BACKOFF`].
@@ -122,7 +120,7 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
                     Ok(channel) => {
                         let puller = Puller {
                             core: Arc::clone(&core),
-                            tls: tls.clone(),
+                            inference: Inference::new(core.id, tls.clone()),
                             peer,
                             client: ReplicationClient::new(channel)
                                 .max_decoding_message_size(usize::MAX),
@@ -246,8 +244,8 @@ async fn persist_cursors(core: Arc<NodeCore>, mut stop: watch::Receiver<bool>) {
 /// Pulls from one peer.
 struct Puller {
     core: Arc<NodeCore>,
-    /// For asking the other replicas before a delete is inferred.
-    tls: TlsMaterial,
+    /// Asks the other replicas before a delete is inferred.
+    inference: Inference,
     peer: u32,
     client: ReplicationClient<Channel>,
     gate: Arc<StartupGate>,
@@ -466,9 +464,9 @@ impl Puller {
 
     /// Copies the peer's records of this node's ranges page by page. With
     /// `infer_deletes`, also deletes keys of ranges both hold that the peer
-    /// no longer has and that are older than its retention (their deletes
-    /// were merged away there); that needs a peer holding all its ranges,
-    /// and waits for one.
+    /// no longer has, that are older than its retention, and that enough
+    /// other replicas lack too (see `inference`); that needs a peer holding
+    /// all its ranges, and waits for one.
     async fn full_catch_up(
         &mut self,
         placement: &Arc<Placement>,
@@ -510,7 +508,7 @@ impl Puller {
                 let candidates = self
                     .core
                     .read(move |core| {
-                        Ok(absent_since(
+                        Ok(inference::absent_since(
                             core,
                             &placement_for_delete,
                             peer,
@@ -521,7 +519,10 @@ impl Puller {
                         ))
                     })
                     .await?;
-                let deleted = self.decide_absent(placement, candidates, cutoff_ms).await?;
+                let deleted = self
+                    .inference
+                    .deletes(placement, self.peer, candidates, cutoff_ms)
+                    .await;
                 apply(&self.core, deleted).await?;
             }
             match page.next {
@@ -547,195 +548,5 @@ impl Puller {
                 }
             }
         }
-    }
-
-    /// The tombstones to write for `candidates`, keys the peer's complete
-    /// snapshot lacks and this node holds as values older than `cutoff_ms`.
-    ///
-    /// The peer's absence alone proves nothing: a key its coordinator
-    /// delivered to some replicas and not to the peer is absent there too.
-    /// A key is deleted only when at least half of its replicas (rounded
-    /// up), not counting this node, lack it: any write acknowledged by a
-    /// majority reached one of them, so they all lacking it means it was
-    /// deleted (or expired) and the delete merged away. The other replicas
-    /// are asked for the key; one that does not answer decides nothing, and
-    /// the catch-up waits and asks again rather than guess either way (a
-    /// wrong guess loses an acknowledged write or brings back a deleted key).
-    async fn decide_absent(
-        &self,
-        placement: &Arc<Placement>,
-        mut candidates: Vec<Absent>,
-        cutoff_ms: u64,
-    ) -> Result<Vec<Record>, Status> {
-        let tombstone = Version::from_parts(cutoff_ms, 0, 0);
-        let mut deleted = Vec::new();
-        let mut backoff = MIN_BACKOFF;
-        let mut clients: HashMap<u32, KvClient<Channel>> = HashMap::new();
-        loop {
-            let mut undecided = Vec::new();
-            for candidate in candidates {
-                match self.count_absent(placement, &candidate, &mut clients).await {
-                    Decision::Deleted => deleted.push(Record {
-                        seq: 0,
-                        key: candidate.key,
-                        value: None,
-                        version: tombstone,
-                        expires_at: None,
-                    }),
-                    Decision::Held => {}
-                    Decision::Unknown => undecided.push(candidate),
-                }
-            }
-            if undecided.is_empty() {
-                return Ok(deleted);
-            }
-            tracing::warn!(
-                peer = self.peer,
-                keys = undecided.len(),
-                "full catch-up: too few replicas answer to tell deleted keys from undelivered ones; asking again"
-            );
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            if self
-                .core
-                .replication
-                .placement()
-                .is_none_or(|now| now.epoch != placement.epoch)
-            {
-                return Err(Status::aborted(
-                    "the cluster map changed during a full catch-up",
-                ));
-            }
-            candidates = undecided;
-        }
-    }
-
-    /// Whether enough replicas of `candidate`'s key lack it (see
-    /// [`Self::decide_absent`]); the peer whose snapshot lacked it counts.
-    async fn count_absent(
-        &self,
-        placement: &Placement,
-        candidate: &Absent,
-        clients: &mut HashMap<u32, KvClient<Channel>>,
-    ) -> Decision {
-        let replicas = placement.ring.preference_list(&candidate.key);
-        let needed = replicas.len().div_ceil(2);
-        let mut absent = 1;
-        let mut unanswered = 0;
-        for &replica in &replicas {
-            if absent >= needed {
-                break;
-            }
-            if replica == self.core.id || replica == self.peer {
-                continue;
-            }
-            match self.ask(placement, replica, &candidate.key, clients).await {
-                Some(Some(version)) if version >= candidate.held => return Decision::Held,
-                Some(_) => absent += 1,
-                None => unanswered += 1,
-            }
-        }
-        if absent >= needed {
-            Decision::Deleted
-        } else if unanswered > 0 {
-            Decision::Unknown
-        } else {
-            Decision::Held
-        }
-    }
-
-    /// The version of `key` replica `id` holds (`Some(None)`: no record of
-    /// it); `None` if it did not answer (down, catching up, unreachable).
-    async fn ask(
-        &self,
-        placement: &Placement,
-        id: u32,
-        key: &[u8],
-        clients: &mut HashMap<u32, KvClient<Channel>>,
-    ) -> Option<Option<Version>> {
-        let addr = placement.addrs.get(&id)?;
-        if placement.down.contains(&id) {
-            return None;
-        }
-        let client = match clients.entry(id) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => entry.insert(KvClient::new(channel(addr, &self.tls).ok()?)),
-        };
-        let request = GetRequest {
-            key: Bytes::copy_from_slice(key),
-            read_level: ReadLevel::Any as i32,
-        };
-        let answer = tokio::time::timeout(COPY_PAGE_TIMEOUT, client.get(request))
-            .await
-            .ok()?
-            .ok()?
-            .into_inner();
-        Some(answer.version.map(|v| Version::new(v.hlc, v.origin)))
-    }
-}
-
-/// A key of the peer's ranges that its snapshot lacked and that this node
-/// holds as a value written before the retention cutoff.
-struct Absent {
-    key: Vec<u8>,
-    /// The version this node holds.
-    held: Version,
-}
-
-/// What the other replicas say of an [`Absent`] key.
-enum Decision {
-    /// Enough of them lack it: it was deleted.
-    Deleted,
-    /// One holds it (or every replica answered and too few lack it).
-    Held,
-    /// Too few answered to tell.
-    Unknown,
-}
-
-/// The keys in `(start, end]` (`end` `None`: to the last key) that this
-/// node and `peer` both replicate, that the peer's snapshot page did not
-/// hold, and whose latest record here is a value written before
-/// `cutoff_ms`. Such a key was deleted (or expired) on the peer long enough
-/// ago for the delete to have been merged away, or never reached the peer.
-/// A tombstone for it has the version `cutoff_ms` with counter and origin
-/// 0: newer than that value and older than anything written since, so it
-/// cannot hide a newer write.
-fn absent_since(
-    core: &NodeCore,
-    placement: &Placement,
-    peer: u32,
-    start: &[u8],
-    end: Option<&[u8]>,
-    held: &HashSet<Bytes>,
-    cutoff_ms: u64,
-) -> Vec<Absent> {
-    let tombstone = Version::from_parts(cutoff_ms, 0, 0);
-    let mut absent = Vec::new();
-    let mut after = (!start.is_empty()).then(|| start.to_vec());
-    loop {
-        let keys = core.engine.keys_after(after.as_deref(), 1024);
-        let Some(last) = keys.last().cloned() else {
-            return absent;
-        };
-        for key in keys {
-            if end.is_some_and(|end| key.as_slice() > end) {
-                return absent;
-            }
-            if held.contains(key.as_slice())
-                || !placement.ring.owns(core.id, &key)
-                || !placement.ring.owns(peer, &key)
-            {
-                continue;
-            }
-            if let Ok(Some(Latest::Value(value))) = core.engine.latest(&key)
-                && value.version < tombstone
-            {
-                absent.push(Absent {
-                    key,
-                    held: value.version,
-                });
-            }
-        }
-        after = Some(last);
     }
 }

@@ -16,7 +16,7 @@ use caskade_common::version::unix_millis;
 use caskade_proto::replication_server::Replication as ReplicationApi;
 use caskade_proto::{
     ApplyRequest, ApplyResponse, DigestRequest, DigestResponse, PullRequest, PullResponse,
-    ReplicatedRecord, SnapshotRequest, SnapshotResponse,
+    ReplicatedRecord, SnapshotRequest, SnapshotResponse, VersionsRequest, VersionsResponse,
 };
 use prost::bytes::Bytes;
 use tonic::{Request, Response, Status};
@@ -25,6 +25,7 @@ use tracing::Instrument;
 use super::Placement;
 use super::antientropy::{self, MAX_BUCKETS};
 use super::feed::FeedRecord;
+use super::inference;
 use crate::engine::{Latest, Record, WriteOutcome};
 use crate::kv::{NodeCore, to_proto};
 use crate::status::engine_status;
@@ -117,6 +118,32 @@ impl ReplicationApi for ReplicationService {
                 })
                 .await?;
             Ok(DigestResponse { digests })
+        }
+        .instrument(call.span())
+        .await;
+        call.finish(result.map(Response::new))
+    }
+
+    async fn versions(
+        &self,
+        request: Request<VersionsRequest>,
+    ) -> Result<Response<VersionsResponse>, Status> {
+        let call = self.core.observer.start("Versions", request.metadata());
+        let request = request.into_inner();
+        let core = Arc::clone(&self.core);
+        let result = async move {
+            if request.keys.len() > inference::MAX_KEYS {
+                return Err(Status::invalid_argument(format!(
+                    "{} keys; at most {} are allowed",
+                    request.keys.len(),
+                    inference::MAX_KEYS
+                )));
+            }
+            puller_placement(&core, request.node_id, request.epoch)?;
+            let held = core
+                .read(move |core| Ok(inference::held_versions(core, &request.keys)))
+                .await?;
+            Ok(VersionsResponse { held })
         }
         .instrument(call.span())
         .await;

@@ -1,0 +1,411 @@
+//! Deletes inferred by a full catch-up.
+//!
+//! A node whose cursor in a peer's log is older than the peer's tombstone
+//! horizon copies the peer's snapshot instead (see `puller`). Deletes the
+//! peer merged away are then missing from the copy: a key this node holds
+//! as a value older than the peer's retention, and that the peer's
+//! snapshot lacks, may have been deleted meanwhile. It may also never have
+//! reached the peer: a caught-up puller takes from a peer only the records
+//! that peer coordinated, so a write whose coordinator died before the peer
+//! pulled it is on some replicas only (until anti-entropy copies it).
+//!
+//! The peer's absence alone therefore proves nothing. A delete is inferred
+//! only when ⌈n/2⌉ of the key's n−1 other replicas, the snapshot's peer
+//! being one, lack this node's version of it (no record, an older one, or
+//! a tombstone or expired value). A write acknowledged at `w=quorum` or
+//! `w=all` reached a majority, which has ⌊n/2⌋ members besides this node
+//! and so shares one with any ⌈n/2⌉ of the n−1 others: if all of those lack
+//! it, it was deleted and the delete merged away. A replica holding a live
+//! copy at least as new keeps the key whatever the others say.
+//!
+//! A `w=one` write that only this node ever held is still taken for
+//! deleted: nothing tells it apart from a delete whose tombstone is gone.
+//! The count also trusts the current replicas to hold what was
+//! acknowledged under earlier preference lists, which a handoff that
+//! skipped an unreachable source does not guarantee.
+//!
+//! Replicas that do not answer decide nothing. The catch-up asks again for
+//! a while ([`MAX_ROUNDS`]); a key still undecided then is kept, and
+//! counted (`caskade_node_replication_deletes_undecided_total`): keeping a
+//! deleted key's old value is the lesser harm than deleting a write that
+//! was acknowledged, and anti-entropy brings it any newer tombstone.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use caskade_common::Version;
+use caskade_common::tls::TlsMaterial;
+use caskade_common::version::unix_millis;
+use caskade_proto::replication_client::ReplicationClient;
+use caskade_proto::{HeldVersion, VersionsRequest};
+use metrics::counter;
+use prost::bytes::Bytes;
+use tonic::transport::Channel;
+
+use super::Placement;
+use super::puller::channel;
+use crate::engine::{Latest, Record};
+use crate::kv::{NodeCore, to_proto};
+
+/// Most keys one `Versions` call may ask about.
+pub const MAX_KEYS: usize = 4096;
+/// One `Versions` call answers within this, or its replica counts as silent.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rounds of asking before undecided keys are kept.
+const MAX_ROUNDS: u32 = 8;
+/// Pause between rounds; doubled each round.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+
+/// A key of the peer's ranges that its snapshot lacked and that this node
+/// holds as a value written before the retention cutoff.
+#[derive(Debug, Clone)]
+pub struct Absent {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The version this node holds.
+    pub held: Version,
+}
+
+/// What another replica holds of an [`Absent`] key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A live value at least as new as this node's: the key stays.
+    Holds,
+    /// No record, an older one, or a tombstone or expired value: it lacks
+    /// this node's version.
+    Lacks,
+    /// No answer (down, unreachable, or still receiving the range).
+    Silent,
+}
+
+/// What the replicas' answers decide for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Enough of them lack it: it was deleted.
+    Deleted,
+    /// One holds it.
+    Held,
+    /// Too few answered to tell.
+    Undecided,
+}
+
+/// Decides a key with `replicas` replicas (this node and the snapshot's
+/// peer among them) from the other replicas' `answers`.
+pub fn decide(replicas: usize, answers: impl IntoIterator<Item = Answer>) -> Decision {
+    let mut lacking = 1;
+    for answer in answers {
+        match answer {
+            Answer::Holds => return Decision::Held,
+            Answer::Lacks => lacking += 1,
+            Answer::Silent => {}
+        }
+    }
+    if lacking >= replicas.div_ceil(2) {
+        Decision::Deleted
+    } else {
+        Decision::Undecided
+    }
+}
+
+/// The tombstone an inferred delete writes: the cutoff's time with counter
+/// and origin 0, newer than any value written before the cutoff and older
+/// than anything written since, so it cannot hide a newer write.
+pub fn inferred_tombstone(cutoff_ms: u64) -> Version {
+    Version::from_parts(cutoff_ms, 0, 0)
+}
+
+/// The keys in `(start, end]` (`end` `None`: to the last key) that this
+/// node and `peer` both replicate, that the peer's snapshot page did not
+/// hold, and whose latest record here is a value written before
+/// `cutoff_ms`.
+pub fn absent_since(
+    core: &NodeCore,
+    placement: &Placement,
+    peer: u32,
+    start: &[u8],
+    end: Option<&[u8]>,
+    held: &HashSet<Bytes>,
+    cutoff_ms: u64,
+) -> Vec<Absent> {
+    let tombstone = inferred_tombstone(cutoff_ms);
+    let mut absent = Vec::new();
+    let mut after = (!start.is_empty()).then(|| start.to_vec());
+    loop {
+        let keys = core.engine.keys_after(after.as_deref(), 1024);
+        let Some(last) = keys.last().cloned() else {
+            return absent;
+        };
+        for key in keys {
+            if end.is_some_and(|end| key.as_slice() > end) {
+                return absent;
+            }
+            if held.contains(key.as_slice())
+                || !placement.ring.owns(core.id, &key)
+                || !placement.ring.owns(peer, &key)
+            {
+                continue;
+            }
+            if let Ok(Some(Latest::Value(value))) = core.engine.latest(&key)
+                && value.version < tombstone
+            {
+                absent.push(Absent {
+                    key,
+                    held: value.version,
+                });
+            }
+        }
+        after = Some(last);
+    }
+}
+
+/// What this node holds of `keys`, for a peer's `Versions` call.
+pub fn held_versions(core: &NodeCore, keys: &[Bytes]) -> Vec<HeldVersion> {
+    let now = unix_millis();
+    keys.iter()
+        .map(|key| {
+            if core.replication.check_replica(key).is_err() {
+                return HeldVersion::default();
+            }
+            let (version, deleted) = match core.engine.latest(key) {
+                Ok(Some(Latest::Value(value))) => (
+                    Some(value.version),
+                    value.expires_at.is_some_and(|at| at <= now),
+                ),
+                Ok(Some(Latest::Tombstone(version))) => (Some(version), true),
+                Ok(None) => (None, false),
+                Err(_) => return HeldVersion::default(),
+            };
+            HeldVersion {
+                known: true,
+                version: version.map(to_proto),
+                deleted,
+            }
+        })
+        .collect()
+}
+
+/// Asks the other replicas about the keys a full catch-up from one peer
+/// found absent, and keeps one connection per replica across pages.
+#[derive(Debug)]
+pub struct Inference {
+    me: u32,
+    tls: TlsMaterial,
+    clients: HashMap<u32, (String, ReplicationClient<Channel>)>,
+}
+
+impl Inference {
+    /// For node `me`, connecting with `tls`.
+    pub fn new(me: u32, tls: TlsMaterial) -> Inference {
+        Inference {
+            me,
+            tls,
+            clients: HashMap::new(),
+        }
+    }
+
+    /// The tombstones to write for `candidates`, found absent from `peer`'s
+    /// snapshot under `placement`, whose retention cutoff is `cutoff_ms`.
+    pub async fn deletes(
+        &mut self,
+        placement: &Placement,
+        peer: u32,
+        mut candidates: Vec<Absent>,
+        cutoff_ms: u64,
+    ) -> Vec<Record> {
+        let tombstone = inferred_tombstone(cutoff_ms);
+        let mut deleted = Vec::new();
+        let mut pause = FIRST_PAUSE;
+        for round in 1..=MAX_ROUNDS {
+            let answers = self.ask(placement, peer, &candidates).await;
+            let mut undecided = Vec::new();
+            for (candidate, answers) in candidates.into_iter().zip(answers) {
+                let replicas = placement.ring.preference_list(&candidate.key).len();
+                match decide(replicas, answers) {
+                    Decision::Deleted => deleted.push(Record {
+                        seq: 0,
+                        key: candidate.key,
+                        value: None,
+                        version: tombstone,
+                        expires_at: None,
+                    }),
+                    Decision::Held => {}
+                    Decision::Undecided => undecided.push(candidate),
+                }
+            }
+            candidates = undecided;
+            if candidates.is_empty() {
+                return deleted;
+            }
+            if round < MAX_ROUNDS {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+        tracing::warn!(
+            peer,
+            keys = candidates.len(),
+            "full catch-up: too few replicas answered to tell deleted keys from undelivered ones; keeping them"
+        );
+        counter!("caskade_node_replication_deletes_undecided_total", "node" => self.me.to_string())
+            .increment(candidates.len() as u64);
+        deleted
+    }
+
+    /// Each other replica's answer for each candidate, in order: one
+    /// `Versions` call per replica and batch, all replicas at once.
+    async fn ask(
+        &mut self,
+        placement: &Placement,
+        peer: u32,
+        candidates: &[Absent],
+    ) -> Vec<Vec<Answer>> {
+        // Replica → indexes of the candidates it replicates.
+        let mut asked: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (index, candidate) in candidates.iter().enumerate() {
+            for replica in placement.ring.preference_list(&candidate.key) {
+                if replica != self.me && replica != peer {
+                    asked.entry(replica).or_default().push(index);
+                }
+            }
+        }
+        let mut calls = Vec::new();
+        for (&replica, indexes) in &asked {
+            let client = (!placement.down.contains(&replica))
+                .then(|| self.client(placement, replica))
+                .flatten();
+            let epoch = placement.epoch;
+            let me = self.me;
+            calls.push(async move {
+                let Some(mut client) = client else {
+                    return vec![Answer::Silent; indexes.len()];
+                };
+                let mut answers = Vec::with_capacity(indexes.len());
+                for batch in indexes.chunks(MAX_KEYS) {
+                    let request = VersionsRequest {
+                        node_id: me,
+                        epoch,
+                        keys: batch
+                            .iter()
+                            .map(|&i| Bytes::copy_from_slice(&candidates[i].key))
+                            .collect(),
+                    };
+                    let held =
+                        match tokio::time::timeout(ASK_TIMEOUT, client.versions(request)).await {
+                            Ok(Ok(response)) => response.into_inner().held,
+                            _ => Vec::new(),
+                        };
+                    if held.len() != batch.len() {
+                        // Silent (or a malformed answer): so is the rest.
+                        answers.resize(indexes.len(), Answer::Silent);
+                        return answers;
+                    }
+                    answers.extend(
+                        batch
+                            .iter()
+                            .zip(&held)
+                            .map(|(&i, held)| answer(held, candidates[i].held)),
+                    );
+                }
+                answers
+            });
+        }
+        let replies = futures_util::future::join_all(calls).await;
+        let mut answers = vec![Vec::new(); candidates.len()];
+        for (indexes, replies) in asked.values().zip(replies) {
+            for (&index, reply) in indexes.iter().zip(replies) {
+                answers[index].push(reply);
+            }
+        }
+        answers
+    }
+
+    /// A client for `replica`, reconnecting if its address changed.
+    fn client(
+        &mut self,
+        placement: &Placement,
+        replica: u32,
+    ) -> Option<ReplicationClient<Channel>> {
+        let addr = placement.addrs.get(&replica)?;
+        if let Some((known, client)) = self.clients.get(&replica)
+            && known == addr
+        {
+            return Some(client.clone());
+        }
+        match channel(addr, &self.tls) {
+            Ok(channel) => {
+                let client = ReplicationClient::new(channel);
+                self.clients.insert(replica, (addr.clone(), client.clone()));
+                Some(client)
+            }
+            Err(e) => {
+                tracing::warn!(replica, addr, error = %e, "bad replica address; it counts as silent");
+                None
+            }
+        }
+    }
+}
+
+/// A replica's [`HeldVersion`] of a key this node holds at `held`.
+fn answer(reply: &HeldVersion, held: Version) -> Answer {
+    if !reply.known {
+        return Answer::Silent;
+    }
+    match reply.version {
+        Some(v) if !reply.deleted && Version::new(v.hlc, v.origin) >= held => Answer::Holds,
+        _ => Answer::Lacks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Answer::{Holds, Lacks, Silent};
+
+    #[test]
+    fn a_peer_alone_decides_only_with_two_replicas() {
+        assert_eq!(decide(2, []), Decision::Deleted);
+        assert_eq!(decide(3, []), Decision::Undecided);
+        assert_eq!(decide(3, [Silent]), Decision::Undecided);
+        assert_eq!(decide(3, [Lacks]), Decision::Deleted);
+    }
+
+    #[test]
+    fn half_the_replicas_rounded_up_must_lack_the_key() {
+        // RF 5: this node, the peer, and three others; ⌈5/2⌉ = 3 lacking.
+        assert_eq!(decide(5, [Lacks, Silent, Silent]), Decision::Undecided);
+        assert_eq!(decide(5, [Lacks, Lacks, Silent]), Decision::Deleted);
+        assert_eq!(decide(4, [Lacks, Silent]), Decision::Deleted);
+        assert_eq!(decide(4, [Silent, Silent]), Decision::Undecided);
+    }
+
+    #[test]
+    fn one_live_copy_at_least_as_new_keeps_the_key() {
+        assert_eq!(decide(3, [Holds]), Decision::Held);
+        assert_eq!(decide(5, [Lacks, Lacks, Holds]), Decision::Held);
+    }
+
+    #[test]
+    fn a_tombstone_or_an_older_value_lacks_the_version_held_here() {
+        let held = Version::new(1000, 1);
+        let reply = |hlc, deleted| HeldVersion {
+            known: true,
+            version: Some(caskade_proto::Version { hlc, origin: 1 }),
+            deleted,
+        };
+        assert_eq!(answer(&reply(1000, false), held), Holds);
+        assert_eq!(answer(&reply(2000, false), held), Holds);
+        assert_eq!(answer(&reply(999, false), held), Lacks);
+        assert_eq!(answer(&reply(2000, true), held), Lacks);
+        assert_eq!(
+            answer(
+                &HeldVersion {
+                    known: true,
+                    ..Default::default()
+                },
+                held
+            ),
+            Lacks
+        );
+        assert_eq!(answer(&HeldVersion::default(), held), Silent);
+    }
+}

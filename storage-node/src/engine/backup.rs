@@ -73,6 +73,10 @@ impl Inner {
         };
         state.store(dest).ctx("write STATE of backup in", dest)?;
         sync_dir(dest).ctx("sync backup directory", dest)?;
+        // The backup's own directory entry, or a crash could lose all of it.
+        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent).ctx("sync the directory of the backup", parent)?;
+        }
         Ok(BackupReport {
             dir: dest.to_path_buf(),
             files: files.len(),

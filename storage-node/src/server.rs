@@ -38,6 +38,7 @@ use crate::kv::{KvService, NodeCore};
 use crate::observe::Observer;
 use crate::replication::cursors::Cursors;
 use crate::replication::feed::Feed;
+use crate::replication::progress::RingProgress;
 use crate::replication::service::ReplicationService;
 use crate::replication::{Replication, antientropy, puller, takeover};
 
@@ -121,11 +122,13 @@ impl Node {
         let hlc = NodeClock::open(&config.data_dir, config.id, engine.max_version())?;
         let map = ClusterMapStore::open(&config.data_dir)?;
         let cursors = Cursors::open(&config.data_dir)?;
+        let progress = RingProgress::open(&config.data_dir)?;
         let replication = Replication::new(
             config.id,
             config.replication.clone(),
             feed,
             cursors,
+            progress,
             map.get().as_ref(),
             // In a cluster, or forming one: no map means no ranges yet.
             config.cluster.initial_members.is_some() || cluster.identity().get().is_some(),

@@ -334,6 +334,64 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
 /// moves its ranges to a node that does not hold them yet, which the others
 /// copy snapshots from; after the removal every surviving key is still on
 /// its replicas.
+/// Issue 13, bug 5: a node restarted in the middle of a ring change takes
+/// it up again. A fourth node is added with RF 2, so every node loses
+/// ranges; node 1 stops as soon as it has put the new map into effect,
+/// before any node could drop what it lost, and starts again. It must still
+/// refill from its peers, report that it did, and drop its own lost
+/// ranges: a node that forgot its ring change would report nothing
+/// refilled, and no node would ever drop a lost range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_during_a_ring_change_finishes_it() {
+    let spec = ClusterSpec {
+        // Small pulls: the refill outlasts the restart below.
+        configure: |config| config.replication.pull_max_records = 10,
+        ..ClusterSpec::nodes(3, 2, policy())
+    };
+    let mut tc = TestCluster::start(spec).await.unwrap();
+    let first = tc.node_ids()[0];
+    let acked: Acked = Arc::default();
+    for n in 0..500 {
+        let (key, value) = (format!("r-{n:03}"), format!("value {n}"));
+        let response = tc.put_level(&key, &value, "all").await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        acked.lock().await.insert(key, value);
+    }
+
+    let new = tc.start_spare_node().await.unwrap();
+    let added = tc
+        .client()
+        .post(tc.at("/admin/v1/nodes"))
+        .bearer_auth(&tc.admin_token)
+        .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), StatusCode::OK);
+    let epoch = added.json::<Value>().await.unwrap()["epoch"]
+        .as_u64()
+        .unwrap();
+    poll_until(
+        "node 1 to put the new map into effect",
+        SETTLE_DEADLINE,
+        || async {
+            let mut admin = tc.node_admin(first).await.unwrap();
+            let stats = admin.stats(caskade_proto::StatsRequest {}).await;
+            stats.is_ok_and(|s| s.into_inner().map_epoch >= epoch)
+        },
+    )
+    .await;
+    tc.stop_node(first).await.unwrap();
+    tc.start_node(first).await.unwrap();
+
+    poll_until("every node to be ready", SETTLE_DEADLINE, || async {
+        tc.all_nodes_ready().await
+    })
+    .await;
+    settled(&tc, &acked).await;
+    tc.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
     let spec = ClusterSpec {

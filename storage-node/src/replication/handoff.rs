@@ -12,7 +12,8 @@
 //! node under the new epoch: until then this node may hold the only copy of
 //! some write.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -23,8 +24,9 @@ use caskade_proto::{ClusterMap, StatsRequest};
 use tokio::sync::watch;
 use tonic::Status;
 
+use super::progress::Progress;
 use super::puller::channel;
-use super::{Placement, Replication};
+use super::{PeerLag, Placement, Replication};
 use crate::kv::NodeCore;
 use crate::status::engine_status;
 
@@ -44,7 +46,91 @@ pub(super) struct Handoff {
     pending: HashSet<u32>,
 }
 
+/// What a node restarting in the middle of a ring change takes up again
+/// (see [`super::progress`]).
+#[derive(Debug, Default)]
+pub(super) struct Restored {
+    pub handoff: Option<Handoff>,
+    pub drop: Option<u64>,
+    pub lag: BTreeMap<u32, PeerLag>,
+}
+
+/// Takes up `saved` progress if it belongs to `placement`'s ring, whose
+/// ring epoch it then gives. A refill under way is taken up as if the node
+/// held no range before it (the placement before is not kept): it refuses
+/// every key, and is not ready, until the refill is done.
+pub(super) fn restore(placement: &mut Placement, saved: Option<Progress>) -> Restored {
+    let Some(saved) = saved else {
+        return Restored::default();
+    };
+    if saved.shape != placement.shape || saved.ring_epoch > placement.epoch {
+        tracing::warn!(
+            saved_epoch = saved.ring_epoch,
+            epoch = placement.epoch,
+            "the stored ring-change progress is of another ring; not taken up"
+        );
+        return Restored::default();
+    }
+    placement.ring_epoch = saved.ring_epoch;
+    let lag = saved
+        .refills
+        .iter()
+        .map(|(&peer, &(refill_epoch, refilled_epoch))| {
+            let lag = PeerLag {
+                refill_epoch,
+                refilled_epoch,
+                ..PeerLag::default()
+            };
+            (peer, lag)
+        })
+        .collect();
+    let handoff = saved
+        .pending
+        .filter(|pending| !pending.is_empty())
+        .map(|pending| Handoff {
+            epoch: saved.ring_epoch,
+            before: None,
+            pending: pending.into_iter().collect(),
+        });
+    if let Some(h) = &handoff {
+        tracing::info!(epoch = h.epoch, peers = ?h.pending, "taking up an unfinished ring change");
+    }
+    Restored {
+        handoff,
+        drop: saved.drop,
+        lag,
+    }
+}
+
 impl Replication {
+    /// Stores how far the last ring change got, if that changed. Blocks.
+    pub fn store_progress(&self) -> io::Result<()> {
+        let Some(placement) = self.placement() else {
+            return Ok(());
+        };
+        let refills = self
+            .lag
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, lag)| lag.refill_epoch > 0 || lag.refilled_epoch > 0)
+            .map(|(&peer, lag)| (peer, (lag.refill_epoch, lag.refilled_epoch)))
+            .collect();
+        let pending = self
+            .handoff
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|h| h.pending.iter().copied().collect());
+        self.progress.store(Progress {
+            shape: placement.shape.clone(),
+            ring_epoch: placement.ring_epoch,
+            refills,
+            pending,
+            drop: self.drop_pending(),
+        })
+    }
+
     /// Adopts a newly stored cluster map, unless a newer one already was,
     /// and starts pulling the ranges it moves here.
     pub fn set_map(&self, map: &ClusterMap) {
@@ -105,6 +191,11 @@ impl Replication {
         self.placement.send_replace(Some(new));
         self.acks.peers_changed();
         self.update_ready();
+        if ring_changed && let Err(e) = self.store_progress() {
+            // Stored again with the cursors; until then a restart takes
+            // up the ring change as one whose progress is unknown.
+            tracing::warn!(error = %e, "storing the ring change's progress");
+        }
     }
 
     /// The peers whose logs this node must pull again from the start if it

@@ -25,6 +25,7 @@ pub mod cursors;
 pub mod feed;
 pub mod handoff;
 pub mod inference;
+pub mod progress;
 pub mod puller;
 pub mod service;
 pub mod takeover;
@@ -50,6 +51,7 @@ use crate::status::{
 use acks::Acks;
 use cursors::Cursors;
 use feed::Feed;
+use progress::RingProgress;
 
 /// Where keys live, from one cluster map.
 #[derive(Debug)]
@@ -252,6 +254,8 @@ pub struct Replication {
     lag: Mutex<BTreeMap<u32, PeerLag>>,
     /// What anti-entropy did.
     anti_entropy: Mutex<AntiEntropyStats>,
+    /// How far the last ring change got, as stored.
+    progress: RingProgress,
     /// Peer id → the on-disk read of this node's log that peer's pulls are
     /// walking through (one per peer; a pull from elsewhere replaces it),
     /// and when it was last used.
@@ -273,11 +277,17 @@ impl Replication {
         config: ReplicationConfig,
         feed: Arc<Feed>,
         cursors: Cursors,
+        progress: RingProgress,
         map: Option<&ClusterMap>,
         needs_map: bool,
     ) -> Replication {
         let start_seq = feed.last_seq();
-        let placement = map.map(|m| Arc::new(Placement::of(m)));
+        let mut placement = map.map(Placement::of);
+        let restored = placement
+            .as_mut()
+            .map(|p| handoff::restore(p, progress.take_loaded()))
+            .unwrap_or_default();
+        let placement = placement.map(Arc::new);
         // At start every primary range is taken over: the log may have
         // lost a tail, and others may have been primary meanwhile.
         let has_peers = placement
@@ -297,11 +307,12 @@ impl Replication {
             ready: watch::Sender::new(!(has_peers || needs_map && map.is_none())),
             started_up: AtomicBool::new(!has_peers),
             needs_map,
-            handoff: RwLock::new(None),
+            handoff: RwLock::new(restored.handoff),
             takeover: RwLock::new(None),
-            drop_pending: Mutex::new(None),
-            lag: Mutex::new(BTreeMap::new()),
+            drop_pending: Mutex::new(restored.drop),
+            lag: Mutex::new(restored.lag),
             anti_entropy: Mutex::new(AntiEntropyStats::default()),
+            progress,
             sessions: Mutex::new(HashMap::new()),
             started: Instant::now(),
             incarnation: new_incarnation(),

@@ -235,6 +235,17 @@ async fn persist_cursors(core: Arc<NodeCore>, mut stop: watch::Receiver<bool>) {
         if let Err(status) = persisted {
             tracing::warn!(error = %status.message(), "storing replication cursors");
         }
+        let progress = Arc::clone(&core);
+        let stored = crate::kv::run_blocking(move || {
+            progress
+                .replication
+                .store_progress()
+                .map_err(|e| Status::internal(e.to_string()))
+        })
+        .await;
+        if let Err(status) = stored {
+            tracing::warn!(error = %status.message(), "storing the ring change's progress");
+        }
         if stopping {
             return;
         }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use caskade_proto::{ClusterMap, ClusterNode, NodeState};
 
-use super::{Replication, cursors::Cursors, feed::Feed};
+use super::{Replication, cursors::Cursors, feed::Feed, progress::RingProgress};
 use crate::config::ReplicationConfig;
 
 /// Node 1, of nodes 1 to 3, RF 3.
@@ -40,6 +40,7 @@ fn replication(dir: &tempfile::TempDir, first: &ClusterMap) -> Replication {
         ReplicationConfig::default(),
         Arc::new(Feed::new(1 << 20)),
         Cursors::open(dir.path()).unwrap(),
+        RingProgress::open(dir.path()).unwrap(),
         Some(first),
         true,
     )

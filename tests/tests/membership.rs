@@ -392,6 +392,104 @@ async fn a_node_restarted_during_a_ring_change_finishes_it() {
     tc.shutdown().await.unwrap();
 }
 
+/// Issue 13, bug 2: a refill still under way when a map that keeps the
+/// ring arrives (here: a node marked down) finishes under that map. A pull
+/// reaching a peer's end used to count only under the epoch of the ring
+/// change itself, so such a refill never finished: the node kept refusing
+/// its new ranges, and no node ever dropped a range it lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refill_finishes_under_a_later_map_that_keeps_the_ring() {
+    let spec = ClusterSpec {
+        configure: |config| {
+            // One record per pull of a long log: the refill outlasts the
+            // failover by seconds.
+            config.replication.pull_max_records = 1;
+            config.cluster.failover_after_ms = 1000;
+        },
+        ..ClusterSpec::nodes(3, 2, policy())
+    };
+    let mut tc = TestCluster::start(spec).await.unwrap();
+    let ids = tc.node_ids();
+    let long = ids[0];
+    // Not the Raft leader, whose replacement would take an election first.
+    let page = tc.admin_node(long).await.unwrap();
+    let leader = page["stats"]["raft"]["leader"].as_u64().unwrap() as u32;
+    let gone = *ids[1..].iter().find(|&&id| id != leader).unwrap();
+    let mut replication = tc.node_replication(long).await.unwrap();
+    for batch in 0..10 {
+        let records = (0..1000)
+            .map(|n| caskade_proto::ReplicatedRecord {
+                key: format!("long-{batch}-{n:04}").into_bytes().into(),
+                value: b"in the long log".to_vec().into(),
+                tombstone: false,
+                version: Some(caskade_proto::Version {
+                    hlc: caskade_common::Version::from_parts(1_000_000, 0, 999).hlc,
+                    origin: 999,
+                }),
+                expires_at_ms: 0,
+            })
+            .collect();
+        let request = caskade_proto::ApplyRequest { records, epoch: 0 };
+        replication.apply(request).await.unwrap();
+    }
+
+    let new = tc.start_spare_node().await.unwrap();
+    let added = tc
+        .client()
+        .post(tc.at("/admin/v1/nodes"))
+        .bearer_auth(&tc.admin_token)
+        .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), StatusCode::OK);
+    let ring_epoch = added.json::<Value>().await.unwrap()["epoch"]
+        .as_u64()
+        .unwrap();
+    tc.stop_node(gone).await.unwrap();
+
+    let live: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|&id| id != gone)
+        .chain([new])
+        .collect();
+    poll_until(
+        "every live node to finish refilling from every live peer",
+        SETTLE_DEADLINE,
+        || async {
+            for &id in &live {
+                let Ok(mut admin) = tc.node_admin(id).await else {
+                    return false;
+                };
+                let Ok(stats) = admin.stats(caskade_proto::StatsRequest {}).await else {
+                    return false;
+                };
+                let stats = stats.into_inner();
+                let refilled = |peer: u32| {
+                    stats
+                        .peers
+                        .iter()
+                        .any(|p| p.peer_id == peer && p.refilled_epoch >= ring_epoch)
+                };
+                if !live.iter().filter(|&&p| p != id).all(|&p| refilled(p)) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    // A map that keeps the ring came meanwhile: the stopped node is down.
+    let page = cluster_page(&tc).await;
+    let marked =
+        page["nodes"].as_array().unwrap().iter().any(|n| {
+            n["id"].as_u64() == Some(u64::from(gone)) && n["down"].as_bool() == Some(true)
+        });
+    assert!(marked, "{page}");
+    tc.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
     let spec = ClusterSpec {

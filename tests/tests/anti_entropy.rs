@@ -49,6 +49,34 @@ async fn everywhere(tc: &TestCluster, key: &str, value: Option<&str>) {
     .await;
 }
 
+/// Moves every node's cursor on every peer past 0: a pull from the start
+/// of a log reads its data files, which sends every record, not only the
+/// ones the peer coordinated, and would deliver what is planted below.
+async fn pull_past_the_start(tc: &TestCluster) {
+    let response = tc
+        .put_level("first", "moves the cursors", "all")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    poll_until(
+        "every node to pull every peer past the start of its log",
+        Duration::from_secs(10),
+        || async {
+            let Ok(page) = tc.admin_cluster().await else {
+                return false;
+            };
+            let nodes = page["nodes"].as_array().cloned().unwrap_or_default();
+            nodes.len() == tc.node_ids().len()
+                && nodes.iter().all(|node| {
+                    node["stats"]["replication"]
+                        .as_array()
+                        .is_some_and(|peers| peers.iter().all(|p| p["cursor"].as_u64() >= Some(1)))
+                })
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_on_one_replica_reaches_the_others_and_so_does_a_delete() {
     let spec = ClusterSpec {
@@ -57,6 +85,7 @@ async fn a_record_on_one_replica_reaches_the_others_and_so_does_a_delete() {
     };
     let tc = TestCluster::start(spec).await.unwrap();
     let ids = tc.node_ids();
+    pull_past_the_start(&tc).await;
     // Coordinated by a node since gone, which crashed before the others
     // pulled it: only the first holds it, and the others' pulls from the
     // first skip records that node did not coordinate. Only anti-entropy
@@ -89,5 +118,28 @@ async fn a_record_on_one_replica_reaches_the_others_and_so_does_a_delete() {
         || async { repaired().await >= 1 },
     )
     .await;
+    tc.shutdown().await.unwrap();
+}
+
+/// Issue 13, bug 4: a coordinator that crashed and lost a write from its
+/// unsynced tail, while the one replica that pulled it was unreachable,
+/// comes back without it; pulls never bring it back (a caught-up puller
+/// takes from that replica only what it coordinated itself). The state is
+/// planted directly: the write of node N's key, with N's origin, on one
+/// other replica only. Anti-entropy brings it to N and to the third node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_its_coordinator_lost_comes_back_to_every_replica() {
+    let spec = ClusterSpec {
+        configure: often,
+        ..ClusterSpec::nodes(3, 3, NodePolicy::default())
+    };
+    let tc = TestCluster::start(spec).await.unwrap();
+    let ids = tc.node_ids();
+    let (coordinator, holder) = (ids[0], ids[1]);
+    pull_past_the_start(&tc).await;
+    let key = tc.keys_with_primary(coordinator, "lost-", 1).remove(0);
+    let planted = tc.apply_on(holder, &key, Some("acknowledged"), version_of(coordinator));
+    assert_eq!(planted.await.unwrap(), 1);
+    everywhere(&tc, &key, Some("acknowledged")).await;
     tc.shutdown().await.unwrap();
 }

@@ -562,16 +562,28 @@ async fn full_catch_up_does_not_resurrect_deleted_keys() {
     tc.shutdown().await.unwrap();
 }
 
-/// Issue 13, bug 1: a full catch-up infers no delete of a key that another
-/// replica still holds. RF 3 on {N, P, Q}. K reached N and Q but not P (a
-/// caught-up puller takes from a peer only what that peer coordinated, and
-/// K's coordinator is gone). N is away while P's deletes are merged away;
-/// back, it takes a full catch-up from P, where K is absent and older than
-/// the retention. That absence alone used to delete K on N: with P never
-/// holding it, the acknowledged write would then be gone from a majority.
-/// A key whose newer tombstone is on Q only is still inferred deleted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_catch_up_deletes_no_key_another_replica_holds() {
+/// A full catch-up that must infer deletes, set up for issue 13, bug 1.
+/// RF 3 on {N, P, Q}. K reached N and Q but not P (a caught-up puller
+/// takes from a peer only what that peer coordinated, and K's coordinator
+/// is gone). A second key's value reached N only and its later delete Q
+/// only (N's pull from Q skipped it the same way). Then N is away while P
+/// deletes every other `p-` key and merges the deletes away; N is left
+/// stopped, so that its next start takes a full catch-up from P, where
+/// both keys are absent and older than the retention.
+struct Stranded {
+    tc: TestCluster,
+    p: u32,
+    q: u32,
+    n: u32,
+    /// K: on N and Q.
+    held: String,
+    /// On N as a value, on Q as a newer tombstone.
+    deleted_on_q: String,
+    /// Every other one was deleted while N was away.
+    on_p: Vec<String>,
+}
+
+async fn strand_and_merge() -> Stranded {
     let spec = ClusterSpec {
         configure: |config| {
             deletes_merge_away(config);
@@ -592,28 +604,26 @@ async fn a_full_catch_up_deletes_no_key_another_replica_holds() {
         let response = tc.put_level(key, &filler, "all").await.unwrap();
         assert_eq!(response.status(), StatusCode::CREATED);
     }
-    // K is Q's to coordinate, so that no takeover below copies it to P.
-    let k = tc.keys_with_primary(q, "held-", 1).remove(0);
+    // Q's keys, so that no takeover below copies them to P.
+    let held = tc.keys_with_primary(q, "held-", 1).remove(0);
     let an_hour_ago = caskade_common::version::unix_millis() - 3_600_000;
     let version = Version {
         hlc: caskade_common::Version::from_parts(an_hour_ago, 0, 999).hlc,
         origin: 999,
     };
     for id in [n, q] {
-        let applied = tc.apply_on(id, &k, Some("acknowledged"), version);
+        let applied = tc.apply_on(id, &held, Some("acknowledged"), version);
         assert_eq!(applied.await.unwrap(), 1);
     }
-    // And a key deleted after its write: the value reached N only, the
-    // delete Q only (N's pull from Q skipped it the same way). A newer
-    // tombstone on Q is no copy of the value: N's inference must delete it.
-    let gone = tc.keys_with_primary(q, "gone-", 1).remove(0);
-    let applied = tc.apply_on(n, &gone, Some("deleted later"), version);
+    let deleted_on_q = tc.keys_with_primary(q, "gone-", 1).remove(0);
+    let applied = tc.apply_on(n, &deleted_on_q, Some("deleted later"), version);
     assert_eq!(applied.await.unwrap(), 1);
     let later = Version {
         hlc: version.hlc + 1,
         ..version
     };
-    assert_eq!(tc.apply_on(q, &gone, None, later).await.unwrap(), 1);
+    let applied = tc.apply_on(q, &deleted_on_q, None, later);
+    assert_eq!(applied.await.unwrap(), 1);
 
     tc.stop_node(n).await.unwrap();
     tc.wait_failed_over(n).await;
@@ -631,33 +641,73 @@ async fn a_full_catch_up_deletes_no_key_another_replica_holds() {
     wait_serving(&tc, p).await;
     tc.merge_node(p).await.unwrap();
     assert!(
-        !scan_node(&tc, p).await.contains_key(k.as_bytes()),
+        !scan_node(&tc, p).await.contains_key(held.as_bytes()),
         "P never received K"
     );
+    Stranded {
+        tc,
+        p,
+        q,
+        n,
+        held,
+        deleted_on_q,
+        on_p,
+    }
+}
 
-    tc.start_node(n).await.unwrap();
-    wait_serving(&tc, n).await;
-    let node = tc.admin_node(n).await.unwrap();
+/// Waits until N serves after a full catch-up; asserts it took one.
+async fn n_caught_up_in_full(s: &Stranded) {
+    wait_serving(&s.tc, s.n).await;
+    let node = s.tc.admin_node(s.n).await.unwrap();
     assert!(
         full_catch_ups(&node) >= 1,
         "N took a full catch-up from P: {node}"
     );
-    for id in [n, q] {
+}
+
+/// Issue 13, bug 1: a full catch-up infers no delete of a key that another
+/// replica still holds. K's absence from P alone used to delete it on N:
+/// with P never holding it, the acknowledged write would then be gone from
+/// a majority. A key whose newer tombstone is on Q is still deleted, and so
+/// is every key P deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_catch_up_deletes_no_key_another_replica_holds() {
+    let mut s = strand_and_merge().await;
+    s.tc.start_node(s.n).await.unwrap();
+    n_caught_up_in_full(&s).await;
+    for id in [s.n, s.q] {
+        let value = node_value(&s.tc, id, &s.held).await;
         assert_eq!(
-            node_value(&tc, id, &k)
-                .await
-                .map(|(value, _)| value)
-                .as_deref(),
+            value.map(|(value, _)| value).as_deref(),
             Some("acknowledged"),
             "node {id} still holds K"
         );
     }
-    assert_eq!(node_value(&tc, n, &gone).await, None, "N deleted {gone}");
-    // What P deleted is still deleted on N.
-    for key in on_p.iter().step_by(2) {
-        assert_eq!(node_value(&tc, n, key).await, None, "{key}");
+    let gone = node_value(&s.tc, s.n, &s.deleted_on_q).await;
+    assert_eq!(gone, None, "N deleted {}", s.deleted_on_q);
+    for key in s.on_p.iter().step_by(2) {
+        assert_eq!(node_value(&s.tc, s.n, key).await, None, "{key}");
     }
-    tc.shutdown().await.unwrap();
+    s.tc.shutdown().await.unwrap();
+}
+
+/// With the only other replica that could tell stopped, the catch-up
+/// cannot decide whether K was deleted or never delivered: it keeps K
+/// after a bounded wait and finishes, and N serves again (it used to wait
+/// for that replica for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_catch_up_keeps_what_too_few_replicas_answer_for_and_finishes() {
+    let mut s = strand_and_merge().await;
+    s.tc.stop_node(s.q).await.unwrap();
+    s.tc.start_node(s.n).await.unwrap();
+    n_caught_up_in_full(&s).await;
+    let value = node_value(&s.tc, s.n, &s.held).await;
+    assert_eq!(
+        value.map(|(value, _)| value).as_deref(),
+        Some("acknowledged")
+    );
+    assert!(!scan_node(&s.tc, s.p).await.is_empty(), "P still serves");
+    s.tc.shutdown().await.unwrap();
 }
 
 // ------------------------------------------------------------ conflicts

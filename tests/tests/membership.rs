@@ -327,13 +327,6 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
     tc.shutdown().await.unwrap();
 }
 
-/// A ring change sends every cursor back to 0. When the peers have merged
-/// deletes away (retention 0 here), those pulls become snapshot copies, and
-/// a snapshot from a node that is itself still receiving ranges must not be
-/// read as "every key it lacks was deleted". Four nodes, RF 3: removing one
-/// moves its ranges to a node that does not hold them yet, which the others
-/// copy snapshots from; after the removal every surviving key is still on
-/// its replicas.
 /// Issue 13, bug 5: a node restarted in the middle of a ring change takes
 /// it up again. A fourth node is added with RF 2, so every node loses
 /// ranges; node 1 stops as soon as it has put the new map into effect,
@@ -490,6 +483,13 @@ async fn a_refill_finishes_under_a_later_map_that_keeps_the_ring() {
     tc.shutdown().await.unwrap();
 }
 
+/// A ring change sends every cursor back to 0. When the peers have merged
+/// deletes away (retention 0 here), those pulls become snapshot copies, and
+/// a snapshot from a node that is itself still receiving ranges must not be
+/// read as "every key it lacks was deleted". Four nodes, RF 3: removing one
+/// moves its ranges to a node that does not hold them yet, which the others
+/// copy snapshots from; after the removal every surviving key is still on
+/// its replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
     let spec = ClusterSpec {

@@ -141,6 +141,26 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates `dir` and its missing parents, each durably: a crash after a
+/// backup into it must not lose the directory itself.
+fn create_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_durably(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        created => created?,
+    }
+    let parent = match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    fs::File::open(parent)?.sync_all()
+}
+
 /// The `Admin` service.
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -297,7 +317,7 @@ impl Admin for AdminService {
         let backup_dir = self.backup_dir.clone();
         let result = async move {
             let report = run_blocking(move || {
-                fs::create_dir_all(&backup_dir).map_err(|e| {
+                create_durably(&backup_dir).map_err(|e| {
                     tracing::error!(error = %e, dir = %backup_dir.display(), "creating the backup directory");
                     Status::internal("could not create the backup directory")
                 })?;

@@ -103,9 +103,15 @@ fn assert_writes_nothing(name: &str, refused: impl Fn(&Engine)) {
     let engine = Engine::open(dir.path(), options(&clock)).unwrap();
     let mut after = snapshot(&engine, &PROBE);
     // A reopen may start a new active file, and numbers new records from
-    // above the seqs reserved before the crash; contents are what matter
-    // here (the running engine's `last_seq` was compared above).
+    // above the seqs reserved before the crash; no record may be above
+    // the last one written before.
     after.files = before.files.clone();
+    assert!(after.last_seq >= before.last_seq, "{name}");
+    assert_eq!(
+        engine.iter_since(before.last_seq).unwrap().count(),
+        0,
+        "{name}: a record after the last one written"
+    );
     after.last_seq = before.last_seq;
     assert_eq!(after, before, "{name}: changed the store on disk");
 }

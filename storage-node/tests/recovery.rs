@@ -14,9 +14,11 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use caskade_node::engine::{
-    DeleteOptions, Engine, EngineError, FaultHook, FaultPoint, Options, PutOptions, WriteOutcome,
+    DeleteOptions, Durability, Engine, EngineError, FaultHook, FaultPoint, Options, PutOptions,
+    WriteOutcome,
 };
 use common::{
     DiskRecord, MockClock, T0, copy_dir, data_file_ids, data_path, hint_path, read_records,
@@ -186,40 +188,113 @@ fn active_file_cut_at_every_byte_of_its_last_records_keeps_every_complete_record
 /// A crash that loses the unsynced tail of the active file (`interval` or
 /// `never` durability) does not make the next start hand out the lost
 /// records' seqs again: a replica that pulled them holds a cursor past
-/// them, and would skip new records numbered below it for good.
+/// them, and would skip new records numbered below it for good. Three
+/// crashes in a row each lose what was written since the one before.
 #[test]
 fn seqs_lost_with_an_unsynced_tail_are_never_handed_out_again() {
+    let modes = [
+        Durability::Always,
+        Durability::Interval(Duration::from_secs(3600)),
+        Durability::Never,
+    ];
+    for durability in modes {
+        let clock = MockClock::new(T0);
+        let dir = tempfile::tempdir().unwrap();
+        let (_, records, id) = write_log_and_crash(dir.path(), &clock);
+        let mut handed_out = records.iter().map(|r| r.seq).max().unwrap();
+        lose_records_after(dir.path(), id, records[records.len() - 4].seq);
+
+        for crash in 0..3u16 {
+            let options = Options {
+                durability,
+                ..test_options(&clock, ONE_FILE)
+            };
+            let engine = Engine::open(dir.path(), options).unwrap();
+            let mut first = None;
+            for n in 0..3u16 {
+                let opts = PutOptions {
+                    version: version_at(T0, 1000 + crash * 10 + n),
+                    ..Default::default()
+                };
+                let outcome = engine
+                    .put(b"after", b"written after a crash", opts)
+                    .unwrap();
+                let WriteOutcome::Applied { seq, .. } = outcome else {
+                    panic!("{outcome:?}");
+                };
+                assert!(
+                    seq > handed_out,
+                    "{durability:?}, crash {crash}: seq {seq} was handed out before (up to {handed_out})"
+                );
+                handed_out = seq;
+                first.get_or_insert(seq);
+            }
+            drop(engine);
+            let newest = *data_file_ids(dir.path()).last().unwrap();
+            lose_records_after(dir.path(), newest, first.unwrap() - 1);
+        }
+    }
+}
+
+/// A write that cannot reserve its seq in `STATE` is refused and writes
+/// nothing; once `STATE` can be written again, writes go on.
+#[test]
+fn a_write_whose_seq_cannot_be_reserved_is_refused_and_writes_nothing() {
     let clock = MockClock::new(T0);
     let dir = tempfile::tempdir().unwrap();
-    let (_, records, id) = write_log_and_crash(dir.path(), &clock);
-    let mut highest = records.iter().map(|r| r.seq).max().unwrap();
-    let file = OpenOptions::new()
-        .write(true)
-        .open(data_path(dir.path(), id))
-        .unwrap();
-    file.set_len(records[records.len() - 3].offset).unwrap();
-    drop(file);
-
-    for restart in 0..3 {
-        let engine = Engine::open(dir.path(), test_options(&clock, ONE_FILE)).unwrap();
+    write_log_and_crash(dir.path(), &clock);
+    for (round, durability) in [Durability::Always, Durability::Never]
+        .into_iter()
+        .enumerate()
+    {
+        let options = Options {
+            durability,
+            ..test_options(&clock, ONE_FILE)
+        };
+        let engine = Engine::open(dir.path(), options).unwrap();
+        let before = (
+            engine.stats().last_seq,
+            engine.iter_since(0).unwrap().count(),
+        );
+        // `STATE` is replaced through `STATE.tmp`: a directory there fails it.
+        fs::create_dir(dir.path().join("STATE.tmp")).unwrap();
         let opts = PutOptions {
-            version: version_at(T0, 1000 + restart),
+            version: version_at(T0, 2000 + round as u16),
             ..Default::default()
         };
-        let outcome = engine
-            .put(b"after", b"written after the crash", opts)
-            .unwrap();
-        let WriteOutcome::Applied { seq, .. } = outcome else {
-            panic!("{outcome:?}");
-        };
+        let refused = engine.put(b"refused", b"v", opts);
         assert!(
-            seq > highest,
-            "restart {restart}: seq {seq} was handed out before the crash (up to {highest})"
+            matches!(refused, Err(EngineError::Io { .. })),
+            "{durability:?}: {refused:?}"
         );
-        // The next crash loses nothing more; seqs still only grow.
-        highest = seq;
-        drop(engine);
+        let after = (
+            engine.stats().last_seq,
+            engine.iter_since(0).unwrap().count(),
+        );
+        assert_eq!(after, before, "{durability:?}");
+        let held = engine.get(b"refused").unwrap().map(|v| v.version);
+        assert!(held < Some(opts.version), "{durability:?}: {held:?}");
+        fs::remove_dir(dir.path().join("STATE.tmp")).unwrap();
+        let outcome = engine.put(b"refused", b"v", opts).unwrap();
+        assert!(
+            matches!(outcome, WriteOutcome::Applied { .. }),
+            "{outcome:?}"
+        );
+        engine.close().unwrap();
     }
+}
+
+/// Cuts data file `id` before its first record with a seq above `seq`, as
+/// a crash that loses the unsynced tail does.
+fn lose_records_after(dir: &Path, id: u32, seq: u64) {
+    let path = data_path(dir, id);
+    let records = read_records(&path);
+    let cut = records
+        .iter()
+        .find(|r| r.seq > seq)
+        .map_or_else(|| fs::metadata(&path).unwrap().len(), |r| r.offset);
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(cut).unwrap();
 }
 
 #[test]

@@ -30,7 +30,7 @@ pub struct BackupReport {
     pub files: usize,
     /// Bytes copied.
     pub bytes: u64,
-    /// Highest sequence number in the copy.
+    /// No record of the copy has a higher sequence number.
     pub last_seq: u64,
 }
 
@@ -74,9 +74,11 @@ impl Inner {
         state.store(dest).ctx("write STATE of backup in", dest)?;
         sync_dir(dest).ctx("sync backup directory", dest)?;
         // The backup's own directory entry, or a crash could lose all of it.
-        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent).ctx("sync the directory of the backup", parent)?;
-        }
+        let parent = match dest.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        sync_dir(parent).ctx("sync the directory of the backup", parent)?;
         Ok(BackupReport {
             dir: dest.to_path_buf(),
             files: files.len(),

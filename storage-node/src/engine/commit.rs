@@ -11,6 +11,7 @@
 //! it, as with any write that reported a failure).
 
 use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
@@ -259,6 +260,7 @@ impl Inner {
         let mut buf = std::mem::take(&mut w.scratch);
         buf.clear();
         let mut io_result = Ok(());
+        let mut reserve_failed: Option<io::Error> = None;
         for (index, pending) in batch.iter().enumerate() {
             if let Err(e) = self.check_poison() {
                 outcomes.push(Err(e));
@@ -292,10 +294,17 @@ impl Inner {
                     continue;
                 }
             }
-            // Enough for the rest of the batch: later writes find them reserved.
+            // Enough for the rest of the batch: later writes find them
+            // reserved. After a failure the rest of the batch is refused
+            // without writing `STATE` again.
             let rest = (batch.len() - index) as u64;
-            if let Err(e) = self.reserve_seqs(&mut w, rest).ctx(RESERVE, &self.dir) {
-                outcomes.push(Err(e));
+            let reserved = match &reserve_failed {
+                Some(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                None => self.reserve_seqs(&mut w, rest),
+            };
+            if let Err(e) = reserved {
+                outcomes.push(Err(io::Error::new(e.kind(), e.to_string())).ctx(RESERVE, &self.dir));
+                reserve_failed = Some(e);
                 continue;
             }
             let seq = w.next_seq;

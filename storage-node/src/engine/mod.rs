@@ -11,9 +11,10 @@
 //! readers. Readers only take the keydir and file-table locks, for
 //! in-memory work, and never wait for an fsync. The writer lock is held
 //! across an append, and across the fsync of a rotation or of a group
-//! commit (which publishes the batch before letting go). Locks are taken in
-//! the order `writer → keydir → files`; merge takes `writer` only briefly,
-//! to choose its inputs.
+//! commit (which publishes the batch before letting go), and across the
+//! `STATE` write that reserves seqs (once per 65,536 records). Locks are
+//! taken in the order `writer → keydir → files`, and `writer → state`;
+//! merge takes `writer` only briefly, to choose its inputs.
 //!
 //! This module does no networking; the node's services reach it only
 //! through [`Engine`].
@@ -89,12 +90,13 @@ struct Inner {
     writer: Mutex<Writer>,
     /// Writers waiting to be committed together (`Durability::Always`).
     commit: commit::CommitQueue,
-    /// Serializes merges; also guards `STATE` writes made by merge.
+    /// Serializes merges.
     merge_lock: Mutex<()>,
     /// Held by every fsync: a writeback error is reported to one fsync of
     /// a file only, so the poison it sets must be seen by the next one.
     syncing: Mutex<()>,
-    /// `STATE` as last written.
+    /// `STATE` as last written; held while it is written (by merge, and by
+    /// the writer reserving seqs), which serializes those writes.
     state: Mutex<State>,
     /// Set after a failed write or fsync: the reason writes are refused.
     poisoned: OnceLock<String>,
@@ -351,8 +353,10 @@ impl Engine {
             let tombstones = keydir.tombstones();
             (keydir.len() as u64 - tombstones, tombstones)
         };
-        // Writer before files: the lock order every path follows.
+        // Writer before files: the lock order every path follows. `state`
+        // is taken alone: a seq reservation holds it across a write.
         let last_seq = lock(&inner.writer).next_seq - 1;
+        let tombstone_horizon = lock(&inner.state).tombstone_horizon;
         let files = read(&inner.files);
         let record_bytes: u64 = files.values().map(|f| f.record_bytes()).sum();
         let dead_bytes: u64 = files.values().map(|f| f.dead_bytes()).sum();
@@ -366,7 +370,7 @@ impl Engine {
             merges: inner.merges.load(Ordering::Relaxed),
             last_fsync_micros: (fsync != u64::MAX).then_some(fsync),
             last_seq,
-            tombstone_horizon: lock(&inner.state).tombstone_horizon,
+            tombstone_horizon,
             repaired_records: inner.repaired_records,
         }
     }

@@ -226,7 +226,15 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
         file.seal();
     }
     let max_seq = table.values().map(|f| f.max_seq()).max().unwrap_or(0);
-    let next_seq = max_seq.max(state.seq_floor) + 1;
+    // Seqs are reserved in `STATE` before they are handed out, so no record
+    // is above the floor, except in a directory written before seqs were
+    // reserved: a lost tail's seqs may then be above every record, and the
+    // next numbers start a reservation's width further on.
+    let next_seq = if max_seq > state.seq_floor {
+        max_seq + super::writer::SEQ_RESERVATION + 1
+    } else {
+        state.seq_floor + 1
+    };
     tracing::info!(
         dir = %dir.display(),
         keys = keydir.len(),

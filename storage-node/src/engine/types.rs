@@ -129,7 +129,9 @@ pub struct Stats {
     pub merges: u64,
     /// Latency of the latest fsync of the active file, in microseconds.
     pub last_fsync_micros: Option<u64>,
-    /// Highest sequence number assigned so far.
+    /// Highest sequence number assigned so far; right after an open, the
+    /// seq the next record follows (a restart leaves a gap of seqs that
+    /// were reserved, see `STATE`).
     pub last_seq: u64,
     /// Tombstones with a seq at or below this may have been merged away.
     pub tombstone_horizon: u64,

@@ -287,7 +287,8 @@ impl Inner {
     /// those seqs, so a restart must never number new records with them.
     /// Reserving [`SEQ_RESERVATION`] at a time costs one `STATE` write per
     /// that many records, and leaves a gap of at most that many at a restart.
-    /// Nothing is written when this fails.
+    /// When this fails no record is appended (`STATE` may already hold the
+    /// raised floor, which only widens the gap).
     pub(super) fn reserve_seqs(&self, w: &mut Writer, count: u64) -> io::Result<()> {
         let last = w.next_seq + count - 1;
         if last <= w.seq_reserved {

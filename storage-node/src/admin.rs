@@ -9,7 +9,7 @@
 //! effect once its Raft state machine has it. It only moves to higher epochs.
 
 use std::fs;
-use std::io::{self, Write as _};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::files::{create_durably, write_atomically};
 use crate::kv::{NodeCore, run_blocking};
 use crate::status::engine_status;
 
@@ -126,39 +127,6 @@ fn validate_map(map: &ClusterMap) -> Result<(), Status> {
         return invalid(format!("node {} has no address", node.id));
     }
     Ok(())
-}
-
-/// Replaces `path` with `bytes` so that a crash leaves the old or the new file.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// Creates `dir` and its missing parents, each durably: a crash after a
-/// backup into it must not lose the directory itself.
-fn create_durably(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        create_durably(parent)?;
-    }
-    match fs::create_dir(dir) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-        created => created?,
-    }
-    let parent = match dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    fs::File::open(parent)?.sync_all()
 }
 
 /// The `Admin` service.

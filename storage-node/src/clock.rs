@@ -23,7 +23,7 @@ use std::time::Duration;
 use caskade_common::{Hlc, Version};
 use tonic::Status;
 
-use crate::admin::write_atomically;
+use crate::files::write_atomically;
 
 /// The clock lease file in the data directory.
 pub const CLOCK_FILE: &str = "clock";

@@ -18,6 +18,7 @@ pub mod config;
 pub mod engine;
 pub mod engine_threads;
 mod epochs;
+mod files;
 pub mod key_locks;
 pub mod kv;
 pub mod observe;

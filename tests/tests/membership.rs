@@ -327,6 +327,42 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
     tc.shutdown().await.unwrap();
 }
 
+/// Gives node `id` 10,000 records of its ranges (of a node outside the
+/// cluster, so no puller takes them from the feed): a long log to pull.
+async fn lengthen_log(tc: &TestCluster, id: u32) {
+    let mut replication = tc.node_replication(id).await.unwrap();
+    for batch in 0..10 {
+        let records = (0..1000)
+            .map(|n| caskade_proto::ReplicatedRecord {
+                key: format!("long-{batch}-{n:04}").into_bytes().into(),
+                value: b"in the long log".to_vec().into(),
+                tombstone: false,
+                version: Some(caskade_proto::Version {
+                    hlc: caskade_common::Version::from_parts(1_000_000, 0, 999).hlc,
+                    origin: 999,
+                }),
+                expires_at_ms: 0,
+            })
+            .collect();
+        let request = caskade_proto::ApplyRequest { records, epoch: 0 };
+        replication.apply(request).await.unwrap();
+    }
+}
+
+/// Node `id`'s replication from each peer: peer → refilled epoch.
+async fn refilled(tc: &TestCluster, id: u32) -> Option<BTreeMap<u32, u64>> {
+    let mut admin = tc.node_admin(id).await.ok()?;
+    let stats = admin.stats(caskade_proto::StatsRequest {}).await.ok()?;
+    Some(
+        stats
+            .into_inner()
+            .peers
+            .iter()
+            .map(|p| (p.peer_id, p.refilled_epoch))
+            .collect(),
+    )
+}
+
 /// Issue 13, bug 5: a node restarted in the middle of a ring change takes
 /// it up again. A fourth node is added with RF 2, so every node loses
 /// ranges; node 1 stops as soon as it has put the new map into effect,
@@ -337,12 +373,14 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_during_a_ring_change_finishes_it() {
     let spec = ClusterSpec {
-        // Small pulls: the refill outlasts the restart below.
-        configure: |config| config.replication.pull_max_records = 10,
+        // One record per pull of a long log: the refill outlasts the
+        // restart below.
+        configure: |config| config.replication.pull_max_records = 1,
         ..ClusterSpec::nodes(3, 2, policy())
     };
     let mut tc = TestCluster::start(spec).await.unwrap();
-    let first = tc.node_ids()[0];
+    let (first, long) = (tc.node_ids()[0], tc.node_ids()[1]);
+    lengthen_log(&tc, long).await;
     let acked: Acked = Arc::default();
     for n in 0..500 {
         let (key, value) = (format!("r-{n:03}"), format!("value {n}"));
@@ -374,6 +412,11 @@ async fn a_node_restarted_during_a_ring_change_finishes_it() {
         },
     )
     .await;
+    let before = refilled(&tc, first).await.unwrap();
+    assert!(
+        before.get(&long) < Some(&epoch),
+        "node 1 still refills from the long log when it stops: {before:?}"
+    );
     tc.stop_node(first).await.unwrap();
     tc.start_node(first).await.unwrap();
 
@@ -382,6 +425,8 @@ async fn a_node_restarted_during_a_ring_change_finishes_it() {
     })
     .await;
     settled(&tc, &acked).await;
+    let after = refilled(&tc, first).await.unwrap();
+    assert!(after.values().all(|&e| e >= epoch), "{after:?}");
     tc.shutdown().await.unwrap();
 }
 
@@ -408,23 +453,7 @@ async fn a_refill_finishes_under_a_later_map_that_keeps_the_ring() {
     let page = tc.admin_node(long).await.unwrap();
     let leader = page["stats"]["raft"]["leader"].as_u64().unwrap() as u32;
     let gone = *ids[1..].iter().find(|&&id| id != leader).unwrap();
-    let mut replication = tc.node_replication(long).await.unwrap();
-    for batch in 0..10 {
-        let records = (0..1000)
-            .map(|n| caskade_proto::ReplicatedRecord {
-                key: format!("long-{batch}-{n:04}").into_bytes().into(),
-                value: b"in the long log".to_vec().into(),
-                tombstone: false,
-                version: Some(caskade_proto::Version {
-                    hlc: caskade_common::Version::from_parts(1_000_000, 0, 999).hlc,
-                    origin: 999,
-                }),
-                expires_at_ms: 0,
-            })
-            .collect();
-        let request = caskade_proto::ApplyRequest { records, epoch: 0 };
-        replication.apply(request).await.unwrap();
-    }
+    lengthen_log(&tc, long).await;
 
     let new = tc.start_spare_node().await.unwrap();
     let added = tc

@@ -279,6 +279,16 @@ impl Engine {
         Ok(self.scan_keydir(prefix, after, limit, true))
     }
 
+    /// The version of `key`'s latest record, and whether that is a delete
+    /// (a tombstone or an expired value), from the keydir alone: no data
+    /// file is read.
+    pub fn held_version(&self, key: &[u8]) -> Option<(Version, bool)> {
+        let now = self.inner.opts.clock.now_ms();
+        read(&self.inner.keydir)
+            .get(key)
+            .map(|e| (e.version(), !e.is_live(now)))
+    }
+
     fn scan_keydir(
         &self,
         prefix: &[u8],

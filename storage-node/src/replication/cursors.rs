@@ -19,13 +19,12 @@
 //! cursor afterwards ([`Cursors::advance`]).
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use crate::admin::write_atomically;
 use crate::engine::{Engine, EngineError};
+use crate::files::{bad_line, read_text, write_atomically};
 
 /// File name of the stored cursors.
 const CURSORS_FILE: &str = "replication-cursors";
@@ -68,15 +67,9 @@ impl Cursors {
     /// Loads the cursors stored in `data_dir` (none on a first start).
     pub fn open(data_dir: &Path) -> io::Result<Cursors> {
         let path = data_dir.join(CURSORS_FILE);
-        let stored = match fs::read_to_string(&path) {
-            Ok(text) => parse(&text).map_err(|line| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: bad line {line:?}", path.display()),
-                )
-            })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e),
+        let stored = match read_text(&path)? {
+            Some(text) => parse(&text).map_err(|line| bad_line(&path, &line))?,
+            None => BTreeMap::new(),
         };
         Ok(Cursors {
             path,
@@ -181,6 +174,8 @@ fn parse(text: &str) -> Result<BTreeMap<u32, Cursor>, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::engine::Options;
 

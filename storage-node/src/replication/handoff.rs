@@ -12,7 +12,7 @@
 //! node under the new epoch: until then this node may hold the only copy of
 //! some write.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
@@ -24,7 +24,7 @@ use caskade_proto::{ClusterMap, StatsRequest};
 use tokio::sync::watch;
 use tonic::Status;
 
-use super::progress::Progress;
+use super::progress::{Progress, Refill};
 use super::puller::channel;
 use super::{PeerLag, Placement, Replication};
 use crate::kv::NodeCore;
@@ -56,41 +56,69 @@ pub(super) struct Restored {
 }
 
 /// Takes up `saved` progress if it belongs to `placement`'s ring, whose
-/// ring epoch it then gives. A refill under way is taken up as if the node
-/// held no range before it (the placement before is not kept): it refuses
-/// every key, and is not ready, until the refill is done.
-pub(super) fn restore(placement: &mut Placement, saved: Option<Progress>) -> Restored {
-    let Some(saved) = saved else {
-        return Restored::default();
-    };
-    if saved.shape != placement.shape || saved.ring_epoch > placement.epoch {
-        tracing::warn!(
-            saved_epoch = saved.ring_epoch,
-            epoch = placement.epoch,
-            "the stored ring-change progress is of another ring; not taken up"
-        );
+/// ring epoch it then gives; node `me` restarts with it. A refill under way
+/// is taken up as if the node held no range before it (the placement
+/// before is not kept): it refuses every key, and is not ready, until the
+/// refill is done. Without progress of this ring (none stored, or a crash
+/// between storing a ring-changing map and its progress), the node refills
+/// from every peer as after a ring change (its cursors went back to 0
+/// before that map was stored); what it lost stays until the next ring
+/// change, since it cannot tell what that was.
+pub(super) fn restore(me: u32, placement: &mut Placement, saved: Option<Progress>) -> Restored {
+    let peers: BTreeSet<u32> = placement.peers_of(me).into_iter().collect();
+    if !placement.ring.contains(me) || peers.is_empty() {
         return Restored::default();
     }
+    let saved = match saved {
+        Some(saved) if saved.shape == placement.shape && saved.ring_epoch <= placement.epoch => {
+            saved
+        }
+        saved => {
+            tracing::warn!(
+                saved_epoch = saved.map(|s| s.ring_epoch),
+                epoch = placement.epoch,
+                "no progress stored for this ring; pulling every peer to its end again"
+            );
+            Progress {
+                shape: placement.shape.clone(),
+                ring_epoch: placement.epoch,
+                refills: peers
+                    .iter()
+                    .map(|&peer| (peer, Refill::started(placement.epoch)))
+                    .collect(),
+                pending: Some(peers.clone()),
+                drop: None,
+            }
+        }
+    };
     placement.ring_epoch = saved.ring_epoch;
     let lag = saved
         .refills
         .iter()
-        .map(|(&peer, &(refill_epoch, refilled_epoch))| {
+        .filter(|(peer, _)| peers.contains(peer))
+        .map(|(&peer, refill)| {
             let lag = PeerLag {
-                refill_epoch,
-                refilled_epoch,
+                refill_epoch: refill.epoch,
+                refilled_epoch: refill.done_epoch,
                 ..PeerLag::default()
             };
             (peer, lag)
         })
         .collect();
+    // A peer removed since (a leaving node) has no puller to finish it.
     let handoff = saved
         .pending
+        .map(|pending| {
+            pending
+                .intersection(&peers)
+                .copied()
+                .collect::<HashSet<u32>>()
+        })
         .filter(|pending| !pending.is_empty())
         .map(|pending| Handoff {
             epoch: saved.ring_epoch,
             before: None,
-            pending: pending.into_iter().collect(),
+            pending,
         });
     if let Some(h) = &handoff {
         tracing::info!(epoch = h.epoch, peers = ?h.pending, "taking up an unfinished ring change");
@@ -102,9 +130,27 @@ pub(super) fn restore(placement: &mut Placement, saved: Option<Progress>) -> Res
     }
 }
 
+impl Handoff {
+    /// The peers not yet pulled from to their end, in order.
+    #[cfg(test)]
+    pub(super) fn pending_peers(&self) -> Vec<u32> {
+        let mut peers: Vec<u32> = self.pending.iter().copied().collect();
+        peers.sort_unstable();
+        peers
+    }
+}
+
 impl Replication {
     /// Stores how far the last ring change got, if that changed. Blocks.
     pub fn store_progress(&self) -> io::Result<()> {
+        // Not between a map change's placement and its own store: an older
+        // snapshot must not overwrite a newer one.
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.store_progress_now()
+    }
+
+    /// [`Self::store_progress`], with `changing` held by the caller.
+    fn store_progress_now(&self) -> io::Result<()> {
         let Some(placement) = self.placement() else {
             return Ok(());
         };
@@ -114,7 +160,13 @@ impl Replication {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter(|(_, lag)| lag.refill_epoch > 0 || lag.refilled_epoch > 0)
-            .map(|(&peer, lag)| (peer, (lag.refill_epoch, lag.refilled_epoch)))
+            .map(|(&peer, lag)| {
+                let refill = Refill {
+                    epoch: lag.refill_epoch,
+                    done_epoch: lag.refilled_epoch,
+                };
+                (peer, refill)
+            })
             .collect();
         let pending = self
             .handoff
@@ -136,7 +188,7 @@ impl Replication {
     pub fn set_map(&self, map: &ClusterMap) {
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
         // Waits for writes and repairs under the current map to be appended.
-        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
         let mut new = Placement::of(map);
         let old = self.placement();
         if old.as_ref().is_some_and(|p| p.epoch >= new.epoch) {
@@ -191,9 +243,11 @@ impl Replication {
         self.placement.send_replace(Some(new));
         self.acks.peers_changed();
         self.update_ready();
-        if ring_changed && let Err(e) = self.store_progress() {
-            // Stored again with the cursors; until then a restart takes
-            // up the ring change as one whose progress is unknown.
+        // Writes go on while the file is written.
+        drop(gate);
+        if ring_changed && let Err(e) = self.store_progress_now() {
+            // Stored again with the cursors; until then a restart refills
+            // from every peer (see `restore`).
             tracing::warn!(error = %e, "storing the ring change's progress");
         }
     }

@@ -24,27 +24,34 @@
 //! acknowledged under earlier preference lists, which a handoff that
 //! skipped an unreachable source does not guarantee.
 //!
-//! Replicas that do not answer decide nothing. The catch-up asks again for
-//! a while ([`MAX_ROUNDS`]); a key still undecided then is kept, and
-//! counted (`caskade_node_replication_deletes_undecided_total`): keeping a
-//! deleted key's old value is the lesser harm than deleting a write that
-//! was acknowledged, and anti-entropy brings it any newer tombstone.
+//! Replicas that do not answer decide nothing; a replica still catching up
+//! does not vouch for a live value (it may not have pulled its delete yet).
+//! The catch-up asks again for a while ([`MAX_ROUNDS`], not when the
+//! replicas that did not answer are marked down); a key still undecided
+//! then is kept, and counted
+//! (`caskade_node_replication_deletes_undecided_total`). Keeping it is the
+//! lesser harm than deleting a write that was acknowledged, but it is
+//! lasting if the key was in fact deleted: its tombstones are gone,
+//! anti-entropy never deletes, so this node keeps serving the old value,
+//! and a quorum read that includes it writes it back to the others. That
+//! takes two faults at once: this node away for longer than the retention,
+//! and too few of the key's other replicas up when it returns.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use caskade_common::Version;
 use caskade_common::tls::TlsMaterial;
-use caskade_common::version::unix_millis;
 use caskade_proto::replication_client::ReplicationClient;
 use caskade_proto::{HeldVersion, VersionsRequest};
 use metrics::counter;
 use prost::bytes::Bytes;
+use tonic::Status;
 use tonic::transport::Channel;
 
-use super::Placement;
 use super::puller::channel;
-use crate::engine::{Latest, Record};
+use super::{Placement, Replication};
+use crate::engine::Record;
 use crate::kv::{NodeCore, to_proto};
 
 /// Most keys one `Versions` call may ask about.
@@ -74,8 +81,11 @@ pub enum Answer {
     /// No record, an older one, or a tombstone or expired value: it lacks
     /// this node's version.
     Lacks,
-    /// No answer (down, unreachable, or still receiving the range).
+    /// No answer (unreachable, not ready to vouch, or still receiving the
+    /// range): asking again may get one.
     Silent,
+    /// Marked down in the map: asking again under it gets nothing.
+    Down,
 }
 
 /// What the replicas' answers decide for a key.
@@ -97,7 +107,7 @@ pub fn decide(replicas: usize, answers: impl IntoIterator<Item = Answer>) -> Dec
         match answer {
             Answer::Holds => return Decision::Held,
             Answer::Lacks => lacking += 1,
-            Answer::Silent => {}
+            Answer::Silent | Answer::Down => {}
         }
     }
     if lacking >= replicas.div_ceil(2) {
@@ -145,40 +155,38 @@ pub fn absent_since(
             {
                 continue;
             }
-            if let Ok(Some(Latest::Value(value))) = core.engine.latest(&key)
-                && value.version < tombstone
+            if let Some((version, false)) = core.engine.held_version(&key)
+                && version < tombstone
             {
-                absent.push(Absent {
-                    key,
-                    held: value.version,
-                });
+                absent.push(Absent { key, held: version });
             }
         }
         after = Some(last);
     }
 }
 
-/// What this node holds of `keys`, for a peer's `Versions` call.
+/// What this node holds of `keys`, for a peer's `Versions` call. A node
+/// still catching up may hold a value whose delete it has not pulled yet:
+/// it does not vouch for live values until it is ready (what it lacks, or
+/// holds deleted, still counts).
 pub fn held_versions(core: &NodeCore, keys: &[Bytes]) -> Vec<HeldVersion> {
-    let now = unix_millis();
+    let ready = core.replication.is_ready();
     keys.iter()
         .map(|key| {
             if core.replication.check_replica(key).is_err() {
                 return HeldVersion::default();
             }
-            let (version, deleted) = match core.engine.latest(key) {
-                Ok(Some(Latest::Value(value))) => (
-                    Some(value.version),
-                    value.expires_at.is_some_and(|at| at <= now),
-                ),
-                Ok(Some(Latest::Tombstone(version))) => (Some(version), true),
-                Ok(None) => (None, false),
-                Err(_) => return HeldVersion::default(),
-            };
-            HeldVersion {
-                known: true,
-                version: version.map(to_proto),
-                deleted,
+            match core.engine.held_version(key) {
+                Some((_, false)) if !ready => HeldVersion::default(),
+                Some((version, deleted)) => HeldVersion {
+                    known: true,
+                    version: Some(to_proto(version)),
+                    deleted,
+                },
+                None => HeldVersion {
+                    known: true,
+                    ..HeldVersion::default()
+                },
             }
         })
         .collect()
@@ -205,21 +213,36 @@ impl Inference {
 
     /// The tombstones to write for `candidates`, found absent from `peer`'s
     /// snapshot under `placement`, whose retention cutoff is `cutoff_ms`.
+    ///
+    /// Fails (ABORTED) when the node's map changes meanwhile: the replicas
+    /// answer only under the epoch they are asked with, and the catch-up
+    /// starts again under the new map.
     pub async fn deletes(
         &mut self,
+        replication: &Replication,
         placement: &Placement,
         peer: u32,
         mut candidates: Vec<Absent>,
         cutoff_ms: u64,
-    ) -> Vec<Record> {
+    ) -> Result<Vec<Record>, Status> {
         let tombstone = inferred_tombstone(cutoff_ms);
         let mut deleted = Vec::new();
         let mut pause = FIRST_PAUSE;
         for round in 1..=MAX_ROUNDS {
+            if replication
+                .placement()
+                .is_none_or(|now| now.epoch != placement.epoch)
+            {
+                return Err(Status::aborted(
+                    "the cluster map changed during a full catch-up",
+                ));
+            }
             let answers = self.ask(placement, peer, &candidates).await;
             let mut undecided = Vec::new();
+            let mut may_answer = false;
             for (candidate, answers) in candidates.into_iter().zip(answers) {
                 let replicas = placement.ring.preference_list(&candidate.key).len();
+                let silent = answers.contains(&Answer::Silent);
                 match decide(replicas, answers) {
                     Decision::Deleted => deleted.push(Record {
                         seq: 0,
@@ -229,12 +252,19 @@ impl Inference {
                         expires_at: None,
                     }),
                     Decision::Held => {}
-                    Decision::Undecided => undecided.push(candidate),
+                    Decision::Undecided => {
+                        may_answer |= silent;
+                        undecided.push(candidate);
+                    }
                 }
             }
             candidates = undecided;
             if candidates.is_empty() {
-                return deleted;
+                return Ok(deleted);
+            }
+            // Replicas marked down answer nothing under this map.
+            if !may_answer {
+                break;
             }
             if round < MAX_ROUNDS {
                 tokio::time::sleep(pause).await;
@@ -248,7 +278,7 @@ impl Inference {
         );
         counter!("caskade_node_replication_deletes_undecided_total", "node" => self.me.to_string())
             .increment(candidates.len() as u64);
-        deleted
+        Ok(deleted)
     }
 
     /// Each other replica's answer for each candidate, in order: one
@@ -270,14 +300,14 @@ impl Inference {
         }
         let mut calls = Vec::new();
         for (&replica, indexes) in &asked {
-            let client = (!placement.down.contains(&replica))
-                .then(|| self.client(placement, replica))
-                .flatten();
+            let down = placement.down.contains(&replica);
+            let client = (!down).then(|| self.client(placement, replica)).flatten();
             let epoch = placement.epoch;
             let me = self.me;
             calls.push(async move {
                 let Some(mut client) = client else {
-                    return vec![Answer::Silent; indexes.len()];
+                    let none = if down { Answer::Down } else { Answer::Silent };
+                    return vec![none; indexes.len()];
                 };
                 let mut answers = Vec::with_capacity(indexes.len());
                 for batch in indexes.chunks(MAX_KEYS) {

@@ -24,7 +24,7 @@ pub mod antientropy;
 pub mod cursors;
 pub mod feed;
 pub mod handoff;
-pub mod inference;
+pub(crate) mod inference;
 pub mod progress;
 pub mod puller;
 pub mod service;
@@ -285,7 +285,7 @@ impl Replication {
         let mut placement = map.map(Placement::of);
         let restored = placement
             .as_mut()
-            .map(|p| handoff::restore(p, progress.take_loaded()))
+            .map(|p| handoff::restore(id, p, progress.take_loaded()))
             .unwrap_or_default();
         let placement = placement.map(Arc::new);
         // At start every primary range is taken over: the log may have

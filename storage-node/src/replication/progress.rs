@@ -20,18 +20,17 @@
 //! ```text
 //! ring 3 64 1,2,3,4        replication factor, vnodes, members
 //! epoch 7                  the epoch of the map that gave the ring this shape
-//! refill 2 7 7             peer, epoch of its refill, epoch it was refilled under
+//! refill 2 7 7             peer, epoch of its refill, epoch it was refilled under (0: not yet)
 //! pending 3 4              a refill under way: peers not yet pulled to their end
 //! drop 7                   lost ranges waiting to be dropped, of this epoch
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use crate::admin::write_atomically;
+use crate::files::{bad_line, read_text, write_atomically};
 
 /// File name of the stored progress.
 const PROGRESS_FILE: &str = "ring-change";
@@ -43,13 +42,33 @@ pub struct Progress {
     pub shape: (Vec<u32>, u32, u32),
     /// The epoch of the map that gave the ring this shape.
     pub ring_epoch: u64,
-    /// Peer → (epoch of its last refill, epoch it was last refilled under).
-    pub refills: BTreeMap<u32, (u64, u64)>,
+    /// Peer → where this node is with refilling from it.
+    pub refills: BTreeMap<u32, Refill>,
     /// Peers a refill under way has not yet pulled to their end (`None`:
     /// no refill under way).
     pub pending: Option<BTreeSet<u32>>,
     /// The epoch whose lost ranges wait to be dropped.
     pub drop: Option<u64>,
+}
+
+/// Refilling from one peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Refill {
+    /// The epoch of the last ring change that sent the cursor back to 0.
+    pub epoch: u64,
+    /// The epoch of the last ring change under which the peer was pulled
+    /// from to its end (0: never).
+    pub done_epoch: u64,
+}
+
+impl Refill {
+    /// A refill of ring change `epoch`, not done.
+    pub fn started(epoch: u64) -> Refill {
+        Refill {
+            epoch,
+            done_epoch: 0,
+        }
+    }
 }
 
 /// The stored progress.
@@ -66,15 +85,9 @@ impl RingProgress {
     /// Loads the progress stored in `data_dir` (none on a first start).
     pub fn open(data_dir: &Path) -> io::Result<RingProgress> {
         let path = data_dir.join(PROGRESS_FILE);
-        let loaded = match fs::read_to_string(&path) {
-            Ok(text) => Some(parse(&text).map_err(|line| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: bad line {line:?}", path.display()),
-                )
-            })?),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
+        let loaded = match read_text(&path)? {
+            Some(text) => Some(parse(&text).map_err(|line| bad_line(&path, &line))?),
+            None => None,
         };
         Ok(RingProgress {
             path,
@@ -111,12 +124,16 @@ fn format(p: &Progress) -> String {
         members.join(","),
         p.ring_epoch
     );
-    for (peer, (refill, refilled)) in &p.refills {
-        text.push_str(&format!("refill {peer} {refill} {refilled}\n"));
+    for (peer, refill) in &p.refills {
+        let (epoch, done) = (refill.epoch, refill.done_epoch);
+        text.push_str(&format!("refill {peer} {epoch} {done}\n"));
     }
     if let Some(pending) = &p.pending {
-        let peers: Vec<String> = pending.iter().map(u32::to_string).collect();
-        text.push_str(&format!("pending {}\n", peers.join(" ")).replace(" \n", "\n"));
+        text.push_str("pending");
+        for peer in pending {
+            text.push_str(&format!(" {peer}"));
+        }
+        text.push('\n');
     }
     if let Some(epoch) = p.drop {
         text.push_str(&format!("drop {epoch}\n"));
@@ -137,10 +154,12 @@ fn parse(text: &str) -> Result<Progress, String> {
                 progress.shape = (members, id(rf)?, id(vnodes)?);
             }
             ["epoch", epoch] => progress.ring_epoch = number(epoch)?,
-            ["refill", peer, refill, refilled] => {
-                progress
-                    .refills
-                    .insert(id(peer)?, (number(refill)?, number(refilled)?));
+            ["refill", peer, epoch, done] => {
+                let refill = Refill {
+                    epoch: number(epoch)?,
+                    done_epoch: number(done)?,
+                };
+                progress.refills.insert(id(peer)?, refill);
             }
             ["pending", ref peers @ ..] => {
                 progress.pending = Some(peers.iter().map(|p| id(p)).collect::<Result<_, _>>()?);
@@ -154,6 +173,8 @@ fn parse(text: &str) -> Result<Progress, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
@@ -163,7 +184,16 @@ mod tests {
         let progress = Progress {
             shape: (vec![1, 2, 4], 3, 64),
             ring_epoch: 7,
-            refills: BTreeMap::from([(2, (7, 7)), (4, (7, 5))]),
+            refills: BTreeMap::from([
+                (
+                    2,
+                    Refill {
+                        epoch: 7,
+                        done_epoch: 7,
+                    },
+                ),
+                (4, Refill::started(7)),
+            ]),
             pending: Some(BTreeSet::from([4])),
             drop: Some(7),
         };

@@ -98,6 +98,8 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
             let keep = peers.contains(peer);
             if !keep {
                 let _ = stop_peer.send(true);
+                // Nothing more to refill from it.
+                core.replication.refill_skipped(*peer);
                 core.replication.forget_peer(*peer);
                 gate.done(&core, *peer);
                 tracing::info!(peer, "peer left the cluster map; no longer pulling from it");
@@ -532,8 +534,8 @@ impl Puller {
                     .await?;
                 let deleted = self
                     .inference
-                    .deletes(placement, self.peer, candidates, cutoff_ms)
-                    .await;
+                    .deletes(replication, placement, self.peer, candidates, cutoff_ms)
+                    .await?;
                 apply(&self.core, deleted).await?;
             }
             match page.next {

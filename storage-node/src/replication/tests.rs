@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use caskade_proto::{ClusterMap, ClusterNode, NodeState};
 
-use super::{Replication, cursors::Cursors, feed::Feed, progress::RingProgress};
+use super::progress::{Progress, Refill, RingProgress};
+use super::{Placement, Replication, cursors::Cursors, feed::Feed, handoff};
 use crate::config::ReplicationConfig;
 
 /// Node 1, of nodes 1 to 3, RF 3.
@@ -34,7 +35,14 @@ fn map_of(epoch: u64, nodes: &[u32], down: &[u32]) -> ClusterMap {
     }
 }
 
+/// Node 1 restarting with `first`, whose ring it has fully received.
 fn replication(dir: &tempfile::TempDir, first: &ClusterMap) -> Replication {
+    let done = Progress {
+        shape: Placement::of(first).shape,
+        ring_epoch: first.epoch,
+        ..Progress::default()
+    };
+    RingProgress::open(dir.path()).unwrap().store(done).unwrap();
     Replication::new(
         ME,
         ReplicationConfig::default(),
@@ -145,4 +153,65 @@ fn a_listing_is_served_only_on_the_routers_ring_and_with_every_range_held() {
         r.check_listing(4).is_err(),
         "a ring this node has not adopted"
     );
+}
+
+#[test]
+fn a_restart_takes_up_an_unfinished_ring_change_without_peers_gone_since() {
+    let first = map_of(4, &[1, 2, 3, 4], &[]);
+    let mut placement = Placement::of(&first);
+    let saved = Progress {
+        shape: placement.shape.clone(),
+        ring_epoch: 3,
+        refills: [(2, Refill::started(3)), (5, Refill::started(3))].into(),
+        // Node 5 left the map since: no puller would ever finish it.
+        pending: Some([2, 5].into()),
+        drop: Some(3),
+    };
+    let restored = handoff::restore(ME, &mut placement, Some(saved));
+    assert_eq!(placement.ring_epoch, 3);
+    assert_eq!(restored.drop, Some(3));
+    assert_eq!(restored.lag.keys().copied().collect::<Vec<_>>(), vec![2]);
+    let pending = restored.handoff.map(|h| h.pending_peers());
+    assert_eq!(pending, Some(vec![2]));
+}
+
+#[test]
+fn a_restart_without_progress_of_its_ring_refills_from_every_peer() {
+    let first = map(7, &[]);
+    let mut placement = Placement::of(&first);
+    // Progress of the ring before: the map was stored, its progress not.
+    let before = Placement::of(&map_of(6, &[1, 2], &[]));
+    let saved = Progress {
+        shape: before.shape.clone(),
+        ring_epoch: 6,
+        ..Progress::default()
+    };
+    let restored = handoff::restore(ME, &mut placement, Some(saved));
+    assert_eq!(placement.ring_epoch, 7);
+    assert_eq!(restored.drop, None, "what was lost is not known");
+    let refills: Vec<(u32, u64)> = restored
+        .lag
+        .iter()
+        .map(|(&peer, lag)| (peer, lag.refill_epoch))
+        .collect();
+    assert_eq!(refills, vec![(2, 7), (3, 7)]);
+    let pending = restored.handoff.map(|h| h.pending_peers());
+    assert_eq!(pending, Some(vec![2, 3]));
+
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replication::new(
+        ME,
+        ReplicationConfig::default(),
+        Arc::new(Feed::new(1 << 20)),
+        Cursors::open(dir.path()).unwrap(),
+        RingProgress::open(dir.path()).unwrap(),
+        Some(&first),
+        true,
+    );
+    r.mark_started();
+    assert!(
+        !r.is_ready(),
+        "not ready until every peer was pulled to its end"
+    );
+    assert!(r.is_refilling(2) && r.is_refilling(3));
 }

@@ -68,6 +68,7 @@ pub async fn cluster(
                     "map_epoch": s.map_epoch,
                     "taking_over_epoch": s.taking_over_epoch,
                     "anti_entropy": json!({
+                        "exchanges": s.anti_entropy_exchanges,
                         "repaired": s.anti_entropy_repaired,
                         "last_full_round_age_seconds":
                             (s.anti_entropy_last_full_round_age_seconds >= 0.0)

@@ -53,11 +53,15 @@ async fn everywhere(tc: &TestCluster, key: &str, value: Option<&str>) {
 /// of a log reads its data files, which sends every record, not only the
 /// ones the peer coordinated, and would deliver what is planted below.
 async fn pull_past_the_start(tc: &TestCluster) {
-    let response = tc
-        .put_level("first", "moves the cursors", "all")
-        .await
-        .unwrap();
-    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    // A write coordinated by each node: every log then has a record.
+    for id in tc.node_ids() {
+        let key = tc.keys_with_primary(id, "first-", 1).remove(0);
+        let response = tc
+            .put_level(&key, "moves the cursors", "all")
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    }
     poll_until(
         "every node to pull every peer past the start of its log",
         Duration::from_secs(10),
@@ -141,5 +145,135 @@ async fn a_write_its_coordinator_lost_comes_back_to_every_replica() {
     let planted = tc.apply_on(holder, &key, Some("acknowledged"), version_of(coordinator));
     assert_eq!(planted.await.unwrap(), 1);
     everywhere(&tc, &key, Some("acknowledged")).await;
+    tc.shutdown().await.unwrap();
+}
+
+/// Exchanges node `id` has done, from the admin page.
+async fn exchanges(tc: &TestCluster, id: u32) -> u64 {
+    let page = tc.admin_node(id).await.unwrap();
+    page["stats"]["anti_entropy"]["exchanges"].as_u64().unwrap()
+}
+
+/// With RF 2 on four nodes, records planted on one node only (those of
+/// 12,000 keys it replicates, more than a page of the digests' keydir walk
+/// and of the copies) reach
+/// exactly the other replica of each key's range and no other node; a
+/// value older than the tombstone retention is not copied onto a node that
+/// holds no record of its key (that node may have deleted it and merged the
+/// tombstone away), while one just as old reaches a node holding an older
+/// version of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repairs_reach_the_keys_replicas_only_and_nothing_old_onto_a_node_without_the_key() {
+    let spec = ClusterSpec {
+        configure: often,
+        ..ClusterSpec::nodes(4, 2, NodePolicy::default())
+    };
+    let tc = TestCluster::start(spec).await.unwrap();
+    let ids = tc.node_ids();
+    let source = ids[0];
+    pull_past_the_start(&tc).await;
+
+    let keys: Vec<String> = (0..12_000).map(|n| format!("planted-{n:05}")).collect();
+    let mut replication = tc.node_replication(source).await.unwrap();
+    let mut planted = 0;
+    for chunk in keys.chunks(1000) {
+        let records = chunk
+            .iter()
+            .map(|key| caskade_proto::ReplicatedRecord {
+                key: key.as_bytes().to_vec().into(),
+                value: b"fresh".to_vec().into(),
+                tombstone: false,
+                version: Some(version_of(GONE)),
+                expires_at_ms: 0,
+            })
+            .collect();
+        let request = caskade_proto::ApplyRequest { records, epoch: 0 };
+        planted += replication
+            .apply(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .applied;
+    }
+    // Only the keys of the source's ranges were taken.
+    let mine: Vec<&String> = keys
+        .iter()
+        .filter(|k| tc.preference_list(k.as_bytes()).contains(&source))
+        .collect();
+    assert_eq!(planted as usize, mine.len());
+    assert!(mine.len() > 4096, "more than a page: {}", mine.len());
+
+    // Two days old, older than the retention: a key the other replica
+    // lacks stays away; one it holds an older version of is repaired.
+    let two_days_ago = Version::from_parts(unix_millis() - 2 * 86_400_000, 0, GONE);
+    let old = caskade_proto::Version {
+        hlc: two_days_ago.hlc,
+        origin: GONE,
+    };
+    let older = caskade_proto::Version {
+        hlc: old.hlc - 1,
+        ..old
+    };
+    let with_source = |prefix: &str| {
+        tc.keys_where(prefix, 1, |list| list.first() == Some(&source))
+            .remove(0)
+    };
+    let (absent, stale) = (with_source("old-absent-"), with_source("old-stale-"));
+    let other = tc.preference_list(stale.as_bytes())[1];
+    let other_of_absent = tc.preference_list(absent.as_bytes())[1];
+    assert_eq!(
+        tc.apply_on(other, &stale, Some("older"), older)
+            .await
+            .unwrap(),
+        1
+    );
+    for key in [&absent, &stale] {
+        assert_eq!(tc.apply_on(source, key, Some("old"), old).await.unwrap(), 1);
+    }
+
+    poll_until(
+        "every planted key on both of its replicas, and the stale one repaired",
+        Duration::from_secs(60),
+        || async {
+            for &id in &ids {
+                let Ok(held) = tc.scan_node(id).await else {
+                    return false;
+                };
+                let wanted = mine
+                    .iter()
+                    .filter(|k| tc.preference_list(k.as_bytes()).contains(&id))
+                    .all(|k| held.contains_key(k.as_bytes()));
+                if !wanted {
+                    return false;
+                }
+            }
+            let held = tc.scan_node(other).await.unwrap();
+            held.get(stale.as_bytes()).map(|c| c.1.clone()) == Some(b"old".to_vec())
+        },
+    )
+    .await;
+    // Two more rounds of the absent key's other replica: still absent.
+    let done = exchanges(&tc, other_of_absent).await;
+    poll_until("two more exchanges", Duration::from_secs(30), || async {
+        exchanges(&tc, other_of_absent).await >= done + 2
+    })
+    .await;
+    for &id in &ids {
+        let held = tc.scan_node(id).await.unwrap();
+        if id != source {
+            assert!(
+                !held.contains_key(absent.as_bytes()),
+                "node {id} got {absent}"
+            );
+        }
+        for key in &mine {
+            let replica = tc.preference_list(key.as_bytes()).contains(&id);
+            assert_eq!(
+                held.contains_key(key.as_bytes()),
+                replica,
+                "{key} on node {id}"
+            );
+        }
+    }
     tc.shutdown().await.unwrap();
 }

@@ -176,9 +176,13 @@ async fn write_levels_are_met_or_reported() {
         tc.nodes_ready().await == Some(2)
     })
     .await;
-    let response = tc.put_level("quorum-key", "q", "quorum").await.unwrap();
+    // Keys whose primary is up: with failover off, the stopped node's own
+    // keys take no writes at all.
+    let up_primary = |prefix: &str| tc.keys_where(prefix, 1, |list| list[0] != down).remove(0);
+    let (quorum_key, all_key) = (up_primary("quorum-key"), up_primary("all-key"));
+    let response = tc.put_level(&quorum_key, "q", "quorum").await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    let response = tc.put_level("all-key", "a", "all").await.unwrap();
+    let response = tc.put_level(&all_key, "a", "all").await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let written = etag_version(&response);
     let body: Value = response.json().await.unwrap();
@@ -186,14 +190,14 @@ async fn write_levels_are_met_or_reported() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("reached 2 of the 3"), "{message}");
     // Not rolled back: a quorum read finds it.
-    let response = get_level(&tc, "all-key", "quorum").await;
+    let response = get_level(&tc, &all_key, "quorum").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(etag_version(&response), written);
 
     tc.start_node(down).await.unwrap();
     wait_serving(&tc, down).await;
-    assert_eq!(node_value(&tc, down, "all-key").await.unwrap().1, written);
-    assert_eq!(node_value(&tc, down, "quorum-key").await.unwrap().0, "q");
+    assert_eq!(node_value(&tc, down, &all_key).await.unwrap().1, written);
+    assert_eq!(node_value(&tc, down, &quorum_key).await.unwrap().0, "q");
     converged(&tc, &ids).await;
     tc.shutdown().await.unwrap();
 }

@@ -9,15 +9,17 @@
 //! the digests of the keys both replicate under the current epoch, split
 //! into [`BUCKETS`] buckets by a hash of the key. A bucket's digest is the
 //! XOR of a hash of (key, version) over each such key's latest record,
-//! tombstones and expired values included. The node computes its own, and
-//! for the buckets that differ copies the peer's latest records of those
-//! keys (`Snapshot` with `only_buckets`) and applies them: last writer
-//! wins, so only newer versions change anything. The peer does the same in
-//! its own rounds, so what this node holds newer reaches it too.
+//! tombstones and expired values included. The node computes its own; for
+//! the buckets that differ it lists the keys and versions the peer holds
+//! (`Snapshot` with `only_buckets` and `versions_only`), then fetches the
+//! records of the keys whose version is newer there (`only_keys`, 1,000 a
+//! call) and applies them: last writer wins, so only newer versions change
+//! anything. The peer does the same in its own rounds, so what this node
+//! holds newer reaches it too.
 //!
-//! Digests walk the keydir in pages (no data file is read; the keydir lock
-//! is taken once per page); a copy reads the records of differing buckets
-//! only. Deletes travel as tombstones like any record: nothing is deleted
+//! Digests and listings walk the keydir in pages (no data file is read;
+//! the keydir lock is taken once per page); only fetched records are read.
+//! Deletes travel as tombstones like any record: nothing is deleted
 //! because a peer lacks a key.
 //!
 //! Older than the tombstone retention, nothing is repaired onto a node
@@ -29,22 +31,23 @@
 //! cutoff), so that merges do not make digests differ for good.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use caskade_common::Version;
 use caskade_common::tls::TlsMaterial;
 use caskade_common::version::unix_millis;
 use caskade_proto::replication_client::ReplicationClient;
-use caskade_proto::{DigestRequest, SnapshotRequest};
+use caskade_proto::{DigestRequest, ReplicatedRecord, SnapshotRequest};
 use metrics::{counter, gauge};
+use prost::bytes::Bytes;
 use tokio::sync::watch;
 use tonic::Status;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::Placement;
 use super::puller::{channel, copy_snapshot};
-use super::service::{MAX_CLOCK_AHEAD_MS, apply_now};
+use super::service::{MAX_CLOCK_AHEAD_MS, apply_now, from_proto, latest_to_proto};
 use crate::engine::Record;
 use crate::kv::NodeCore;
 use crate::status::engine_status;
@@ -58,8 +61,12 @@ pub const MAX_BUCKETS: u32 = 1 << 16;
 const DIGEST_PAGE: usize = 4096;
 /// Seed of the bucket hash (the ring hashes keys unseeded).
 const BUCKET_SEED: u64 = 0x6361_736b_6164_6521;
-/// One digest answers within this.
+/// One digest (or one fetch of records) answers within this.
 const DIGEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keys and versions per page of a differing buckets' listing.
+const LISTING_PAGE: u32 = 4096;
+/// Most keys one fetch of records may name.
+pub const MAX_FETCH: usize = 1000;
 
 /// The bucket of `key` among `buckets`.
 pub fn bucket_of(key: &[u8], buckets: u32) -> u32 {
@@ -143,7 +150,7 @@ async fn exchange(
     };
     let theirs = tokio::time::timeout(
         DIGEST_TIMEOUT,
-        ReplicationClient::new(channel).digest(request),
+        ReplicationClient::new(channel.clone()).digest(request),
     )
     .await
     .map_err(|_| Status::deadline_exceeded("digest timed out"))??
@@ -166,27 +173,102 @@ async fn exchange(
     if differing.is_empty() {
         return Ok(Exchange::default());
     }
-    let request = SnapshotRequest {
+    // First the keys and versions of the differing buckets, then the
+    // records of the keys newer there: values cross the wire, and are read
+    // from the peer's data files, only for what this node lacks.
+    let listing = SnapshotRequest {
         node_id: core.id,
         epoch: placement.epoch,
-        max_records: core.replication.config.pull_max_records,
+        max_records: LISTING_PAGE,
         buckets: BUCKETS,
         only_buckets: differing.clone(),
+        versions_only: true,
         ..SnapshotRequest::default()
     };
     let epoch = placement.epoch;
-    let copied = copy_snapshot(tls, addr, request, |records| {
-        let core = Arc::clone(core);
+    let newer = Arc::new(Mutex::new(Vec::new()));
+    copy_snapshot(tls, addr, listing, |listed| {
+        let (core, newer) = (Arc::clone(core), Arc::clone(&newer));
         async move {
-            core.write(move |core| apply_repairs(core, epoch, cutoff, records))
-                .await
+            let found = core
+                .read(move |core| Ok(newer_there(core, cutoff, &listed)))
+                .await?;
+            newer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(found);
+            Ok(0)
         }
     })
     .await?;
+    let newer = std::mem::take(&mut *newer.lock().unwrap_or_else(PoisonError::into_inner));
+    let mut client = ReplicationClient::new(channel).max_decoding_message_size(usize::MAX);
+    let mut repaired = 0;
+    for keys in newer.chunks(MAX_FETCH) {
+        let request = SnapshotRequest {
+            node_id: core.id,
+            epoch,
+            only_keys: keys.to_vec(),
+            ..SnapshotRequest::default()
+        };
+        let records = tokio::time::timeout(DIGEST_TIMEOUT, client.snapshot(request))
+            .await
+            .map_err(|_| Status::deadline_exceeded("fetching records timed out"))??
+            .into_inner()
+            .records
+            .into_iter()
+            .map(from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
+        let core = Arc::clone(core);
+        repaired += core
+            .write(move |core| apply_repairs(core, epoch, cutoff, records))
+            .await? as u64;
+    }
     Ok(Exchange {
         differing: differing.len(),
-        repaired: copied.applied,
+        repaired,
     })
+}
+
+/// The keys of a listing (`versions_only`) whose version there is newer
+/// than what this node holds, leaving out what [`apply_repairs`] would.
+fn newer_there(core: &NodeCore, cutoff: u64, listed: &[Record]) -> Vec<Bytes> {
+    listed
+        .iter()
+        .filter(|theirs| {
+            let physical = theirs.version.physical_ms();
+            match core.engine.held_version(&theirs.key) {
+                Some((mine, _)) => theirs.version > mine,
+                None => physical >= cutoff,
+            }
+        })
+        .map(|theirs| Bytes::copy_from_slice(&theirs.key))
+        .collect()
+}
+
+/// The latest records of a snapshot request's `only_keys` that this node
+/// and the asking one both replicate under `placement`.
+pub fn latest_of(
+    core: &NodeCore,
+    placement: &Placement,
+    request: &SnapshotRequest,
+) -> Result<Vec<ReplicatedRecord>, Status> {
+    if request.only_keys.len() > MAX_FETCH {
+        return Err(Status::invalid_argument(format!(
+            "{} keys; at most {MAX_FETCH} are allowed",
+            request.only_keys.len()
+        )));
+    }
+    let mut records = Vec::with_capacity(request.only_keys.len());
+    for key in &request.only_keys {
+        if !shared(placement, core.id, request.node_id, key) {
+            continue;
+        }
+        if let Some(latest) = core.engine.latest(key).map_err(|e| engine_status(&e))? {
+            records.push(latest_to_proto(key, latest));
+        }
+    }
+    Ok(records)
 }
 
 /// Refuses to take part in an exchange while this node does not hold all

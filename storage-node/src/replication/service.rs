@@ -401,10 +401,23 @@ fn snapshot_page(
     } as usize;
     let mut after = (!request.after.is_empty()).then(|| request.after.to_vec());
     let buckets = antientropy::requested_buckets(request);
-    if buckets.is_some() {
+    if buckets.is_some() || !request.only_keys.is_empty() {
         antientropy::check_holds_all_ranges(core)?;
     }
     let mut records = Vec::new();
+    if !request.only_keys.is_empty() {
+        records = antientropy::latest_of(core, placement, request)?;
+        return Ok(SnapshotResponse {
+            records,
+            next: None,
+            as_of_seq,
+            now_ms,
+            retention_ms: u64::try_from(core.engine.tombstone_retention().as_millis())
+                .unwrap_or(u64::MAX),
+            complete,
+            incarnation: core.replication.incarnation,
+        });
+    }
     let mut examined = 0;
     let mut bytes = 0;
     let mut next = None;
@@ -429,10 +442,7 @@ fn snapshot_page(
             } else {
                 placement.ring.owns(request.node_id, &key)
             };
-            if wanted
-                && let Some(latest) = core.engine.latest(&key).map_err(|e| engine_status(&e))?
-            {
-                let record = latest_to_proto(&key, latest);
+            if wanted && let Some(record) = snapshot_record(core, &key, request.versions_only)? {
                 bytes += record.key.len() + record.value.len();
                 records.push(record);
             }
@@ -454,6 +464,30 @@ fn snapshot_page(
         complete,
         incarnation: core.replication.incarnation,
     })
+}
+
+/// The latest record of `key` for a snapshot page, if there is one; with
+/// `versions_only`, its version (and whether it is a delete) from the
+/// keydir, without reading the value.
+fn snapshot_record(
+    core: &NodeCore,
+    key: &[u8],
+    versions_only: bool,
+) -> Result<Option<ReplicatedRecord>, Status> {
+    if versions_only {
+        return Ok(core
+            .engine
+            .held_version(key)
+            .map(|(version, deleted)| ReplicatedRecord {
+                key: Bytes::copy_from_slice(key),
+                value: Bytes::new(),
+                tombstone: deleted,
+                version: Some(to_proto(version)),
+                expires_at_ms: 0,
+            }));
+    }
+    let latest = core.engine.latest(key).map_err(|e| engine_status(&e))?;
+    Ok(latest.map(|latest| latest_to_proto(key, latest)))
 }
 
 /// The wire form of a record of the feed.

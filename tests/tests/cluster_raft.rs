@@ -92,10 +92,17 @@ const FAST_NO_FAILOVER: Timings = Timings {
     ..FAST
 };
 
-/// Runs `test` with the crypto provider installed, failing it after
-/// [`TEST_DEADLINE`] (its processes are killed as its guards drop).
+/// Held by each test while it runs: every test starts several node
+/// processes and a router, and on two cores the suite's tests run at once
+/// would starve each other's pulls past the acknowledgement timeout.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs `test` with the crypto provider installed, one test at a time,
+/// failing it after [`TEST_DEADLINE`] (its processes are killed as its
+/// guards drop).
 async fn bounded(test: impl Future<Output = ()>) {
     caskade_common::tls::install_crypto_provider();
+    let _alone = ONE_AT_A_TIME.lock().await;
     if tokio::time::timeout(TEST_DEADLINE, test).await.is_err() {
         panic!("the test did not finish within {TEST_DEADLINE:?}");
     }
@@ -788,14 +795,21 @@ impl Deployment {
 
     /// `PUT /v1/kv/{key}{query}`.
     async fn put(&self, key: &str, value: &str, query: &str) -> StatusCode {
-        self.https
+        let response = self
+            .https
             .put(self.url(&format!("/v1/kv/{key}{query}")))
             .bearer_auth(self.token(Role::Writer))
             .body(value.to_string())
             .send()
             .await
-            .unwrap_or_else(|e| panic!("PUT {key}: {e}"))
-            .status()
+            .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
+        let status = response.status();
+        if !status.is_success() {
+            // Why, for the failure message of the test.
+            let body = response.text().await.unwrap_or_default();
+            eprintln!("PUT {key}: {status} {body}");
+        }
+        status
     }
 
     /// `GET /v1/kv/{key}`: the status and body.

@@ -1,6 +1,7 @@
 //! The node's small durable files besides the engine's (cluster map,
 //! cursors, ring-change progress, clock ceiling): read whole, replaced
-//! atomically.
+//! atomically. Every function here blocks on the disk (fsyncs): never call
+//! one on a runtime thread.
 
 use std::fs;
 use std::io::{self, Write};

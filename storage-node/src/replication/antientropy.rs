@@ -31,10 +31,11 @@
 //! cutoff), so that merges do not make digests differ for good.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use caskade_common::Version;
+use caskade_common::limits::validate_key;
 use caskade_common::tls::TlsMaterial;
 use caskade_common::version::unix_millis;
 use caskade_proto::replication_client::ReplicationClient;
@@ -43,6 +44,7 @@ use metrics::{counter, gauge};
 use prost::bytes::Bytes;
 use tokio::sync::watch;
 use tonic::Status;
+use tonic::transport::Channel;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::Placement;
@@ -52,8 +54,8 @@ use crate::engine::Record;
 use crate::kv::NodeCore;
 use crate::status::engine_status;
 
-/// Buckets per exchange: a differing key costs copying its bucket's
-/// records, about 1/1024 of the keys two nodes share.
+/// Buckets per exchange: a differing key costs listing its bucket's keys
+/// and versions, about 1/1024 of the keys two nodes share.
 pub const BUCKETS: u32 = 1024;
 /// Most buckets a peer may ask for.
 pub const MAX_BUCKETS: u32 = 1 << 16;
@@ -61,12 +63,12 @@ pub const MAX_BUCKETS: u32 = 1 << 16;
 const DIGEST_PAGE: usize = 4096;
 /// Seed of the bucket hash (the ring hashes keys unseeded).
 const BUCKET_SEED: u64 = 0x6361_736b_6164_6521;
-/// One digest (or one fetch of records) answers within this.
-const DIGEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// One digest, or one fetch of records, answers within this.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keys and versions per page of a differing buckets' listing.
 const LISTING_PAGE: u32 = 4096;
 /// Most keys one fetch of records may name.
-pub const MAX_FETCH: usize = 1000;
+const MAX_FETCH: usize = 1000;
 
 /// The bucket of `key` among `buckets`.
 pub fn bucket_of(key: &[u8], buckets: u32) -> u32 {
@@ -149,7 +151,7 @@ async fn exchange(
         retired_before_ms: cutoff,
     };
     let theirs = tokio::time::timeout(
-        DIGEST_TIMEOUT,
+        CALL_TIMEOUT,
         ReplicationClient::new(channel.clone()).digest(request),
     )
     .await
@@ -173,102 +175,176 @@ async fn exchange(
     if differing.is_empty() {
         return Ok(Exchange::default());
     }
-    // First the keys and versions of the differing buckets, then the
-    // records of the keys newer there: values cross the wire, and are read
-    // from the peer's data files, only for what this node lacks.
-    let listing = SnapshotRequest {
-        node_id: core.id,
-        epoch: placement.epoch,
-        max_records: LISTING_PAGE,
-        buckets: BUCKETS,
-        only_buckets: differing.clone(),
-        versions_only: true,
-        ..SnapshotRequest::default()
-    };
-    let epoch = placement.epoch;
-    let newer = Arc::new(Mutex::new(Vec::new()));
-    copy_snapshot(tls, addr, listing, |listed| {
-        let (core, newer) = (Arc::clone(core), Arc::clone(&newer));
-        async move {
-            let found = core
-                .read(move |core| Ok(newer_there(core, cutoff, &listed)))
-                .await?;
-            newer
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(found);
-            Ok(0)
-        }
-    })
-    .await?;
-    let newer = std::mem::take(&mut *newer.lock().unwrap_or_else(PoisonError::into_inner));
-    let mut client = ReplicationClient::new(channel).max_decoding_message_size(usize::MAX);
-    let mut repaired = 0;
-    for keys in newer.chunks(MAX_FETCH) {
-        let request = SnapshotRequest {
-            node_id: core.id,
-            epoch,
-            only_keys: keys.to_vec(),
-            ..SnapshotRequest::default()
-        };
-        let records = tokio::time::timeout(DIGEST_TIMEOUT, client.snapshot(request))
-            .await
-            .map_err(|_| Status::deadline_exceeded("fetching records timed out"))??
-            .into_inner()
-            .records
-            .into_iter()
-            .map(from_proto)
-            .collect::<Result<Vec<_>, _>>()?;
-        let core = Arc::clone(core);
-        repaired += core
-            .write(move |core| apply_repairs(core, epoch, cutoff, records))
-            .await? as u64;
-    }
+    let repaired = copy_newer(core, tls, addr, placement, differing.clone(), cutoff).await?;
     Ok(Exchange {
         differing: differing.len(),
         repaired,
     })
 }
 
+/// Lists the keys and versions the peer at `addr` holds in the `differing`
+/// buckets, page by page, and for each page fetches and applies the
+/// records newer there: values cross the wire, and are read from the
+/// peer's data files, only for what this node lacks. Returns how many
+/// records were newer here.
+async fn copy_newer(
+    core: &Arc<NodeCore>,
+    tls: &TlsMaterial,
+    addr: &str,
+    placement: &Placement,
+    differing: Vec<u32>,
+    cutoff: u64,
+) -> Result<u64, Status> {
+    let epoch = placement.epoch;
+    let fetching =
+        ReplicationClient::new(channel(addr, tls).map_err(|e| Status::unavailable(e.to_string()))?)
+            .max_decoding_message_size(usize::MAX);
+    let listing = SnapshotRequest {
+        node_id: core.id,
+        epoch,
+        max_records: LISTING_PAGE,
+        buckets: BUCKETS,
+        only_buckets: differing,
+        versions_only: true,
+        ..SnapshotRequest::default()
+    };
+    let copied = copy_snapshot(tls, addr, listing, |listed| {
+        let (core, mut client) = (Arc::clone(core), fetching.clone());
+        async move {
+            let reader = Arc::clone(&core);
+            let newer = reader
+                .read(move |core| Ok(newer_there(core, cutoff, &listed)))
+                .await?;
+            let mut applied = 0;
+            for keys in newer.chunks(MAX_FETCH) {
+                applied += fetch(&core, &mut client, epoch, cutoff, keys).await?;
+            }
+            Ok(applied)
+        }
+    })
+    .await?;
+    Ok(copied.applied)
+}
+
+/// Fetches the latest records of `keys` (at most [`MAX_FETCH`]) from the
+/// peer and applies them; how many were newer here. An answer that stops
+/// at its size limit is continued from the key it names.
+async fn fetch(
+    core: &Arc<NodeCore>,
+    client: &mut ReplicationClient<Channel>,
+    epoch: u64,
+    cutoff: u64,
+    mut keys: &[Bytes],
+) -> Result<usize, Status> {
+    let mut applied = 0;
+    while !keys.is_empty() {
+        let request = SnapshotRequest {
+            node_id: core.id,
+            epoch,
+            only_keys: keys.to_vec(),
+            ..SnapshotRequest::default()
+        };
+        let answer = tokio::time::timeout(CALL_TIMEOUT, client.snapshot(request))
+            .await
+            .map_err(|_| Status::deadline_exceeded("fetching records timed out"))??
+            .into_inner();
+        let records = answer
+            .records
+            .into_iter()
+            .map(from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
+        let core = Arc::clone(core);
+        applied += core
+            .write(move |core| apply_repairs(core, epoch, cutoff, records))
+            .await?;
+        keys = match answer.next {
+            Some(next) => match keys.iter().position(|k| *k == next) {
+                Some(at) if at > 0 => &keys[at..],
+                _ => return Err(Status::internal("a fetch answered no progress")),
+            },
+            None => &[],
+        };
+    }
+    Ok(applied)
+}
+
 /// The keys of a listing (`versions_only`) whose version there is newer
 /// than what this node holds, leaving out what [`apply_repairs`] would.
 fn newer_there(core: &NodeCore, cutoff: u64, listed: &[Record]) -> Vec<Bytes> {
+    let ahead = unix_millis().saturating_add(MAX_CLOCK_AHEAD_MS);
     listed
         .iter()
         .filter(|theirs| {
             let physical = theirs.version.physical_ms();
-            match core.engine.held_version(&theirs.key) {
-                Some((mine, _)) => theirs.version > mine,
-                None => physical >= cutoff,
-            }
+            physical <= ahead
+                && match core.engine.held_version(&theirs.key) {
+                    Some((mine, _)) => theirs.version > mine,
+                    None => physical >= cutoff,
+                }
         })
         .map(|theirs| Bytes::copy_from_slice(&theirs.key))
         .collect()
 }
 
-/// The latest records of a snapshot request's `only_keys` that this node
-/// and the asking one both replicate under `placement`.
-pub fn latest_of(
-    core: &NodeCore,
-    placement: &Placement,
-    request: &SnapshotRequest,
-) -> Result<Vec<ReplicatedRecord>, Status> {
+/// Refuses a snapshot request whose anti-entropy fields make no sense
+/// together: a listing (`versions_only`) is of buckets only, and a fetch
+/// (`only_keys`) names at most [`MAX_FETCH`] valid keys and nothing else.
+pub(super) fn check_request(request: &SnapshotRequest) -> Result<(), Status> {
+    if request.versions_only && request.buckets == 0 {
+        return Err(Status::invalid_argument(
+            "versions_only lists anti-entropy buckets: buckets must be set",
+        ));
+    }
+    if request.only_keys.is_empty() {
+        return Ok(());
+    }
+    if request.primary_only
+        || request.versions_only
+        || request.buckets > 0
+        || !request.after.is_empty()
+    {
+        return Err(Status::invalid_argument(
+            "only_keys goes with no other choice of keys and no page position",
+        ));
+    }
     if request.only_keys.len() > MAX_FETCH {
         return Err(Status::invalid_argument(format!(
             "{} keys; at most {MAX_FETCH} are allowed",
             request.only_keys.len()
         )));
     }
-    let mut records = Vec::with_capacity(request.only_keys.len());
     for key in &request.only_keys {
+        validate_key(key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The latest records of a fetch's `only_keys` that this node and the
+/// asking one both replicate under `placement`, in the order asked, up to
+/// `max_bytes` of values (at least one record); the first key not looked
+/// at when the answer is full.
+pub(super) fn latest_of(
+    core: &NodeCore,
+    placement: &Placement,
+    request: &SnapshotRequest,
+    max_bytes: usize,
+) -> Result<(Vec<ReplicatedRecord>, Option<Bytes>), Status> {
+    let mut records = Vec::new();
+    let mut bytes = 0;
+    for key in &request.only_keys {
+        if bytes >= max_bytes {
+            return Ok((records, Some(key.clone())));
+        }
         if !shared(placement, core.id, request.node_id, key) {
             continue;
         }
         if let Some(latest) = core.engine.latest(key).map_err(|e| engine_status(&e))? {
-            records.push(latest_to_proto(key, latest));
+            let record = latest_to_proto(key, latest);
+            bytes += record.key.len() + record.value.len();
+            records.push(record);
         }
     }
-    Ok(records)
+    Ok((records, None))
 }
 
 /// Refuses to take part in an exchange while this node does not hold all

@@ -62,11 +62,14 @@ pub(super) struct Restored {
 /// refill is done. Without progress of this ring (none stored, or a crash
 /// between storing a ring-changing map and its progress), the node refills
 /// from every peer as after a ring change (its cursors went back to 0
-/// before that map was stored); what it lost stays until the next ring
-/// change, since it cannot tell what that was.
+/// before that map was stored), and drops what it does not replicate once
+/// every peer refilled from it.
 pub(super) fn restore(me: u32, placement: &mut Placement, saved: Option<Progress>) -> Restored {
     let peers: BTreeSet<u32> = placement.peers_of(me).into_iter().collect();
     if !placement.ring.contains(me) || peers.is_empty() {
+        if let Some(saved) = saved.filter(|s| s.shape == placement.shape) {
+            placement.ring_epoch = saved.ring_epoch.min(placement.epoch);
+        }
         return Restored::default();
     }
     let saved = match saved {
@@ -87,7 +90,7 @@ pub(super) fn restore(me: u32, placement: &mut Placement, saved: Option<Progress
                     .map(|&peer| (peer, Refill::started(placement.epoch)))
                     .collect(),
                 pending: Some(peers.clone()),
-                drop: None,
+                drop: Some(placement.epoch),
             }
         }
     };

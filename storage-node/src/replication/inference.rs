@@ -38,6 +38,7 @@
 //! and too few of the key's other replicas up when it returns.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use caskade_common::Version;
@@ -50,6 +51,7 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use super::puller::channel;
+use super::service::apply_now;
 use super::{Placement, Replication};
 use crate::engine::Record;
 use crate::kv::{NodeCore, to_proto};
@@ -163,6 +165,33 @@ pub fn absent_since(
         }
         after = Some(last);
     }
+}
+
+/// Writes the tombstones [`Inference::deletes`] decided under map `epoch`,
+/// unless the map changed since (the catch-up then starts again): the
+/// check holds until they are appended, like a repair's.
+pub async fn apply_inferred(
+    core: &Arc<NodeCore>,
+    epoch: u64,
+    deleted: Vec<Record>,
+) -> Result<usize, Status> {
+    if deleted.is_empty() {
+        return Ok(0);
+    }
+    core.write(move |core| {
+        let _placement = core.replication.hold_placement();
+        if core
+            .replication
+            .placement()
+            .is_none_or(|p| p.epoch != epoch)
+        {
+            return Err(Status::aborted(
+                "the cluster map changed during a full catch-up",
+            ));
+        }
+        apply_now(core, deleted)
+    })
+    .await
 }
 
 /// What this node holds of `keys`, for a peer's `Versions` call. A node

@@ -227,7 +227,8 @@ pub struct Replication {
     /// The placements of consecutive epochs up to the current one, oldest
     /// first (at most [`MAX_HISTORY`]; a skipped epoch starts it anew).
     history: Mutex<VecDeque<Arc<Placement>>>,
-    /// Serialises map changes.
+    /// Serialises map changes, and the stores of the ring-change progress
+    /// with them (an older snapshot must not overwrite a newer one).
     changing: Mutex<()>,
     /// Held shared by a write from its plan to its append, and by a repair
     /// from its epoch check to its apply; held exclusively while a map is

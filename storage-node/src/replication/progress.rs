@@ -13,7 +13,8 @@
 //!
 //! The file names the ring it belongs to (members, replication factor,
 //! vnodes): a node that starts with a map of another ring (a crash after
-//! the map was stored and before this file was) uses none of it. It is
+//! the map was stored and before this file was) uses none of it, and
+//! refills from every peer instead (see `handoff::restore`). It is
 //! written, atomically, whenever what it holds changed: when a map is put
 //! into effect, and with the cursors every `cursor_sync_ms`.
 //!

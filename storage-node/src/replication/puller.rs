@@ -24,7 +24,7 @@ use tonic::{Code, Status};
 use super::Placement;
 use super::cursors::{Cursor, Reading};
 use super::inference::{self, Inference};
-use super::service::{LOG_REPLACED_METADATA, apply, apply_received, from_proto};
+use super::service::{LOG_REPLACED_METADATA, apply_received, from_proto};
 use crate::engine::Record;
 use crate::kv::NodeCore;
 
@@ -536,7 +536,7 @@ impl Puller {
                     .inference
                     .deletes(replication, placement, self.peer, candidates, cutoff_ms)
                     .await?;
-                apply(&self.core, deleted).await?;
+                inference::apply_inferred(&self.core, placement.epoch, deleted).await?;
             }
             match page.next {
                 Some(next) => after = next,

@@ -399,25 +399,27 @@ fn snapshot_page(
         0 => DEFAULT_MAX_RECORDS,
         n => n.min(MAX_RECORDS),
     } as usize;
+    antientropy::check_request(request)?;
     let mut after = (!request.after.is_empty()).then(|| request.after.to_vec());
     let buckets = antientropy::requested_buckets(request);
     if buckets.is_some() || !request.only_keys.is_empty() {
         antientropy::check_holds_all_ranges(core)?;
     }
-    let mut records = Vec::new();
+    let page = |records, next| SnapshotResponse {
+        records,
+        next,
+        as_of_seq,
+        now_ms,
+        retention_ms: u64::try_from(core.engine.tombstone_retention().as_millis())
+            .unwrap_or(u64::MAX),
+        complete,
+        incarnation: core.replication.incarnation,
+    };
     if !request.only_keys.is_empty() {
-        records = antientropy::latest_of(core, placement, request)?;
-        return Ok(SnapshotResponse {
-            records,
-            next: None,
-            as_of_seq,
-            now_ms,
-            retention_ms: u64::try_from(core.engine.tombstone_retention().as_millis())
-                .unwrap_or(u64::MAX),
-            complete,
-            incarnation: core.replication.incarnation,
-        });
+        let (records, next) = antientropy::latest_of(core, placement, request, MAX_ANSWER_BYTES)?;
+        return Ok(page(records, next));
     }
+    let mut records = Vec::new();
     let mut examined = 0;
     let mut bytes = 0;
     let mut next = None;
@@ -454,16 +456,10 @@ fn snapshot_page(
     let more = after
         .as_deref()
         .is_some_and(|a| !core.engine.keys_after(Some(a), 1).is_empty());
-    Ok(SnapshotResponse {
+    Ok(page(
         records,
-        next: if more { next.map(Bytes::from) } else { None },
-        as_of_seq,
-        now_ms,
-        retention_ms: u64::try_from(core.engine.tombstone_retention().as_millis())
-            .unwrap_or(u64::MAX),
-        complete,
-        incarnation: core.replication.incarnation,
-    })
+        if more { next.map(Bytes::from) } else { None },
+    ))
 }
 
 /// The latest record of `key` for a snapshot page, if there is one; with

@@ -188,7 +188,7 @@ fn a_restart_without_progress_of_its_ring_refills_from_every_peer() {
     };
     let restored = handoff::restore(ME, &mut placement, Some(saved));
     assert_eq!(placement.ring_epoch, 7);
-    assert_eq!(restored.drop, None, "what was lost is not known");
+    assert_eq!(restored.drop, Some(7), "dropped once every peer refilled");
     let refills: Vec<(u32, u64)> = restored
         .lag
         .iter()

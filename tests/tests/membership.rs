@@ -327,6 +327,23 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
     tc.shutdown().await.unwrap();
 }
 
+/// Starts a spare node and adds it through the router; its id and the
+/// epoch of the map that put it on the ring.
+async fn add_spare_node(tc: &mut TestCluster) -> (u32, u64) {
+    let new = tc.start_spare_node().await.unwrap();
+    let added = tc
+        .client()
+        .post(tc.at("/admin/v1/nodes"))
+        .bearer_auth(&tc.admin_token)
+        .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), StatusCode::OK);
+    let epoch = added.json::<Value>().await.unwrap()["epoch"].as_u64();
+    (new, epoch.unwrap())
+}
+
 /// Gives node `id` 10,000 records of its ranges (of a node outside the
 /// cluster, so no puller takes them from the feed): a long log to pull.
 async fn lengthen_log(tc: &TestCluster, id: u32) {
@@ -389,19 +406,7 @@ async fn a_node_restarted_during_a_ring_change_finishes_it() {
         acked.lock().await.insert(key, value);
     }
 
-    let new = tc.start_spare_node().await.unwrap();
-    let added = tc
-        .client()
-        .post(tc.at("/admin/v1/nodes"))
-        .bearer_auth(&tc.admin_token)
-        .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(added.status(), StatusCode::OK);
-    let epoch = added.json::<Value>().await.unwrap()["epoch"]
-        .as_u64()
-        .unwrap();
+    let (_, epoch) = add_spare_node(&mut tc).await;
     poll_until(
         "node 1 to put the new map into effect",
         SETTLE_DEADLINE,
@@ -455,19 +460,7 @@ async fn a_refill_finishes_under_a_later_map_that_keeps_the_ring() {
     let gone = *ids[1..].iter().find(|&&id| id != leader).unwrap();
     lengthen_log(&tc, long).await;
 
-    let new = tc.start_spare_node().await.unwrap();
-    let added = tc
-        .client()
-        .post(tc.at("/admin/v1/nodes"))
-        .bearer_auth(&tc.admin_token)
-        .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(added.status(), StatusCode::OK);
-    let ring_epoch = added.json::<Value>().await.unwrap()["epoch"]
-        .as_u64()
-        .unwrap();
+    let (new, ring_epoch) = add_spare_node(&mut tc).await;
     tc.stop_node(gone).await.unwrap();
 
     let live: Vec<u32> = ids

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64;
 use clap::Args;
+use reqwest::Method;
 use serde::Deserialize;
 
 /// Where the router is and how to talk to it.
@@ -31,6 +32,50 @@ pub struct Connection {
     /// The CA certificate that signed the router's certificate (PEM).
     #[arg(long, global = true, env = "CASKADE_CA")]
     ca: Option<PathBuf>,
+}
+
+impl Connection {
+    /// A connection to the router at `url`, with `token` and the CA
+    /// certificate at `ca`.
+    pub fn new(url: String, token: Option<String>, ca: Option<PathBuf>) -> Connection {
+        Connection { url, token, ca }
+    }
+}
+
+/// A router to send requests to, with the connection's token.
+pub(crate) struct Router {
+    client: reqwest::Client,
+    base: String,
+    auth: String,
+}
+
+impl Router {
+    pub(crate) fn new(connection: &Connection) -> anyhow::Result<Router> {
+        let token = connection
+            .token
+            .as_deref()
+            .context("no token: pass --token or set CASKADE_TOKEN")?;
+        Ok(Router {
+            client: http_client(connection)?,
+            base: connection.url.trim_end_matches('/').to_string(),
+            auth: format!("Bearer {}", token.trim()),
+        })
+    }
+
+    /// A request to `path` (from the root, with its query).
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.base))
+            .header("authorization", &self.auth)
+    }
+
+    /// Sends `request`; the router's error, if it answered one, as an error.
+    pub(crate) async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
+        checked(request.send().await?).await
+    }
 }
 
 /// A client command.
@@ -83,13 +128,7 @@ struct Page {
 
 /// Runs one client command.
 pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Result<()> {
-    let client = http_client(connection)?;
-    let base = connection.url.trim_end_matches('/');
-    let token = connection
-        .token
-        .as_deref()
-        .context("no token: pass --token or set CASKADE_TOKEN")?;
-    let auth = format!("Bearer {}", token.trim());
+    let router = Router::new(connection)?;
     match command {
         ClientCommand::Put { key, value, ttl } => {
             let value = match value.as_deref() {
@@ -102,19 +141,12 @@ pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Res
                 }
                 Some(text) => text.as_bytes().to_vec(),
             };
-            let mut url = format!("{base}/v1/kv/{}", encode_key(&key));
+            let mut path = format!("/v1/kv/{}", encode_key(&key));
             if let Some(ttl) = ttl {
-                url.push_str(&format!("?ttl={ttl}"));
+                path.push_str(&format!("?ttl={ttl}"));
             }
-            let response = checked(
-                client
-                    .put(url)
-                    .header("authorization", &auth)
-                    .body(value)
-                    .send()
-                    .await?,
-            )
-            .await?;
+            let request = router.request(Method::PUT, &path).body(value);
+            let response = router.send(request).await?;
             let etag = response
                 .headers()
                 .get("etag")
@@ -123,49 +155,28 @@ pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Res
             println!("{etag}");
         }
         ClientCommand::Get { key } => {
-            let url = format!("{base}/v1/kv/{}", encode_key(&key));
-            let response = checked(
-                client
-                    .get(url)
-                    .header("authorization", &auth)
-                    .send()
-                    .await?,
-            )
-            .await?;
+            let path = format!("/v1/kv/{}", encode_key(&key));
+            let response = router.send(router.request(Method::GET, &path)).await?;
             let value = response.bytes().await?;
             std::io::stdout().write_all(&value)?;
         }
         ClientCommand::Del { key } => {
-            let url = format!("{base}/v1/kv/{}", encode_key(&key));
-            checked(
-                client
-                    .delete(url)
-                    .header("authorization", &auth)
-                    .send()
-                    .await?,
-            )
-            .await?;
+            let path = format!("/v1/kv/{}", encode_key(&key));
+            router.send(router.request(Method::DELETE, &path)).await?;
         }
         ClientCommand::Ls { prefix } => {
             // base64 lists every key, UTF-8 or not; each is printed as its bytes.
             let mut after: Option<String> = None;
             let mut out = std::io::stdout().lock();
             loop {
-                let mut url = format!(
-                    "{base}/v1/kv?limit=1000&encoding=base64&prefix={}",
+                let mut path = format!(
+                    "/v1/kv?limit=1000&encoding=base64&prefix={}",
                     encode_key(&prefix)
                 );
                 if let Some(after) = &after {
-                    url.push_str(&format!("&after={after}"));
+                    path.push_str(&format!("&after={after}"));
                 }
-                let response = checked(
-                    client
-                        .get(url)
-                        .header("authorization", &auth)
-                        .send()
-                        .await?,
-                )
-                .await?;
+                let response = router.send(router.request(Method::GET, &path)).await?;
                 let page: Page = response.json().await.context("reading the key list")?;
                 for key in &page.keys {
                     out.write_all(&BASE64.decode(key).context("a listed key is not base64")?)?;

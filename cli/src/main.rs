@@ -1,8 +1,9 @@
 //! `caskade`: the command-line tool for caskade clusters.
 //!
 //! Subcommands: `local` (a whole cluster in this process), `token` (sign a
-//! JWT), `certs` (a cluster CA and certificates), and the client commands
-//! `put`, `get`, `del`, `ls`. Each lives in its own
+//! JWT), `certs` (a cluster CA and certificates), the client commands
+//! `put`, `get`, `del`, `ls`, and the admin commands `nodes` and `status`.
+//! Each lives in its own
 //! module of the library; this file only parses and dispatches.
 
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use caskade_cli::local::{LocalCluster, LocalOptions};
-use caskade_cli::{certs, client, token};
+use caskade_cli::{admin, certs, client, token};
 use caskade_common::config::LogConfig;
 use caskade_common::telemetry;
 use caskade_node::config::EngineConfig;
@@ -38,6 +39,8 @@ enum Command {
     Certs(certs::CertsArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +65,12 @@ fn main() -> ExitCode {
         Command::Client(command) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(client::run(&cli.connection, command))),
+        Command::Admin(command) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| {
+                let mut out = std::io::stdout().lock();
+                runtime.block_on(admin::run(&cli.connection, command, &mut out))
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -621,6 +621,11 @@ impl TestCluster {
         }
     }
 
+    /// The cluster's CA certificate (PEM), which signed the router's.
+    pub fn ca_path(&self) -> &std::path::Path {
+        &self.certs.ca
+    }
+
     /// The configuration node `id` starts with (its address included).
     pub fn node_config(&self, id: u32) -> &NodeConfig {
         &self.slot(id).config

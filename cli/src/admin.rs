@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use caskade_common::config::validate_addr;
+
 use crate::client::{Connection, Router};
 
 /// How long `nodes remove` waits for the others to pull a node's ranges.
@@ -69,7 +71,7 @@ pub async fn run(
         change: Some(NodesChange::Add { addr, .. }),
     } = &command
     {
-        check_addr(addr)?;
+        validate_addr(addr).map_err(anyhow::Error::msg)?;
     }
     let router = Router::new(connection)?;
     match command {
@@ -123,18 +125,6 @@ pub async fn run(
                 out.write_all(status_table(&page).as_bytes())?;
             }
         }
-    }
-    Ok(())
-}
-
-/// Refuses an address that is not `host:port` with a port above 0.
-fn check_addr(addr: &str) -> anyhow::Result<()> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .with_context(|| format!("address {addr:?} is not host:port"))?;
-    let valid_host = !host.is_empty() && !host.contains('/') && !host.contains(char::is_whitespace);
-    if !valid_host || !port.parse::<u16>().is_ok_and(|p| p > 0) {
-        bail!("address {addr:?} is not host:port (a port from 1 to 65535)");
     }
     Ok(())
 }
@@ -303,24 +293,6 @@ fn columns(header: &[&str], rows: Vec<Vec<String>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses_are_host_and_port() {
-        assert!(check_addr("10.0.0.4:7001").is_ok());
-        assert!(check_addr("node4:7001").is_ok());
-        assert!(check_addr("[::1]:7001").is_ok());
-        for bad in [
-            "node4",
-            "node4:",
-            ":7001",
-            "node4:0",
-            "node4:70000",
-            "https://n:1",
-            "a b:1",
-        ] {
-            assert!(check_addr(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn the_status_table_has_a_line_per_node() {

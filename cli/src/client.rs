@@ -40,6 +40,21 @@ impl Connection {
     pub fn new(url: String, token: Option<String>, ca: Option<PathBuf>) -> Connection {
         Connection { url, token, ca }
     }
+
+    /// The router's URL without a trailing `/`.
+    pub(crate) fn base_url(&self) -> &str {
+        self.url.trim_end_matches('/')
+    }
+
+    /// The CA certificate's file, if one was given.
+    pub(crate) fn ca(&self) -> Option<&std::path::Path> {
+        self.ca.as_deref()
+    }
+
+    /// An HTTPS client that trusts the connection's CA.
+    pub(crate) fn http_client(&self) -> anyhow::Result<reqwest::Client> {
+        http_client(self)
+    }
 }
 
 /// A router to send requests to, with the connection's token.
@@ -57,7 +72,7 @@ impl Router {
             .context("no token: pass --token or set CASKADE_TOKEN")?;
         Ok(Router {
             client: http_client(connection)?,
-            base: connection.url.trim_end_matches('/').to_string(),
+            base: connection.base_url().to_string(),
             auth: format!("Bearer {}", token.trim()),
         })
     }

@@ -4,5 +4,6 @@
 pub mod admin;
 pub mod certs;
 pub mod client;
+pub mod health;
 pub mod local;
 pub mod token;

@@ -2,7 +2,8 @@
 //!
 //! Subcommands: `local` (a whole cluster in this process), `token` (sign a
 //! JWT), `certs` (a cluster CA and certificates), the client commands
-//! `put`, `get`, `del`, `ls`, and the admin commands `nodes` and `status`.
+//! `put`, `get`, `del`, `ls`, the admin commands `nodes` and `status`, and
+//! `health` (for container health checks).
 //! Each lives in its own
 //! module of the library; this file only parses and dispatches.
 
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use caskade_cli::local::{LocalCluster, LocalOptions};
-use caskade_cli::{admin, certs, client, token};
+use caskade_cli::{admin, certs, client, health, token};
 use caskade_common::config::LogConfig;
 use caskade_common::telemetry;
 use caskade_node::config::EngineConfig;
@@ -41,6 +42,8 @@ enum Command {
     Client(client::ClientCommand),
     #[command(flatten)]
     Admin(admin::AdminCommand),
+    /// Exit 0 if the router (or `--node`) serves: a container health check.
+    Health(health::HealthArgs),
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +68,9 @@ fn main() -> ExitCode {
         Command::Client(command) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| runtime.block_on(client::run(&cli.connection, command))),
+        Command::Health(args) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(health::run(&cli.connection, &args))),
         Command::Admin(command) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| {

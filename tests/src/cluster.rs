@@ -626,6 +626,11 @@ impl TestCluster {
         &self.certs.ca
     }
 
+    /// The operator's client certificate for the nodes, with its CA.
+    pub fn client_tls(&self) -> &caskade_common::config::TlsFiles {
+        &self.certs.client
+    }
+
     /// The configuration node `id` starts with (its address included).
     pub fn node_config(&self, id: u32) -> &NodeConfig {
         &self.slot(id).config

@@ -1,12 +1,15 @@
 //! The admin commands of the `caskade` CLI against a cluster: `nodes`
 //! lists the map, `status` shows a line per node (or the admin page as
 //! JSON), `nodes add` and `nodes remove` change the cluster; a bad address
-//! or an id in use is a clear error that changes nothing.
+//! or an id in use is a clear error that changes nothing. `health` checks
+//! the router and a node as a container health check would.
 #![allow(clippy::unwrap_used)]
 
 use caskade_cli::admin::{self, AdminCommand, NodesChange};
 use caskade_cli::client::Connection;
+use caskade_cli::health::{self, HealthArgs};
 use caskade_router::config::NodePolicy;
+use clap::Parser;
 use std::time::Duration;
 
 use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
@@ -72,7 +75,7 @@ async fn operators_list_inspect_add_and_remove_nodes_from_the_cli() {
         }),
     };
     let bad = caskade(&tc, add(999, "not-an-address")).await.unwrap_err();
-    assert!(bad.to_string().contains("host:port"), "{bad}");
+    assert!(bad.to_string().contains("is not host:port"), "{bad}");
     let taken = caskade(&tc, add(ids[0], "127.0.0.1:1")).await.unwrap_err();
     assert!(taken.to_string().starts_with("409"), "{taken}");
     assert_eq!(epoch(&tc).await, before);
@@ -121,5 +124,43 @@ async fn operators_list_inspect_add_and_remove_nodes_from_the_cli() {
         let response = tc.get(&format!("k-{n}")).await.unwrap();
         assert_eq!(response.status(), reqwest::StatusCode::OK, "k-{n}");
     }
+    tc.shutdown().await.unwrap();
+}
+
+/// `caskade health` with `args` (after the subcommand's name).
+async fn health_of(tc: &TestCluster, args: &[&str]) -> anyhow::Result<()> {
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: HealthArgs,
+    }
+    let cli = Cli::try_parse_from(std::iter::once("health").chain(args.iter().copied()))?;
+    let connection = Connection::new(tc.url.clone(), None, Some(tc.ca_path().to_path_buf()));
+    health::run(&connection, &cli.args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_the_router_and_a_node() {
+    let mut tc = TestCluster::start(ClusterSpec::nodes(3, 3, NodePolicy::default()))
+        .await
+        .unwrap();
+    health_of(&tc, &[]).await.unwrap();
+    health_of(&tc, &["--ready"]).await.unwrap();
+    let node = tc.node_ids()[0];
+    let addr = tc.addr(node).to_string();
+    let tls = tc.client_tls().clone();
+    let (cert, key) = (tls.cert.to_str().unwrap(), tls.key.to_str().unwrap());
+    let node_args = ["--node", &addr, "--cert", cert, "--key", key];
+    health_of(&tc, &node_args).await.unwrap();
+
+    let bad = health_of(&tc, &["--node", "nohost", "--cert", cert, "--key", key])
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("is not host:port"), "{bad}");
+    let unsure = health_of(&tc, &["--node", &addr]).await.unwrap_err();
+    assert!(unsure.to_string().contains("--cert"), "{unsure}");
+    tc.stop_node(node).await.unwrap();
+    let down = health_of(&tc, &node_args).await.unwrap_err();
+    assert!(down.to_string().contains(&addr), "{down}");
     tc.shutdown().await.unwrap();
 }

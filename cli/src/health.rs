@@ -1,0 +1,94 @@
+//! `caskade health`: exits 0 when the router (or, with `--node`, a storage
+//! node) answers that it serves, and 1 with the reason otherwise. A
+//! container's health check needs no tool besides the `caskade` binary.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use caskade_common::config::{TlsFiles, validate_addr};
+use caskade_common::tls::{TlsMaterial, server_name};
+use tonic::transport::Endpoint;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::client::Connection;
+
+/// How long a check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `caskade health` checks.
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    /// Check the storage node at this gRPC address (`host:port`) instead of
+    /// the router: it must answer SERVING (caught up with its peers).
+    #[arg(long)]
+    node: Option<String>,
+    /// For `--node`: a certificate the cluster CA signed (the node's own
+    /// will do), with `--key`, and the CA as `--ca`.
+    #[arg(long, requires = "node")]
+    cert: Option<PathBuf>,
+    /// For `--node`: the key of `--cert`.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// For the router: ask `/readyz` (it reaches a ready node) instead of
+    /// `/healthz` (the process answers).
+    #[arg(long, conflicts_with = "node")]
+    ready: bool,
+}
+
+/// Runs the check; `Ok` when healthy.
+pub async fn run(connection: &Connection, args: &HealthArgs) -> anyhow::Result<()> {
+    match &args.node {
+        Some(addr) => check_node(connection, args, addr).await,
+        None => check_router(connection, args.ready).await,
+    }
+}
+
+async fn check_router(connection: &Connection, ready: bool) -> anyhow::Result<()> {
+    let client = connection.http_client()?;
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let url = format!("{}{path}", connection.base_url());
+    let response = client
+        .get(&url)
+        .timeout(CHECK_TIMEOUT)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    if !response.status().is_success() {
+        bail!("GET {url}: {}", response.status());
+    }
+    Ok(())
+}
+
+async fn check_node(connection: &Connection, args: &HealthArgs, addr: &str) -> anyhow::Result<()> {
+    validate_addr(addr).map_err(anyhow::Error::msg)?;
+    let (Some(cert), Some(key), Some(ca)) = (&args.cert, &args.key, connection.ca()) else {
+        bail!("--node needs --cert, --key and --ca (the node's mutual TLS)");
+    };
+    caskade_common::tls::install_crypto_provider();
+    let tls = TlsMaterial::load(&TlsFiles {
+        ca: ca.to_path_buf(),
+        cert: cert.clone(),
+        key: key.clone(),
+    })?;
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.grpc_client(server_name(addr)))?
+        .connect_timeout(CHECK_TIMEOUT)
+        .timeout(CHECK_TIMEOUT)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the node at {addr}"))?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "caskade.v1.Kv".into(),
+        })
+        .await
+        .with_context(|| format!("health check of the node at {addr}"))?
+        .into_inner();
+    if answer.status() != ServingStatus::Serving {
+        bail!("the node at {addr} is {:?}", answer.status());
+    }
+    Ok(())
+}

@@ -4,7 +4,6 @@
 //! shows each node's state, readiness, breaker, Raft role, data and
 //! replication lag (`--json`: the router's whole admin page).
 
-use std::fmt::Write as _;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -16,10 +15,11 @@ use caskade_common::config::validate_addr;
 
 use crate::client::{Connection, Router};
 
-/// How long `nodes remove` waits for the others to pull a node's ranges.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(600);
-/// How often it asks again meanwhile.
-const DRAIN_POLL: Duration = Duration::from_secs(1);
+/// How long `nodes remove` goes on asking while the others pull a node's
+/// ranges (the router itself holds each request up to a minute).
+const REMOVE_PATIENCE: Duration = Duration::from_secs(600);
+/// The pause before asking again after the router answered 202.
+const REMOVE_PAUSE: Duration = Duration::from_secs(1);
 
 /// An admin command.
 #[derive(Debug, clap::Subcommand)]
@@ -44,7 +44,8 @@ pub enum NodesChange {
     /// Add a running node (with the cluster's certificates) at ADDR
     /// (`host:port` of its gRPC listener).
     Add {
-        /// The new node's id: unique, never reused.
+        /// The new node's id: unique, never reused, from 1.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
         id: u32,
         /// Its gRPC address, `host:port`.
         addr: String,
@@ -71,7 +72,7 @@ pub async fn run(
         change: Some(NodesChange::Add { addr, .. }),
     } = &command
     {
-        validate_addr(addr).map_err(anyhow::Error::msg)?;
+        validate_addr(addr).map_err(|why| anyhow::anyhow!("address: {why}"))?;
     }
     let router = Router::new(connection)?;
     match command {
@@ -107,12 +108,18 @@ pub async fn run(
                 if response.status() != StatusCode::ACCEPTED {
                     break response.json().await?;
                 }
-                if started.elapsed() > DRAIN_DEADLINE {
+                let waited = started.elapsed();
+                if waited > REMOVE_PATIENCE {
                     bail!(
-                        "node {id} is still being drained after {DRAIN_DEADLINE:?}; run the same command again"
+                        "node {id} is still being drained after {}s; it stays leaving, and the same command again finishes the removal",
+                        waited.as_secs()
                     );
                 }
-                tokio::time::sleep(DRAIN_POLL).await;
+                eprintln!(
+                    "node {id} is being drained ({}s): the others still pull its ranges; Ctrl-C leaves it leaving, and the same command again finishes the removal",
+                    waited.as_secs()
+                );
+                tokio::time::sleep(REMOVE_PAUSE).await;
             };
             writeln!(out, "node {id} removed; cluster map epoch {}", map["epoch"])?;
         }
@@ -132,7 +139,8 @@ pub async fn run(
 async fn cluster_page(router: &Router) -> anyhow::Result<Value> {
     let response = router
         .send(router.request(Method::GET, "/admin/v1/cluster"))
-        .await?;
+        .await
+        .context("GET /admin/v1/cluster")?;
     response.json().await.context("reading the admin page")
 }
 
@@ -177,25 +185,24 @@ fn status_table(page: &Value) -> String {
                 (Some(_), Some(_)) => "0%".to_string(),
                 _ => "-".to_string(),
             };
-            let lag = stats["replication"].as_array().map_or_else(
-                || "-".to_string(),
-                |peers| {
-                    let mut lag = String::new();
-                    for p in peers {
-                        let sep = if lag.is_empty() { "" } else { " " };
-                        let _ = write!(lag, "{sep}{}:{}", p["peer"], p["lag_records"]);
-                    }
-                    lag
-                },
-            );
+            // The node's own view of each peer; why it gave none, if not.
+            let lag = match (stats["replication"].as_array(), stats["error"].as_str()) {
+                (Some(peers), _) => peers
+                    .iter()
+                    .map(|p| match p["reachable"].as_bool() {
+                        Some(false) => format!("{}:unreachable", p["peer"]),
+                        _ => format!("{}:{}", p["peer"], p["lag_records"]),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                (None, Some(error)) => format!("no stats: {error}"),
+                (None, None) => "-".to_string(),
+            };
             vec![
                 n["id"].to_string(),
                 text(&n["addr"]),
-                if n["down"].as_bool() == Some(true) {
-                    "down".to_string()
-                } else {
-                    text(&n["state"])
-                },
+                text(&n["state"]),
+                yes_no(&n["down"]),
                 yes_no(&n["ready"]),
                 text(&n["breaker"]),
                 text(&stats["raft"]["role"]),
@@ -218,20 +225,21 @@ fn status_table(page: &Value) -> String {
             "NODE",
             "ADDRESS",
             "STATE",
+            "DOWN",
             "READY",
             "BREAKER",
             "RAFT",
             "KEYS",
-            "BYTES",
-            "DEAD",
-            "LAG (PEER:RECORDS)",
+            "LIVE",
+            "DEAD%",
+            "LAG (PEER:SEQS)",
         ],
         rows,
     ));
     table
 }
 
-/// A JSON string's text; `-` for anything else.
+/// A JSON string's text, or a number's; `-` for anything else.
 fn text(value: &Value) -> String {
     value.as_str().map_or_else(
         || {
@@ -302,7 +310,8 @@ mod tests {
             "nodes": [
                 {"id": 1, "addr": "a:1", "state": "active", "down": false, "ready": true,
                  "breaker": "closed", "stats": {"keys": 10, "live_bytes": 3072, "dead_bytes": 1024,
-                 "raft": {"role": "leader"}, "replication": [{"peer": 2, "lag_records": 0}]}},
+                 "raft": {"role": "leader"}, "replication": [{"peer": 2, "lag_records": 0},
+                 {"peer": 3, "lag_records": 0, "reachable": false}]}},
                 {"id": 2, "addr": "b:1", "state": "active", "down": true, "ready": false,
                  "breaker": "open", "stats": {"error": "unavailable"}},
             ],
@@ -313,12 +322,13 @@ mod tests {
         assert!(lines[0].contains("epoch 4") && lines[0].contains("leader 1"));
         assert!(lines[2].contains("leader") && lines[2].contains("3.0 KiB"));
         assert!(
-            lines[2].contains("25%") && lines[2].ends_with("2:0"),
+            lines[2].contains("25%") && lines[2].ends_with("2:0 3:unreachable"),
             "{table}"
         );
         assert!(
-            lines[3].contains("down") && lines[3].contains("open"),
+            lines[3].contains("yes") && lines[3].contains("open"),
             "{table}"
         );
+        assert!(lines[3].ends_with("no stats: unavailable"), "{table}");
     }
 }

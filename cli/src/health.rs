@@ -1,6 +1,8 @@
 //! `caskade health`: exits 0 when the router (or, with `--node`, a storage
-//! node) answers that it serves, and 1 with the reason otherwise. A
-//! container's health check needs no tool besides the `caskade` binary.
+//! node) answers, and 1 with the reason otherwise; with `--ready`, when it
+//! also serves. A container's health check needs no tool besides the
+//! `caskade` binary, and by default does not fail a node that is catching
+//! up (which answers, not yet serving), so that it is not restarted then.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use caskade_common::config::{TlsFiles, validate_addr};
 use caskade_common::tls::{TlsMaterial, server_name};
+use caskade_proto::READINESS_SERVICE;
 use tonic::transport::Endpoint;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -22,7 +25,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, clap::Args)]
 pub struct HealthArgs {
     /// Check the storage node at this gRPC address (`host:port`) instead of
-    /// the router: it must answer SERVING (caught up with its peers).
+    /// the router: it must answer its health check.
     #[arg(long)]
     node: Option<String>,
     /// For `--node`: a certificate the cluster CA signed (the node's own
@@ -32,9 +35,10 @@ pub struct HealthArgs {
     /// For `--node`: the key of `--cert`.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// For the router: ask `/readyz` (it reaches a ready node) instead of
-    /// `/healthz` (the process answers).
-    #[arg(long, conflicts_with = "node")]
+    /// Require readiness: for the router `/readyz` (every key range has a
+    /// ready replica) instead of `/healthz`; for a node, SERVING (caught up
+    /// with its peers).
+    #[arg(long)]
     ready: bool,
 }
 
@@ -56,13 +60,16 @@ async fn check_router(connection: &Connection, ready: bool) -> anyhow::Result<()
         .send()
         .await
         .with_context(|| format!("GET {url}"))?;
-    if !response.status().is_success() {
-        bail!("GET {url}: {}", response.status());
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        bail!("GET {url}: {status} {body}");
     }
     Ok(())
 }
 
 async fn check_node(connection: &Connection, args: &HealthArgs, addr: &str) -> anyhow::Result<()> {
+    let ready = args.ready;
     validate_addr(addr).map_err(anyhow::Error::msg)?;
     let (Some(cert), Some(key), Some(ca)) = (&args.cert, &args.key, connection.ca()) else {
         bail!("--node needs --cert, --key and --ca (the node's mutual TLS)");
@@ -82,12 +89,12 @@ async fn check_node(connection: &Connection, args: &HealthArgs, addr: &str) -> a
         .with_context(|| format!("connecting to the node at {addr}"))?;
     let answer = HealthClient::new(channel)
         .check(HealthCheckRequest {
-            service: "caskade.v1.Kv".into(),
+            service: READINESS_SERVICE.into(),
         })
         .await
         .with_context(|| format!("health check of the node at {addr}"))?
         .into_inner();
-    if answer.status() != ServingStatus::Serving {
+    if ready && answer.status() != ServingStatus::Serving {
         bail!("the node at {addr} is {:?}", answer.status());
     }
     Ok(())

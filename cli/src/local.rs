@@ -238,7 +238,7 @@ async fn wait_until_serving(channels: &[Channel]) -> anyhow::Result<()> {
                 .await
                 .is_ok_and(|r| r.get_ref().map.is_some());
             let request = HealthCheckRequest {
-                service: "caskade.v1.Kv".into(),
+                service: caskade_proto::READINESS_SERVICE.into(),
             };
             let serving = has_map
                 && health

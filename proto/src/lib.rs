@@ -31,6 +31,10 @@ impl ClusterMap {
     }
 }
 
+/// The service name whose `grpc.health.v1` status is a node's readiness:
+/// SERVING once it has caught up with its peers and serves clients.
+pub const READINESS_SERVICE: &str = "caskade.v1.Kv";
+
 /// gRPC metadata keys of the node API, set by nodes, read by routers and peers.
 pub mod metadata {
     /// On FAILED_PRECONDITION (a write's condition did not hold): the key's

@@ -31,6 +31,13 @@ fn nodes() -> AdminCommand {
     AdminCommand::Nodes { change: None }
 }
 
+/// The Raft leader the admin page names.
+async fn page_leader(tc: &TestCluster) -> u64 {
+    tc.admin_cluster().await.unwrap()["leader"]
+        .as_u64()
+        .unwrap()
+}
+
 async fn epoch(tc: &TestCluster) -> u64 {
     tc.admin_cluster().await.unwrap()["epoch"].as_u64().unwrap()
 }
@@ -56,10 +63,15 @@ async fn operators_list_inspect_add_and_remove_nodes_from_the_cli() {
         .await
         .unwrap();
     assert_eq!(status.lines().count(), 2 + ids.len(), "{status}");
-    assert!(
-        status.contains("leader") && status.contains("closed"),
-        "{status}"
-    );
+    let leader = page_leader(&tc).await;
+    let leader_rows: Vec<&str> = status
+        .lines()
+        .skip(2)
+        .filter(|l| l.split_whitespace().nth(6) == Some("leader"))
+        .collect();
+    assert_eq!(leader_rows.len(), 1, "{status}");
+    assert!(leader_rows[0].starts_with(&leader.to_string()), "{status}");
+    assert!(status.contains("closed"), "{status}");
     let json = caskade(&tc, AdminCommand::Status { json: true })
         .await
         .unwrap();
@@ -77,7 +89,10 @@ async fn operators_list_inspect_add_and_remove_nodes_from_the_cli() {
     let bad = caskade(&tc, add(999, "not-an-address")).await.unwrap_err();
     assert!(bad.to_string().contains("is not host:port"), "{bad}");
     let taken = caskade(&tc, add(ids[0], "127.0.0.1:1")).await.unwrap_err();
-    assert!(taken.to_string().starts_with("409"), "{taken}");
+    let taken = taken.to_string();
+    assert!(taken.starts_with("409"), "{taken}");
+    let message = format!("node {} is already in the cluster map", ids[0]);
+    assert!(taken.contains(&message), "{taken}");
     assert_eq!(epoch(&tc).await, before);
 
     let new = tc.start_spare_node().await.unwrap();
@@ -152,6 +167,8 @@ async fn health_checks_the_router_and_a_node() {
     let (cert, key) = (tls.cert.to_str().unwrap(), tls.key.to_str().unwrap());
     let node_args = ["--node", &addr, "--cert", cert, "--key", key];
     health_of(&tc, &node_args).await.unwrap();
+    let ready_args = [&node_args[..], &["--ready"]].concat();
+    health_of(&tc, &ready_args).await.unwrap();
 
     let bad = health_of(&tc, &["--node", "nohost", "--cert", cert, "--key", key])
         .await

@@ -150,24 +150,25 @@ fn nodes_of(page: &Value) -> &[Value] {
 
 /// `caskade nodes`: id, address, state, whether marked down, readiness.
 fn nodes_table(page: &Value) -> String {
-    let rows = nodes_of(page)
-        .iter()
-        .map(|n| {
-            vec![
-                n["id"].to_string(),
-                text(&n["addr"]),
-                text(&n["state"]),
-                yes_no(&n["down"]),
-                yes_no(&n["ready"]),
-            ]
-        })
-        .collect();
+    let rows = nodes_of(page).iter().map(node_cells).collect();
     let mut table = format!("cluster map epoch {}\n", page["epoch"]);
     table.push_str(&columns(
         &["NODE", "ADDRESS", "STATE", "DOWN", "READY"],
         rows,
     ));
     table
+}
+
+/// The cells both tables start with: id, address, state, whether marked
+/// down, readiness.
+fn node_cells(n: &Value) -> Vec<String> {
+    vec![
+        n["id"].to_string(),
+        text(&n["addr"]),
+        text(&n["state"]),
+        yes_no(&n["down"]),
+        yes_no(&n["ready"]),
+    ]
 }
 
 /// `caskade status`: a line per node.
@@ -198,12 +199,8 @@ fn status_table(page: &Value) -> String {
                 (None, Some(error)) => format!("no stats: {error}"),
                 (None, None) => "-".to_string(),
             };
-            vec![
-                n["id"].to_string(),
-                text(&n["addr"]),
-                text(&n["state"]),
-                yes_no(&n["down"]),
-                yes_no(&n["ready"]),
+            let mut cells = node_cells(n);
+            cells.extend([
                 text(&n["breaker"]),
                 text(&stats["raft"]["role"]),
                 stats["keys"]
@@ -212,7 +209,8 @@ fn status_table(page: &Value) -> String {
                 live.map_or("-".to_string(), bytes),
                 dead_share,
                 lag,
-            ]
+            ]);
+            cells
         })
         .collect();
     let mut table = format!(

@@ -3,6 +3,9 @@
 //! also serves. A container's health check needs no tool besides the
 //! `caskade` binary, and by default does not fail a node that is catching
 //! up (which answers, not yet serving), so that it is not restarted then.
+//! Every option can come from the environment, so that one image's
+//! `HEALTHCHECK CMD ["caskade", "health"]` checks whichever server the
+//! container runs.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,14 +29,14 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct HealthArgs {
     /// Check the storage node at this gRPC address (`host:port`) instead of
     /// the router: it must answer its health check.
-    #[arg(long)]
+    #[arg(long, env = "CASKADE_HEALTH_NODE")]
     node: Option<String>,
     /// For `--node`: a certificate the cluster CA signed (the node's own
     /// will do), with `--key`, and the CA as `--ca`.
-    #[arg(long, requires = "node")]
+    #[arg(long, env = "CASKADE_HEALTH_CERT", requires = "node")]
     cert: Option<PathBuf>,
     /// For `--node`: the key of `--cert`.
-    #[arg(long, requires = "cert")]
+    #[arg(long, env = "CASKADE_HEALTH_KEY", requires = "cert")]
     key: Option<PathBuf>,
     /// Require readiness: for the router `/readyz` (every key range has a
     /// ready replica) instead of `/healthz`; for a node, SERVING (caught up

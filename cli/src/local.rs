@@ -25,9 +25,7 @@ use caskade_node::config::{
 use caskade_node::{Node, NodeConfig, NodeError};
 use caskade_proto::GetClusterMapRequest;
 use caskade_proto::admin_client::AdminClient;
-use caskade_router::auth::{
-    AuthConfig, Role, SecretKeyFile, TokenRequest, issue_hs256, load_hs256_secret,
-};
+use caskade_router::auth::{AuthConfig, SecretKeyFile};
 use caskade_router::config::{HttpsFiles, IdempotencyConfig, LimitsConfig, NodePolicy};
 use caskade_router::{Router, RouterConfig, RouterError};
 use tokio::sync::watch;
@@ -36,6 +34,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+use crate::certs::{admin_token, ensure_secret, write_private};
 
 /// Ring points per node of the map `caskade local` forms.
 const VNODES_PER_NODE: u32 = 64;
@@ -184,19 +184,7 @@ impl LocalCluster {
         let url = format!("https://{}", router.local_addr());
         let router = tokio::spawn(router.serve(until_stopped()));
 
-        let secret = load_hs256_secret(&secret_file)?;
-        let admin_token = issue_hs256(
-            &secret,
-            &TokenRequest {
-                subject: "admin",
-                role: Role::Admin,
-                prefix: None,
-                ttl: ADMIN_TOKEN_TTL,
-                issuer: None,
-                audience: None,
-                kid: None,
-            },
-        )?;
+        let admin_token = admin_token(&secret_file, ADMIN_TOKEN_TTL)?;
         write_private(
             &dir.join("admin.token"),
             format!("{admin_token}\n").as_bytes(),
@@ -304,33 +292,4 @@ fn read_node_addrs(path: &Path, nodes: u32) -> anyhow::Result<Option<Vec<SocketA
 fn write_node_addrs(path: &Path, addrs: &[SocketAddr]) -> anyhow::Result<()> {
     let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
     write_private(path, text.as_bytes())
-}
-
-/// Creates the HS256 secret (32 random bytes, hex) unless it exists.
-fn ensure_secret(path: &Path) -> anyhow::Result<()> {
-    if path.exists() {
-        return Ok(());
-    }
-    let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(path, format!("{hex}\n").as_bytes())
-}
-
-fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    Ok(())
 }

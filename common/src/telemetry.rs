@@ -10,10 +10,12 @@
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -84,6 +86,14 @@ pub fn random_hex_id() -> String {
     format!("{:016x}", hasher.finish())
 }
 
+/// How long a gauge may go without an update before it leaves the
+/// exported metrics: the series of a node or peer that left the cluster
+/// then ends instead of repeating its last value (a lag, a readiness of 0)
+/// for ever. Every gauge of a live node or peer is set at least at every
+/// scrape or health check, and none may be held as a handle across idle
+/// periods (its updates would go to a series no longer exported).
+pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// The process's Prometheus recorder, installed on first use. Every
 /// `*_seconds` histogram gets [`LATENCY_BUCKETS`].
 pub fn metrics_handle() -> PrometheusHandle {
@@ -92,7 +102,8 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
-                .expect("the bucket list is a non-empty constant");
+                .expect("the bucket list is a non-empty constant")
+                .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT));
             match builder.install_recorder() {
                 Ok(handle) => handle,
                 // Another recorder is already global (a test harness); render

@@ -103,8 +103,6 @@ pub struct NodeHandle {
     /// not answer at all is only not ready, and is still tried last.
     declined: AtomicBool,
     in_flight: Arc<AtomicI64>,
-    /// `caskade_router_node_in_flight` of this node.
-    in_flight_gauge: metrics::Gauge,
     policy: NodePolicy,
 }
 
@@ -175,7 +173,6 @@ impl NodeHandle {
             ready: AtomicBool::new(false),
             declined: AtomicBool::new(false),
             in_flight: Arc::new(AtomicI64::new(0)),
-            in_flight_gauge: gauge!("caskade_router_node_in_flight", "node" => id.to_string()),
             policy: policy.clone(),
         })
     }
@@ -234,8 +231,8 @@ impl NodeHandle {
     /// Counts a call in flight until the guard drops.
     pub fn track(&self) -> InFlight {
         let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        self.in_flight_gauge.set(now as f64);
-        InFlight(Arc::clone(&self.in_flight), self.in_flight_gauge.clone())
+        publish_in_flight(self.id, now);
+        InFlight(Arc::clone(&self.in_flight), self.id)
     }
 
     /// Asks the node whether it serves `Kv`, and remembers the answer.
@@ -262,21 +259,32 @@ impl NodeHandle {
         if was != serving {
             tracing::info!(node = self.id, addr = %self.addr, ready = serving, "node readiness changed");
         }
+        // Both gauges are set at every check, so that they never go idle
+        // (and so leave the registry) while the node is in the map.
         gauge!("caskade_router_node_ready", "node" => self.id.to_string())
             .set(f64::from(u8::from(serving)));
+        gauge!("caskade_router_breaker_state", "node" => self.id.to_string())
+            .set(breaker_gauge(self.breaker()));
         serving
     }
 }
 
 /// Decrements a node's in-flight count on drop.
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicI64>, metrics::Gauge);
+pub struct InFlight(Arc<AtomicI64>, u32);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let now = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.1.set(now as f64);
+        publish_in_flight(self.1, now);
     }
+}
+
+/// Sets `caskade_router_node_in_flight` of node `id`. Looked up at every
+/// change rather than held: an idle gauge leaves the registry, and a held
+/// handle would then update a series no longer exported.
+fn publish_in_flight(id: u32, now: i64) {
+    gauge!("caskade_router_node_in_flight", "node" => id.to_string()).set(now as f64);
 }
 
 fn breaker_gauge(phase: BreakerPhase) -> f64 {

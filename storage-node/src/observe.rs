@@ -8,10 +8,11 @@
 //! `CANCELLED`. Nothing here touches the engine.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use caskade_common::telemetry::{self, REQUEST_ID_HEADER};
-use metrics::{Gauge, counter, gauge, histogram};
+use metrics::{counter, gauge, histogram};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tracing::Span;
@@ -32,15 +33,27 @@ pub mod names {
 #[derive(Debug, Clone)]
 pub struct Observer {
     node: Arc<str>,
-    in_flight: Gauge,
+    /// Requests being served. The gauge is looked up at every change
+    /// rather than held: an idle gauge leaves the registry (see
+    /// `caskade_common::telemetry::GAUGE_IDLE_TIMEOUT`), and a held handle
+    /// would then update a series no longer exported.
+    in_flight: Arc<AtomicI64>,
 }
 
 impl Observer {
     /// An observer labelling its series `node="<node_id>"`.
     pub fn new(node_id: u32) -> Observer {
         let node: Arc<str> = node_id.to_string().into();
-        let in_flight = gauge!(names::IN_FLIGHT, "node" => node.to_string());
-        Observer { node, in_flight }
+        Observer {
+            node,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Adds `change` to the requests in flight and publishes the count.
+    fn count_in_flight(&self, change: i64) {
+        let now = self.in_flight.fetch_add(change, Ordering::Relaxed) + change;
+        gauge!(names::IN_FLIGHT, "node" => self.node.to_string()).set(now as f64);
     }
 
     /// Starts timing a call of `method`.
@@ -50,7 +63,7 @@ impl Observer {
             .and_then(|v| v.to_str().ok());
         let request_id = telemetry::request_id(caller_id);
         let span = tracing::info_span!("request", node = %self.node, method, request_id);
-        self.in_flight.increment(1.0);
+        self.count_in_flight(1);
         Call {
             observer: self.clone(),
             method,
@@ -98,7 +111,7 @@ impl Call {
         ];
         counter!(names::REQUESTS, &labels).increment(1);
         histogram!(names::REQUEST_SECONDS, &labels).record(elapsed.as_secs_f64());
-        self.observer.in_flight.decrement(1.0);
+        self.observer.count_in_flight(-1);
         let _entered = self.span.enter();
         let micros = elapsed.as_micros() as u64;
         match code {

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use caskade_common::telemetry::{self, serve_metrics};
 use caskade_common::tls::{TlsError, TlsMaterial};
@@ -92,9 +92,26 @@ impl Node {
         // Metric handles taken before the recorder exists would record nothing.
         telemetry::metrics_handle();
         let tls = TlsMaterial::load(&config.tls)?;
-        // First: a new node checks its initial members before it writes anything.
-        let cluster =
-            Arc::new(Cluster::open(config.id, &config.data_dir, &config.cluster, &tls).await?);
+        // First: a node forming a cluster checks its initial members, and
+        // that its own listed address leads to its listener, before it
+        // writes anything. Other nodes bind only once they can serve, so
+        // that peers and routers are refused meanwhile rather than left
+        // waiting on a handshake.
+        let early_grpc = if Cluster::forms_new_cluster(&config.data_dir, &config.cluster) {
+            Some(telemetry::bind(config.listen, "gRPC").await?)
+        } else {
+            None
+        };
+        let cluster = Arc::new(
+            Cluster::open(
+                config.id,
+                &config.data_dir,
+                &config.cluster,
+                &tls,
+                early_grpc.as_ref(),
+            )
+            .await?,
+        );
         if cluster.map().is_none() {
             // The Raft group has given this node no map yet, so a stored
             // one is not from it (a map written before maps were decided by
@@ -133,7 +150,10 @@ impl Node {
             // In a cluster, or forming one: no map means no ranges yet.
             config.cluster.initial_members.is_some() || cluster.identity().get().is_some(),
         );
-        let grpc = telemetry::bind(config.listen, "gRPC").await?;
+        let grpc = match early_grpc {
+            Some(listener) => listener,
+            None => telemetry::bind(config.listen, "gRPC").await?,
+        };
         let metrics = match config.metrics.listen {
             Some(addr) => Some(telemetry::bind(addr, "metrics").await?),
             None => None,
@@ -447,8 +467,24 @@ fn publish_engine_gauges(core: &NodeCore) {
     set("caskade_engine_files", stats.files);
     set("caskade_engine_last_seq", stats.last_seq);
     counter!("caskade_engine_merges_total", "node" => node.clone()).absolute(stats.merges);
+    match rustix::fs::statvfs(core.engine.dir()) {
+        Ok(fs) => {
+            let block = fs.f_frsize;
+            set("caskade_node_disk_total_bytes", fs.f_blocks * block);
+            set("caskade_node_disk_available_bytes", fs.f_bavail * block);
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot read the data directory's file system size"),
+    }
     let replication = &core.replication;
     gauge!("caskade_node_ready", "node" => node.clone()).set(f64::from(u8::from(stats.ready)));
+    if let Some(at) = replication.anti_entropy().last_full_round {
+        let when = SystemTime::now()
+            .checked_sub(at.elapsed())
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        gauge!("caskade_node_anti_entropy_last_full_round_timestamp_seconds", "node" => node.clone())
+            .set(when);
+    }
     for (peer, lag) in replication.lag() {
         let labels = [("node", node.clone()), ("peer", peer.to_string())];
         gauge!("caskade_node_replication_lag_records", &labels).set(lag.records() as f64);

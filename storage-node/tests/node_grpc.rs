@@ -354,27 +354,35 @@ async fn bad_input_is_invalid_argument_and_writes_nothing() {
     node.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_single_node_forms_its_cluster_refuses_bad_changes_and_keeps_its_map() {
+/// A node forming a one-node cluster (RF 1, fast Raft timings), listed in
+/// its initial members at `listed`, or where it listens.
+fn one_node_cluster(
+    dir: &std::path::Path,
+    certs: &ClusterCertFiles,
+    listed: Option<std::net::SocketAddr>,
+) -> caskade_node::NodeConfig {
     use caskade_node::config::InitialMembers;
-    use caskade_proto::change_cluster_request::Change;
-    use caskade_proto::{ChangeClusterRequest, GetClusterMapRequest, NodeAddress};
 
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let mut config = node_config(dir.path(), &certs);
+    let mut config = node_config(dir, certs);
     config.listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let listed = listed.unwrap_or(config.listen);
     config.cluster.initial_members =
-        Some(InitialMembers::try_from(format!("1={}", config.listen)).unwrap());
+        Some(InitialMembers::try_from(format!("1={listed}")).expect("one valid member"));
     config.cluster.replication_factor = 1;
     config.cluster.heartbeat_ms = 50;
     config.cluster.election_timeout_ms = 300;
-    let node = RunningNode::start(config.clone()).await;
-    let mut admin = admin_client(&node, &certs).await;
-    let map = eventually(Duration::from_secs(20), "the first map", || {
+    config
+}
+
+/// The first map `admin`'s node commits.
+async fn first_map(
+    admin: &caskade_proto::admin_client::AdminClient<Channel>,
+) -> caskade_proto::ClusterMap {
+    use caskade_proto::GetClusterMapRequest;
+
+    eventually(Duration::from_secs(20), "the first map", || {
         let mut admin = admin.clone();
         async move {
             admin
@@ -384,7 +392,39 @@ async fn a_single_node_forms_its_cluster_refuses_bad_changes_and_keeps_its_map()
                 .and_then(|r| r.into_inner().map)
         }
     })
-    .await;
+    .await
+}
+
+/// The own-address check refuses only on evidence: an address listed for
+/// the node that accepts connections without leading to it, and where no
+/// caskade node answers (a proxy whose backend is not up), is not a reason
+/// to stop.
+#[tokio::test]
+async fn a_new_node_whose_listed_address_answers_as_no_node_still_forms_its_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    // Accepts connections (the kernel completes them) and never answers.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listed = black_hole.local_addr().unwrap();
+    let node = RunningNode::start(one_node_cluster(dir.path(), &certs, Some(listed))).await;
+    let map = first_map(&admin_client(&node, &certs).await).await;
+    assert_eq!(map.nodes.len(), 1);
+    assert_eq!(map.nodes[0].addr, listed.to_string());
+    drop(black_hole);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_single_node_forms_its_cluster_refuses_bad_changes_and_keeps_its_map() {
+    use caskade_proto::change_cluster_request::Change;
+    use caskade_proto::{ChangeClusterRequest, GetClusterMapRequest, NodeAddress};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let config = one_node_cluster(dir.path(), &certs, None);
+    let node = RunningNode::start(config.clone()).await;
+    let mut admin = admin_client(&node, &certs).await;
+    let map = first_map(&admin).await;
     assert_eq!(map.epoch, 1);
     assert_eq!(map.replication_factor, 1);
     assert_eq!(map.nodes.len(), 1);
@@ -558,6 +598,9 @@ async fn metrics_count_requests_by_method_and_code() {
     );
     assert_eq!(put_latency, Some(3.0), "{body}");
     assert_eq!(value("caskade_engine_keys", &[]), Some(3.0), "{body}");
+    let total = value("caskade_node_disk_total_bytes", &[]).expect("disk size");
+    let available = value("caskade_node_disk_available_bytes", &[]).expect("free space");
+    assert!(total > 0.0 && (0.0..=total).contains(&available), "{body}");
     assert_eq!(
         value("caskade_node_requests_in_flight", &[]),
         Some(0.0),

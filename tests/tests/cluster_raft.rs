@@ -1490,3 +1490,48 @@ async fn a_node_with_a_bad_or_disagreeing_configuration_exits_before_writing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_given_the_id_of_a_running_node_exits_before_writing() {
+    bounded(async {
+        let mut d = Deployment::new(2, FAST_NO_FAILOVER);
+        let members = d.allocate(&[1, 2]);
+        // Node 1 starts and waits for node 2 to form the cluster.
+        d.write_founding_config(1, &members, 2);
+        d.start_node(1).await;
+
+        // Node 2's machine is started with node 1's id: the address listed
+        // for id 1 answers, but not with this process.
+        let data_dir = d.nodes[&2].data_dir.clone();
+        let config = node_toml(
+            1,
+            &d.addr(2),
+            &data_dir,
+            d.node_tls(2),
+            &founding_section(&members, 2, d.timings),
+        );
+        let path = d.dir.path().join("node-2-as-1.toml");
+        let (_, stderr) = start_rejected(&path, &config, &data_dir).await;
+        let listed = format!("lists {} for this node (id 1)", d.addr(1));
+        for fragment in [listed.as_str(), "another process answers there as node 1"] {
+            assert!(
+                stderr.contains(fragment),
+                "stderr lacks {fragment:?}: {stderr}"
+            );
+        }
+
+        // With its own id the same machine forms the cluster with node 1.
+        d.write_founding_config(2, &members, 2);
+        d.start_node(2).await;
+        poll_for(
+            "nodes 1 and 2 to commit the first map",
+            FORM_DEADLINE,
+            || async {
+                let map = d.node_map(1).await?;
+                (d.node_map(2).await? == map).then_some(map)
+            },
+        )
+        .await;
+    })
+    .await;
+}

@@ -134,6 +134,18 @@ pub enum BootstrapError {
         /// The id that answered.
         found: u32,
     },
+    /// Another process answers at the address listed for this node.
+    #[error(
+        "cluster.initial_members lists {addr} for this node (id {id}), but another process answers there as node {found}: is this node's id right? Two nodes with one id would corrupt the cluster"
+    )]
+    AddressTaken {
+        /// This node.
+        id: u32,
+        /// The address listed for it.
+        addr: String,
+        /// The id the process there gave.
+        found: u32,
+    },
     /// This node took part in the cluster once and its Raft state is gone.
     #[error(
         "node {id} already belongs to this cluster, but its Raft state (raft.redb) is gone: a voter that forgot its log and votes would break the cluster's consensus. Remove it (DELETE /admin/v1/nodes/{id}), then add it back with an empty data directory and no cluster.initial_members"

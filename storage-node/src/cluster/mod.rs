@@ -21,6 +21,7 @@ mod identity;
 pub(crate) mod leader;
 pub(crate) mod map;
 mod network;
+mod own_address;
 pub(crate) mod service;
 mod store;
 mod types;
@@ -35,6 +36,7 @@ use caskade_proto::admin_client::AdminClient;
 use caskade_proto::{ChangeClusterRequest, RaftStatus};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Code;
 
@@ -103,18 +105,31 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
+    /// Whether a node with this data directory and configuration forms a
+    /// new cluster: it has no Raft state yet, and initial members.
+    pub fn forms_new_cluster(data_dir: &Path, config: &ClusterConfig) -> bool {
+        !RaftDb::exists(data_dir) && config.initial_members.is_some()
+    }
+
     /// Opens the node's Raft state in `data_dir` and starts its Raft core.
-    /// A node that belongs to no cluster and has `initial_members` first
-    /// checks them against the nodes that answer (before writing anything).
+    /// A node that [forms a new cluster](Self::forms_new_cluster) first
+    /// checks, before writing anything, that the address listed for it
+    /// reaches `listener` (its gRPC listener, bound for this and not yet
+    /// serving) and that the other members that answer agree.
     pub async fn open(
         me: u32,
         data_dir: &Path,
         config: &ClusterConfig,
         tls: &TlsMaterial,
+        listener: Option<&TcpListener>,
     ) -> Result<Cluster, ClusterError> {
         if !RaftDb::exists(data_dir)
             && let Some(members) = &config.initial_members
         {
+            if let (Some(mine), Some(listener)) = (members.0.iter().find(|m| m.id == me), listener)
+            {
+                own_address::check(me, &mine.addr, listener, tls).await?;
+            }
             identity::check_members(me, members, &identity::cluster_id(members, config), tls)
                 .await?;
         }

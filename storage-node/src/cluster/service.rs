@@ -105,7 +105,21 @@ impl RaftService for RaftServer {
         &self,
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloResponse>, Status> {
-        let from = request.into_inner().from;
+        let request = request.into_inner();
+        let from = request.from;
+        if request.expected_id != 0 && request.expected_id != self.me {
+            let asker = match from {
+                0 => "a starting node".to_string(),
+                id => format!("node {id}"),
+            };
+            tracing::error!(
+                from,
+                expected = request.expected_id,
+                "{asker} expected node {} at this node's address, but this is node {}: check both nodes' id and cluster.initial_members",
+                request.expected_id,
+                self.me
+            );
+        }
         Ok(Response::new(HelloResponse {
             node_id: self.me,
             cluster_id: self.identity.get().unwrap_or_default(),

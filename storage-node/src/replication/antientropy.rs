@@ -40,7 +40,7 @@ use caskade_common::tls::TlsMaterial;
 use caskade_common::version::unix_millis;
 use caskade_proto::replication_client::ReplicationClient;
 use caskade_proto::{DigestRequest, ReplicatedRecord, SnapshotRequest};
-use metrics::{counter, gauge};
+use metrics::counter;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
 use tonic::Status;
@@ -477,12 +477,8 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
             }
         }
         if complete {
+            // Published with the other gauges at every scrape.
             core.replication.note_full_anti_entropy();
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64());
-            gauge!("caskade_node_anti_entropy_last_full_round_timestamp_seconds", "node" => node.clone())
-                .set(now);
         }
     }
 }

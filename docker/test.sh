@@ -15,12 +15,14 @@
 # in network, mount and PID namespaces of its own (unshare): podman's
 # firewall rules, sysctls, run and lock files, the published ports and
 # every process vanish with them, and podman's storage lives in one
-# temporary directory that is removed at exit, whatever happened.
+# temporary directory that is removed at exit, whatever happened, as are
+# the empty cgroups podman leaves. The packages it installed stay.
 #
-# Usage: docker/test.sh  (as root)
+# Usage: docker/test.sh  (as root, from anywhere)
 
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+script=$(realpath "$0")
+root=$(cd "$(dirname "$script")/.." && pwd)
 cd "$root"
 
 log() { printf '== %s (%ds)\n' "$*" "$SECONDS"; }
@@ -47,15 +49,25 @@ eventually() {
 # the rest, in namespaces of its own.
 
 if [[ ${1:-} != --inside ]]; then
+  # What the test runs, without the packages they merely recommend (a
+  # Docker engine, node-exporter), and with no service started meanwhile.
+  packages=(podman runc netavark aardvark-dns iptables docker-compose mmdebstrap prometheus iproute2)
   need=()
-  for tool in podman:podman runc:runc docker-compose:docker-compose mmdebstrap:mmdebstrap ip:iproute2 \
-    promtool:prometheus; do
-    command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+  for package in "${packages[@]}"; do
+    dpkg-query --show --showformat='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||
+      need+=("$package")
   done
   if ((${#need[@]})); then
     log "installing ${need[*]}"
     apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+    no_services=
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+      chmod +x /usr/sbin/policy-rc.d
+      no_services=/usr/sbin/policy-rc.d
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+    [[ -z $no_services ]] || rm -f "$no_services"
   fi
 
   log "checking the monitoring files"
@@ -65,17 +77,28 @@ if [[ ${1:-} != --inside ]]; then
     fail "the Grafana dashboard is not valid JSON"
 
   work=$(mktemp -d /tmp/caskade-compose.XXXXXX)
-  trap 'rm -rf "$work"' EXIT
+  # podman's cgroups (cgroupfs) are the one thing outside the namespaces;
+  # the empty ones are removed with the rest.
+  leave() {
+    rm -rf "$work"
+    find /sys/fs/cgroup -depth -type d -path '*libpod_parent*' -exec rmdir {} + 2>/dev/null || true
+  }
+  trap leave EXIT
   log "making the base image's file system with mmdebstrap"
   mmdebstrap --quiet --variant=minbase bookworm "$work/rootfs.tar"
   log "building the release binaries"
   cargo build --release --locked --quiet -p caskade-cli -p caskade-node -p caskade-router
   log "entering network, mount and PID namespaces of the test's own"
   status=0
-  unshare --net --mount --pid --fork --mount-proc --propagation private \
-    "$0" --inside "$work" || status=$?
+  # --kill-child: should this script be killed, the namespaces' processes
+  # are killed with it, and their mounts go.
+  unshare --net --mount --pid --fork --mount-proc --propagation private --kill-child \
+    "$script" --inside "$work" || status=$?
   exit "$status"
 fi
+# Only ever as the first process of the namespaces made above: what follows
+# mounts over /run and /var/lib.
+(($$ == 1)) || fail "--inside is for the script itself"
 work=$2
 
 # Inside: loopback up; tmpfs over where podman, netavark and runc keep
@@ -129,19 +152,21 @@ cleanup() {
   set +e
   if ((status != 0)) && [[ -S $work/podman.sock ]]; then
     echo "---- container logs"
-    compose logs --no-color --tail=40 2>&1
+    timeout 60 docker-compose --file docker/docker-compose.yml --profile monitoring --profile spare \
+      logs --no-color --tail=40 2>&1
   fi
   [[ -n $ticker ]] && kill "$ticker" 2>/dev/null
+  # Removing the containers removes their cgroups; the rest (processes,
+  # mounts, firewall rules) goes with the namespaces when this process
+  # ends, and the outer script removes $work.
   if [[ -S $work/podman.sock ]]; then
-    compose down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1
+    timeout 120 docker-compose --file docker/docker-compose.yml --profile monitoring --profile spare \
+      down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1
   fi
-  podman system reset --force >/dev/null 2>&1
   if [[ -n $service ]]; then
     kill "$service" 2>/dev/null
     wait "$service" 2>/dev/null
   fi
-  # The namespaces go with this process, and their mounts with them; the
-  # outer script removes $work.
   log "cleaned up"
   exit "$status"
 }

@@ -157,9 +157,14 @@ pub(crate) fn ensure_secret(path: &Path) -> anyhow::Result<()> {
     write_private(path, format!("{hex}\n").as_bytes())
 }
 
-/// Writes `contents` to `path`, readable by its owner only, and syncs it.
+/// Replaces `path` with `contents`, readable by its owner only: written and
+/// synced beside it, then renamed over it, so that a crash leaves the old
+/// file or the new one, never an empty or partial one.
 pub(crate) fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -167,12 +172,13 @@ pub(crate) fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> 
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    Ok(())
+    let written = options.open(&temporary).and_then(|mut file| {
+        file.write_all(contents)?;
+        file.sync_all()
+    });
+    written
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -310,6 +316,31 @@ mod tests {
                 "{what}: the renewed token does not last"
             );
         }
+    }
+
+    #[test]
+    fn keep_keeps_a_short_lived_admin_token_for_half_its_life_and_renews_one_of_another_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let out_arg = format!("--out={}", dir.path().display());
+        let token_file = dir.path().join("admin.token");
+        let hourly = parse(&[&out_arg, "--keep", "--auth", "--admin-ttl=1h"]).unwrap();
+        run(&hourly).unwrap();
+        let first = std::fs::read_to_string(&token_file).unwrap();
+        // A token of an hour is good for half an hour more: kept.
+        run(&hourly).unwrap();
+        assert_eq!(std::fs::read_to_string(&token_file).unwrap(), first);
+
+        // A new secret: the old token no longer verifies, so it is renewed.
+        std::fs::remove_file(dir.path().join("jwt-secret")).unwrap();
+        run(&hourly).unwrap();
+        let renewed = std::fs::read_to_string(&token_file).unwrap();
+        assert_ne!(renewed, first);
+        assert!(admin_token_lasts(
+            &dir.path().join("jwt-secret"),
+            renewed.trim(),
+            Duration::from_secs(1800)
+        ));
+        assert!(!dir.path().join("admin.token.tmp").exists());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use caskade_common::tls::TlsMaterial;
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::kv_client::KvClient;
 use caskade_proto::replication_client::ReplicationClient;
-use metrics::gauge;
+use metrics::{counter, gauge};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -141,9 +141,15 @@ impl NodeHandle {
                 tracing::warn!(node = %node_label, breaker = phase.as_str(), "breaker changed");
                 gauge!("caskade_router_breaker_state", "node" => node_label.clone())
                     .set(breaker_gauge(phase));
+                if phase == BreakerPhase::Open {
+                    counter!("caskade_router_breaker_opens_total", "node" => node_label.clone())
+                        .increment(1);
+                }
             },
         );
         gauge!("caskade_router_breaker_state", "node" => id.to_string()).set(0.0);
+        // Exported from the start, so that a rate over it is 0, not absent.
+        counter!("caskade_router_breaker_opens_total", "node" => id.to_string()).increment(0);
         let stack = ServiceBuilder::new()
             .layer_fn(NameShed)
             .load_shed()
@@ -259,12 +265,13 @@ impl NodeHandle {
         if was != serving {
             tracing::info!(node = self.id, addr = %self.addr, ready = serving, "node readiness changed");
         }
-        // Both gauges are set at every check, so that they never go idle
-        // (and so leave the registry) while the node is in the map.
+        // The node's gauges are set at every check, so that they never go
+        // idle (and so leave the registry) while the node is in the map.
         gauge!("caskade_router_node_ready", "node" => self.id.to_string())
             .set(f64::from(u8::from(serving)));
         gauge!("caskade_router_breaker_state", "node" => self.id.to_string())
             .set(breaker_gauge(self.breaker()));
+        publish_in_flight(self.id, self.in_flight());
         serving
     }
 }

@@ -52,7 +52,15 @@ impl Observer {
 
     /// Adds `change` to the requests in flight and publishes the count.
     fn count_in_flight(&self, change: i64) {
-        let now = self.in_flight.fetch_add(change, Ordering::Relaxed) + change;
+        self.in_flight.fetch_add(change, Ordering::Relaxed);
+        self.publish_in_flight();
+    }
+
+    /// Publishes the requests in flight: at every change, and before every
+    /// scrape (so that the gauge never goes idle, and a set that lost a
+    /// race with another thread's is corrected).
+    pub fn publish_in_flight(&self) {
+        let now = self.in_flight.load(Ordering::Relaxed);
         gauge!(names::IN_FLIGHT, "node" => self.node.to_string()).set(now as f64);
     }
 

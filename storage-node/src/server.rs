@@ -475,6 +475,7 @@ fn publish_engine_gauges(core: &NodeCore) {
         }
         Err(e) => tracing::debug!(error = %e, "cannot read the data directory's file system size"),
     }
+    core.observer.publish_in_flight();
     let replication = &core.replication;
     gauge!("caskade_node_ready", "node" => node.clone()).set(f64::from(u8::from(stats.ready)));
     if let Some(at) = replication.anti_entropy().last_full_round {

@@ -9,12 +9,15 @@
 //! its own listener, which is bound but does not serve yet.
 //!
 //! The check is best effort and refuses only on evidence. If the token does
-//! not come back, the node asks the address who it is (`Raft/Hello`): since
-//! this node does not serve gRPC yet, an answer comes from another caskade
-//! node, and the node stops with an error naming it. No answer (a proxy
-//! that accepts before its backend is ready, an address not yet in DNS, a
-//! network that does not loop back) is logged as a warning and the node
-//! goes on; so does a real owner that is not up yet.
+//! not come back, the node asks the address who it is (`Raft/Hello`, for up
+//! to 10 s, as a node there may be starting too): since this node does not
+//! serve gRPC yet, an answer comes from another caskade node of the
+//! cluster's CA, and the node stops with an error naming it. No answer (a
+//! proxy that accepts before its backend is ready, a process that is not a
+//! caskade node) is logged as a warning and the node goes on; so does an
+//! address that cannot be reached at all (not yet in DNS, a network that
+//! does not loop back), which includes a real owner whose process has not
+//! bound its port yet.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -44,8 +47,11 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 const ARRIVAL_DEADLINE: Duration = Duration::from_secs(3);
 /// How long one accepted connection may take to send the token.
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long whoever holds the address may take to say who it is.
+/// How long one `Raft/Hello` may take.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to keep asking the address who it is: a node there may be
+/// starting too (bound, not yet serving).
+const HELLO_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Checks that `addr`, listed for node `me`, reaches `listener`. Other
 /// connections `listener` accepts meanwhile are closed; peers retry.
@@ -137,8 +143,8 @@ async fn token_arrives(listener: &TcpListener, token: &[u8]) -> bool {
                         tokio::time::sleep(RETRY_PAUSE).await;
                     }
                 },
-                Some(Ok(Some(received))) = reads.join_next(), if !reads.is_empty() => {
-                    if received == token {
+                Some(read) = reads.join_next(), if !reads.is_empty() => {
+                    if read.is_ok_and(|received| received.as_deref() == Some(token)) {
                         return;
                     }
                 }
@@ -148,7 +154,8 @@ async fn token_arrives(listener: &TcpListener, token: &[u8]) -> bool {
     timeout(ARRIVAL_DEADLINE, wait).await.is_ok()
 }
 
-/// The id of the caskade node that answers `Raft/Hello` at `addr`, if any.
+/// The id of the caskade node that answers `Raft/Hello` at `addr` within
+/// [`HELLO_DEADLINE`], if any.
 async fn who_answers(addr: &str, me: u32, tls: &TlsMaterial) -> Option<u32> {
     let channel = channel(addr, tls).ok()?;
     let request = HelloRequest {
@@ -156,9 +163,21 @@ async fn who_answers(addr: &str, me: u32, tls: &TlsMaterial) -> Option<u32> {
         expected_id: me,
         from: 0,
     };
-    let answer = timeout(HELLO_TIMEOUT, RaftClient::new(channel).hello(request)).await;
-    match answer {
-        Ok(Ok(answer)) => Some(answer.into_inner().node_id),
-        _ => None,
+    let deadline = Instant::now() + HELLO_DEADLINE;
+    loop {
+        let asked = Instant::now();
+        let answer = timeout(
+            HELLO_TIMEOUT,
+            RaftClient::new(channel.clone()).hello(request.clone()),
+        )
+        .await;
+        if let Ok(Ok(answer)) = answer {
+            return Some(answer.into_inner().node_id);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        // Not faster than once a second, whatever made the call fail.
+        tokio::time::sleep_until(asked + Duration::from_secs(1)).await;
     }
 }

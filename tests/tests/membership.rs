@@ -344,6 +344,27 @@ async fn add_spare_node(tc: &mut TestCluster) -> (u32, u64) {
     (new, epoch.unwrap())
 }
 
+/// Writes `key` with `w=all`, again while the answer is a 503: under load a
+/// replica may miss the acknowledgement deadline, and the write, applied
+/// where it reached, is then refused for its level. Writing the same value
+/// again is safe; a refusal that lasts fails the test with its body.
+async fn put_all(tc: &TestCluster, key: &str, value: &str) {
+    let deadline = std::time::Instant::now() + SETTLE_DEADLINE;
+    loop {
+        let response = tc.put_level(key, value, "all").await.unwrap();
+        let status = response.status();
+        if status.is_success() {
+            return;
+        }
+        let body = response.text().await.unwrap_or_default();
+        assert!(
+            status == StatusCode::SERVICE_UNAVAILABLE && std::time::Instant::now() < deadline,
+            "w=all put of {key}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Gives node `id` 10,000 records of its ranges (of a node outside the
 /// cluster, so no puller takes them from the feed): a long log to pull.
 async fn lengthen_log(tc: &TestCluster, id: u32) {
@@ -401,8 +422,7 @@ async fn a_node_restarted_during_a_ring_change_finishes_it() {
     let acked: Acked = Arc::default();
     for n in 0..500 {
         let (key, value) = (format!("r-{n:03}"), format!("value {n}"));
-        let response = tc.put_level(&key, &value, "all").await.unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED);
+        put_all(&tc, &key, &value).await;
         acked.lock().await.insert(key, value);
     }
 
@@ -524,8 +544,7 @@ async fn a_ring_change_after_merged_deletes_deletes_nothing_else() {
     let value = "v".repeat(200);
     for n in 0..300 {
         let key = format!("kept-{n}");
-        let response = tc.put_level(&key, &value, "all").await.unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED);
+        put_all(&tc, &key, &value).await;
         if n % 3 == 0 {
             let response = tc
                 .client()
@@ -605,8 +624,7 @@ async fn a_dead_node_is_marked_down_removed_and_its_ranges_get_back_to_three_cop
     let acked: Acked = Arc::default();
     for n in 0..200 {
         let (key, value) = (format!("kept-{n}"), format!("value {n}"));
-        let response = tc.put_level(&key, &value, "all").await.unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED);
+        put_all(&tc, &key, &value).await;
         acked.lock().await.insert(key, value);
     }
 

@@ -777,6 +777,19 @@ impl Deployment {
     }
 
     /// Node `id`'s map as it answers now, `None` if it has none or does not answer.
+    /// The first map, once nodes 1 and 2 both hold it.
+    async fn first_map_of_1_and_2(&self) -> ClusterMap {
+        poll_for(
+            "nodes 1 and 2 to commit the first map",
+            FORM_DEADLINE,
+            || async {
+                let map = self.node_map(1).await?;
+                (self.node_map(2).await? == map).then_some(map)
+            },
+        )
+        .await
+    }
+
     async fn node_map(&self, id: u32) -> Option<ClusterMap> {
         let request = GetClusterMapRequest {
             after_epoch: 0,
@@ -1420,15 +1433,7 @@ async fn a_node_with_a_bad_or_disagreeing_configuration_exits_before_writing() {
             d.write_founding_config(id, &members, 3);
             d.start_node(id).await;
         }
-        let formed = poll_for(
-            "nodes 1 and 2 to commit the first map",
-            FORM_DEADLINE,
-            || async {
-                let map = d.node_map(1).await?;
-                (d.node_map(2).await? == map).then_some(map)
-            },
-        )
-        .await;
+        let formed = d.first_map_of_1_and_2().await;
 
         // Node 3 with a list or settings that describe another cluster:
         // refused by what answers at the listed addresses, before writing.
@@ -1523,15 +1528,7 @@ async fn a_node_given_the_id_of_a_running_node_exits_before_writing() {
         // With its own id the same machine forms the cluster with node 1.
         d.write_founding_config(2, &members, 2);
         d.start_node(2).await;
-        poll_for(
-            "nodes 1 and 2 to commit the first map",
-            FORM_DEADLINE,
-            || async {
-                let map = d.node_map(1).await?;
-                (d.node_map(2).await? == map).then_some(map)
-            },
-        )
-        .await;
+        d.first_map_of_1_and_2().await;
     })
     .await;
 }

@@ -374,6 +374,6 @@ echo "   $(wc -w <<<"$used") metric names used, all scraped"
 alerts=$(prom_api /api/v1/rules | python3 -c '
 import json, sys
 print(len([r for g in json.load(sys.stdin)["groups"] for r in g["rules"]]))')
-[[ $alerts == 6 ]] || fail "Prometheus loaded $alerts alert rules, not 6"
+[[ $alerts == 7 ]] || fail "Prometheus loaded $alerts alert rules, not 7"
 
 log "passed"

@@ -65,6 +65,8 @@ pub async fn cluster(
                     "merges": s.merges,
                     "last_seq": s.last_seq,
                     "caught_up": s.ready,
+                    "disk_full": s.disk_full,
+                    "writes_poisoned": s.writes_poisoned,
                     "map_epoch": s.map_epoch,
                     "taking_over_epoch": s.taking_over_epoch,
                     "anti_entropy": json!({

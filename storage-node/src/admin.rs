@@ -336,6 +336,8 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
             .last_full_round
             .map_or(-1.0, |at| at.elapsed().as_secs_f64()),
         anti_entropy_exchanges: core.replication.anti_entropy().exchanges,
+        disk_full: stats.full,
+        writes_poisoned: stats.poisoned.is_some(),
         peers: core
             .replication
             .lag()

@@ -265,9 +265,16 @@ impl Kv for KvService {
 
 impl NodeCore {
     fn get(&self, request: &GetRequest) -> Result<GetResponse, Status> {
-        read_level(request.read_level)?;
+        let level = read_level(request.read_level)?;
         validate_key(&request.key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.replication.check_replica(&request.key)?;
+        // A replica whose disk is full may lack writes the key's primary
+        // took since: `any` is served by another (the router moves on).
+        if level == ReadLevel::Any && self.replication.short_of_space_for(&request.key) {
+            return Err(Status::unavailable(
+                "this replica's disk is full and it may lack recent writes: read another",
+            ));
+        }
         let latest = self
             .engine
             .latest(&request.key)

@@ -475,6 +475,8 @@ fn publish_engine_gauges(core: &NodeCore) {
         }
         Err(e) => tracing::debug!(error = %e, "cannot read the data directory's file system size"),
     }
+    set("caskade_node_disk_full", u64::from(stats.disk_full));
+    set("caskade_engine_poisoned", u64::from(stats.writes_poisoned));
     core.observer.publish_in_flight();
     let replication = &core.replication;
     gauge!("caskade_node_ready", "node" => node.clone()).set(f64::from(u8::from(stats.ready)));

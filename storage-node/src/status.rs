@@ -7,8 +7,6 @@
 //! hold" (HTTP 412), with the current version, if any, in the
 //! [`CURRENT_VERSION_METADATA`] trailer.
 
-use std::io::ErrorKind;
-
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
@@ -77,10 +75,8 @@ pub fn engine_status(error: &EngineError) -> Status {
             tracing::error!(%error, "write refused by a poisoned engine");
             Status::unavailable("node refuses writes after a storage failure")
         }
-        EngineError::Io { source, .. } if source.kind() == ErrorKind::StorageFull => {
-            tracing::error!(%error, "disk full");
-            Status::resource_exhausted("node storage is full")
-        }
+        // The engine logs when its disk fills and when space comes back.
+        EngineError::StorageFull { .. } => Status::resource_exhausted("node storage is full"),
         EngineError::Io { .. } => {
             tracing::error!(%error, "storage I/O error");
             Status::internal("storage I/O error")
@@ -118,7 +114,7 @@ pub fn code_label(code: Code) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use std::io;
+    use std::io::{self, ErrorKind};
     use std::path::PathBuf;
 
     use caskade_common::{LimitError, Version};
@@ -165,7 +161,12 @@ mod tests {
                 EngineError::Poisoned("fsync of /secret/path failed".into()),
                 Code::Unavailable,
             ),
-            (io_error(ErrorKind::StorageFull), Code::ResourceExhausted),
+            (
+                EngineError::StorageFull {
+                    path: PathBuf::from("/secret/path/0000000001.data"),
+                },
+                Code::ResourceExhausted,
+            ),
             (io_error(ErrorKind::PermissionDenied), Code::Internal),
             (
                 EngineError::Locked {

@@ -2,6 +2,7 @@
 //! processes. The library part holds what several suites share.
 
 pub mod cluster;
+pub mod disk;
 pub mod history;
 pub mod local;
 pub mod node_process;

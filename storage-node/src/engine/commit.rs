@@ -18,7 +18,7 @@ use std::thread::Thread;
 
 use caskade_common::Version;
 
-use super::error::{EngineError, IoContext};
+use super::error::EngineError;
 use super::keydir::Entry;
 use super::record::{self, HEADER_LEN};
 use super::types::{Condition, WriteOutcome};
@@ -156,6 +156,14 @@ struct Staged {
     entry: Entry,
 }
 
+/// The records of a batch bound for the same file, not yet appended.
+#[derive(Default)]
+struct Segment {
+    /// Their encoded bytes.
+    buf: Vec<u8>,
+    staged: Vec<Staged>,
+}
+
 impl Inner {
     /// Writes through the commit queue; returns once the write is durable.
     pub(super) fn write_committed(&self, op: Write<'_>) -> Result<WriteOutcome, EngineError> {
@@ -249,19 +257,29 @@ impl Inner {
     }
 
     /// Checks, appends and fsyncs `batch`, then publishes it; one outcome per write.
+    ///
+    /// The records go out in segments: a rotation first commits what is
+    /// staged for the old file (append, fsync, publish), so that a failure
+    /// to start the new file (a full disk) concerns only the writes after
+    /// it. Once a segment fails, the rest of the batch gets the same answer.
     fn commit_batch(&self, batch: &[Arc<PendingWrite>]) -> Vec<Result<WriteOutcome, EngineError>> {
         let now = self.opts.clock.now_ms();
         let mut outcomes: Vec<Result<WriteOutcome, EngineError>> = Vec::with_capacity(batch.len());
-        let mut staged: Vec<Staged> = Vec::with_capacity(batch.len());
+        let mut segment = Segment::default();
         // Records accepted earlier in this batch, which later writes of the
         // same key must be checked against.
         let mut batch_view: HashMap<&[u8], Entry> = HashMap::new();
+        let mut dead = Vec::new();
         let mut w = lock(&self.writer);
-        let mut buf = std::mem::take(&mut w.scratch);
-        buf.clear();
-        let mut io_result = Ok(());
-        let mut reserve_failed: Option<io::Error> = None;
+        segment.buf = std::mem::take(&mut w.scratch);
+        segment.buf.clear();
+        // Why the rest of the batch is refused, after a failed segment.
+        let mut failed: Option<EngineError> = None;
         for (index, pending) in batch.iter().enumerate() {
+            if let Some(error) = &failed {
+                outcomes.push(Err(self.same_failure(error)));
+                continue;
+            }
             if let Err(e) = self.check_poison() {
                 outcomes.push(Err(e));
                 continue;
@@ -283,35 +301,30 @@ impl Inner {
                 }
             };
             let len = pending.record_len() as u64;
-            let start = w.active.len() + buf.len() as u64;
+            let start = w.active.len() + segment.buf.len() as u64;
             if start > super::FILE_HEADER_LEN && start + len > self.opts.max_file_size {
-                // Rotate between records: what is buffered goes to the old file.
-                io_result = self
-                    .flush(&mut w, &mut buf)
+                let rotated = self
+                    .commit_segment(&mut w, &mut segment, batch, &mut outcomes, &mut dead)
                     .and_then(|()| self.rotate(&mut w));
-                if io_result.is_err() {
-                    outcomes.push(Err(self.poisoned_error()));
+                if let Err(error) = rotated {
+                    outcomes.push(Err(self.same_failure(&error)));
+                    failed = Some(error);
                     continue;
                 }
             }
-            // Enough for the rest of the batch: later writes find them
-            // reserved. After a failure the rest of the batch is refused
-            // without writing `STATE` again.
+            // Enough for the rest of the batch: later writes find them reserved.
             let rest = (batch.len() - index) as u64;
-            let reserved = match &reserve_failed {
-                Some(e) => Err(io::Error::new(e.kind(), e.to_string())),
-                None => self.reserve_seqs(&mut w, rest),
-            };
-            if let Err(e) = reserved {
-                outcomes.push(Err(io::Error::new(e.kind(), e.to_string())).ctx(RESERVE, &self.dir));
-                reserve_failed = Some(e);
+            if let Err(source) = self.reserve_seqs(&mut w, rest) {
+                let error = self.write_failed(RESERVE, &self.dir, source);
+                outcomes.push(Err(self.same_failure(&error)));
+                failed = Some(error);
                 continue;
             }
             let seq = w.next_seq;
             w.next_seq += 1;
-            let offset = w.active.len() + buf.len() as u64;
+            let offset = w.active.len() + segment.buf.len() as u64;
             record::encode(
-                &mut buf,
+                &mut segment.buf,
                 seq,
                 pending.version,
                 pending.expires_at,
@@ -328,29 +341,58 @@ impl Inner {
                 pending.value.is_none(),
             );
             batch_view.insert(key, entry);
-            staged.push(Staged { index, seq, entry });
+            segment.staged.push(Staged { index, seq, entry });
             outcomes.push(Ok(WriteOutcome::Applied { seq, previous }));
         }
-        if io_result.is_ok() {
-            io_result = self.flush(&mut w, &mut buf);
+        // A failed segment already answered for itself.
+        let _ = self.commit_segment(&mut w, &mut segment, batch, &mut outcomes, &mut dead);
+        segment.buf.clear();
+        w.scratch = segment.buf;
+        drop(w);
+        for (file_id, bytes) in dead {
+            self.add_dead(file_id, bytes);
         }
-        buf.clear();
-        w.scratch = buf;
-        // The writer lock stays held until the batch is published: a merge
-        // reads the active file id under it, and must not take a sealed
-        // file whose records are still unpublished for dead.
-        if io_result.is_ok() && !staged.is_empty() {
-            io_result = self.fsync(&w.active);
+        outcomes
+    }
+
+    /// Appends the staged records of `segment` to the active file, fsyncs
+    /// it and publishes them, leaving the segment empty. On failure the
+    /// staged writes' outcomes say what became of them: refused for lack of
+    /// space (cut off the file again, nothing stored), or unknown. The
+    /// writer lock stays held throughout: a merge reads the active file id
+    /// under it, and must not take a sealed file whose records are still
+    /// unpublished for dead.
+    fn commit_segment(
+        &self,
+        w: &mut super::writer::Writer,
+        segment: &mut Segment,
+        batch: &[Arc<PendingWrite>],
+        outcomes: &mut [Result<WriteOutcome, EngineError>],
+        dead: &mut Vec<(u32, u64)>,
+    ) -> Result<(), EngineError> {
+        if segment.staged.is_empty() {
+            return Ok(());
         }
-        if let Err(error) = &io_result {
-            // Staged records went to the file (or part of them did): they
-            // may come back when the store is reopened.
+        let staged = std::mem::take(&mut segment.staged);
+        let appended = self.append_to_active(w, &segment.buf);
+        segment.buf.clear();
+        if let Err(error) = appended {
+            for s in &staged {
+                outcomes[s.index] = Err(match &error {
+                    EngineError::StorageFull { .. } => self.same_failure(&error),
+                    // Part of the records may be in the file: they may
+                    // come back when the store is reopened.
+                    _ => EngineError::OutcomeUnknown(error.to_string()),
+                });
+            }
+            return Err(error);
+        }
+        if let Err(error) = self.fsync(&w.active) {
             for s in &staged {
                 outcomes[s.index] = Err(EngineError::OutcomeUnknown(error.to_string()));
             }
-            return outcomes;
+            return Err(error);
         }
-        let mut dead = Vec::new();
         {
             let mut keydir = write(&self.keydir);
             for s in &staged {
@@ -368,31 +410,33 @@ impl Inner {
         if let Some(observe) = &self.opts.append_observer {
             for s in &staged {
                 let pending = &batch[s.index];
-                if let Ok(WriteOutcome::Applied { seq, .. }) = outcomes[s.index] {
-                    observe(super::Appended {
-                        seq,
-                        key: &pending.key,
-                        value: pending.value.as_deref(),
-                        version: pending.version,
-                        expires_at: pending.expires_at,
-                    });
-                }
+                observe(super::Appended {
+                    seq: s.seq,
+                    key: &pending.key,
+                    value: pending.value.as_deref(),
+                    version: pending.version,
+                    expires_at: pending.expires_at,
+                });
             }
         }
-        drop(w);
-        for (file_id, bytes) in dead {
-            self.add_dead(file_id, bytes);
-        }
-        outcomes
+        Ok(())
     }
 
-    /// Appends the buffered records to the active file.
-    fn flush(&self, w: &mut super::writer::Writer, buf: &mut Vec<u8>) -> Result<(), EngineError> {
-        if !buf.is_empty() {
-            self.append_to_active(w, buf)?;
-            buf.clear();
+    /// The answer for a write refused because of `error`, an earlier
+    /// failure of the same batch: full again, the same I/O error, or
+    /// poisoned.
+    fn same_failure(&self, error: &EngineError) -> EngineError {
+        match error {
+            EngineError::StorageFull { path } => EngineError::StorageFull { path: path.clone() },
+            EngineError::Io { op, path, source } if self.check_poison().is_ok() => {
+                EngineError::Io {
+                    op,
+                    path: path.clone(),
+                    source: io::Error::new(source.kind(), source.to_string()),
+                }
+            }
+            _ => self.poisoned_error(),
         }
-        Ok(())
     }
 
     fn poisoned_error(&self) -> EngineError {

@@ -156,6 +156,14 @@ impl DataFile {
         Ok(offset)
     }
 
+    /// Drops whatever a failed append left past the last complete record
+    /// (a short write on a full disk), giving its space back. Not synced:
+    /// a crash before the next fsync may bring the bytes back, and they are
+    /// then a torn tail like any other, which opening cuts.
+    pub fn discard_partial_append(&self) -> io::Result<()> {
+        self.file.set_len(self.len())
+    }
+
     /// Cuts the file at `len` (recovery of a torn tail).
     pub fn truncate(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)?;

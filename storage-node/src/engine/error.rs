@@ -44,6 +44,15 @@ pub enum EngineError {
     #[error("engine refuses writes after an earlier storage failure: {0}")]
     Poisoned(String),
 
+    /// The disk (or the quota) is full. Nothing of the operation was
+    /// stored, the engine is not poisoned, and the same operation succeeds
+    /// once space is freed: a full disk refuses writes and keeps reads.
+    #[error("no space left on the disk of {}", path.display())]
+    StorageFull {
+        /// The file or directory that could not grow.
+        path: PathBuf,
+    },
+
     /// This write's record was handed to the file, but writing or syncing
     /// it failed: it may or may not be there after a restart. Readers do
     /// not see it meanwhile, and the engine is poisoned from here on.
@@ -93,6 +102,32 @@ pub enum EngineError {
     },
 }
 
+impl EngineError {
+    /// An I/O failure of `op` on `path`: [`EngineError::StorageFull`] when
+    /// the disk or quota is full, [`EngineError::Io`] otherwise.
+    pub(crate) fn io(op: &'static str, path: &std::path::Path, source: io::Error) -> EngineError {
+        if is_out_of_space(&source) {
+            EngineError::StorageFull {
+                path: path.to_path_buf(),
+            }
+        } else {
+            EngineError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// Whether `error` says the disk or the quota is full.
+pub(crate) fn is_out_of_space(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
 fn fmt_version(v: &Option<Version>) -> String {
     v.map_or_else(|| "none".to_string(), |v| v.to_string())
 }
@@ -104,10 +139,6 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T, EngineError> {
-        self.map_err(|source| EngineError::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        })
+        self.map_err(|source| EngineError::io(op, path, source))
     }
 }

@@ -79,6 +79,22 @@ impl Inner {
         if candidates.is_empty() || dead < policy.min_dead_bytes {
             return;
         }
+        // The outputs need room for the live records until the inputs go:
+        // on a disk without it, the merge would only fill it up.
+        let live: u64 = read(&self.files)
+            .values()
+            .filter(|f| candidates.iter().any(|(id, _)| *id == f.id))
+            .map(|f| f.record_bytes().saturating_sub(f.dead_bytes()))
+            .sum();
+        if let Ok(stat) = rustix::fs::statvfs(&self.dir)
+            && stat.f_bavail.saturating_mul(stat.f_frsize) < live
+        {
+            tracing::debug!(
+                live_bytes = live,
+                "merge due, but the disk lacks room for its output"
+            );
+            return;
+        }
         let ids: Vec<u32> = candidates.iter().map(|(id, _)| *id).collect();
         tracing::info!(files = ?ids, dead_bytes = dead, "merge triggered");
         if let Err(e) = self.merge(Some(&ids)) {

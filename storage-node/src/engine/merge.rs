@@ -107,6 +107,10 @@ impl Inner {
             return Ok(MergeReport::default());
         }
         remove_leftover_outputs(&self.dir)?;
+        let mut uncommitted = UncommittedOutputs {
+            dir: &self.dir,
+            committed: false,
+        };
 
         let now = self.opts.clock.now_ms();
         let retention_ms =
@@ -170,6 +174,7 @@ impl Inner {
             .ctx("merge", &self.dir)?;
 
         // Commit point.
+        uncommitted.committed = true;
         {
             let mut state = lock(&self.state);
             let mut next = state.clone();
@@ -303,6 +308,24 @@ fn remove_leftover_outputs(dir: &std::path::Path) -> Result<(), EngineError> {
         }
     }
     Ok(())
+}
+
+/// Removes a merge's output files when it stops before its commit point,
+/// so that a merge that failed (on a full disk, most often) gives the space
+/// back at once rather than at the next merge.
+struct UncommittedOutputs<'a> {
+    dir: &'a std::path::Path,
+    committed: bool,
+}
+
+impl Drop for UncommittedOutputs<'_> {
+    fn drop(&mut self) {
+        if !self.committed
+            && let Err(error) = remove_leftover_outputs(self.dir)
+        {
+            tracing::warn!(%error, "could not remove the outputs of a failed merge");
+        }
+    }
 }
 
 /// A finished output file.

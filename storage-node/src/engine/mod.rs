@@ -100,6 +100,9 @@ struct Inner {
     state: Mutex<State>,
     /// Set after a failed write or fsync: the reason writes are refused.
     poisoned: OnceLock<String>,
+    /// Set while writes are refused for lack of space (cleared by the
+    /// next append that succeeds); only logs and stats read it.
+    full: AtomicBool,
     /// Set when a merge failed after its commit point; reopening finishes it.
     merge_broken: AtomicBool,
     /// Set while the engine shuts down; long jobs stop early.
@@ -382,6 +385,8 @@ impl Engine {
             last_seq,
             tombstone_horizon,
             repaired_records: inner.repaired_records,
+            full: inner.full.load(Ordering::Acquire),
+            poisoned: inner.poisoned.get().cloned(),
         }
     }
 

@@ -255,6 +255,7 @@ pub(super) fn open(dir: &Path, opts: Options) -> Result<(Inner, Vec<u32>), Engin
         syncing: Mutex::new(()),
         state: Mutex::new(state),
         poisoned: OnceLock::new(),
+        full: AtomicBool::new(false),
         merge_broken: AtomicBool::new(false),
         closing: AtomicBool::new(false),
         maintenance: Default::default(),

@@ -137,6 +137,11 @@ pub struct Stats {
     pub tombstone_horizon: u64,
     /// Damaged records skipped by a repair open.
     pub repaired_records: u64,
+    /// Writes are being refused for lack of space (until one gets through).
+    pub full: bool,
+    /// Why writes are refused for good, until a restart (see
+    /// [`EngineError::Poisoned`](super::EngineError::Poisoned)).
+    pub poisoned: Option<String>,
 }
 
 /// What one merge did.

@@ -17,7 +17,7 @@ use std::time::Instant;
 use caskade_common::Version;
 
 use super::datafile::{self, DataFile, FileKind, RecordReader};
-use super::error::{EngineError, IoContext};
+use super::error::{EngineError, IoContext, is_out_of_space};
 use super::hint::{self, HintWriter};
 use super::keydir::Entry;
 use super::options::{Durability, FaultPoint};
@@ -109,7 +109,8 @@ impl Inner {
             Verdict::Write(previous) => previous,
             Verdict::Stale(current) => return Ok(WriteOutcome::Stale { current }),
         };
-        self.reserve_seqs(&mut w, 1).ctx(RESERVE, &self.dir)?;
+        self.reserve_seqs(&mut w, 1)
+            .map_err(|source| self.write_failed(RESERVE, &self.dir, source))?;
         let seq = w.next_seq;
         let mut scratch = std::mem::take(&mut w.scratch);
         scratch.clear();
@@ -154,35 +155,57 @@ impl Inner {
         self.append_to_active(w, bytes)
     }
 
-    /// Appends encoded records to the active file as it is; a failure
-    /// poisons the engine. Returns the offset of the first.
+    /// Appends encoded records to the active file as it is. Returns the
+    /// offset of the first.
+    ///
+    /// A full disk is a refusal: what a short write left past the last
+    /// record is cut off again, and nothing was stored. Any other failure
+    /// (or a cut that fails) poisons the engine.
     pub(super) fn append_to_active(&self, w: &Writer, bytes: &[u8]) -> Result<u64, EngineError> {
-        w.active.append(bytes).map_err(|source| {
-            // A short write may have left part of a record on disk; the next
-            // open truncates it, but this process must stop writing.
-            self.poison(format!(
-                "append to {} failed: {source}",
-                w.active.path.display()
-            ));
-            EngineError::Io {
-                op: "append to",
-                path: w.active.path.clone(),
-                source,
+        let source = match w.active.append(bytes) {
+            Ok(offset) => {
+                self.note_space();
+                return Ok(offset);
             }
+            Err(source) => source,
+        };
+        if is_out_of_space(&source) {
+            match w.active.discard_partial_append() {
+                Ok(()) => return Err(self.out_of_space(&w.active.path)),
+                Err(error) => tracing::error!(
+                    file = %w.active.path.display(),
+                    %error,
+                    "cannot cut a partial append off a full disk"
+                ),
+            }
+        }
+        // A short write may have left part of a record on disk; the next
+        // open truncates it, but this process must stop writing.
+        self.poison(format!(
+            "append to {} failed: {source}",
+            w.active.path.display()
+        ));
+        Err(EngineError::Io {
+            op: "append to",
+            path: w.active.path.clone(),
+            source,
         })
     }
 
-    /// Seals the active file (fsync) and starts a new one.
+    /// Seals the active file (fsync) and starts a new one. On a full disk
+    /// the active file stays as it is and the next write tries again.
     pub(super) fn rotate(&self, w: &mut Writer) -> Result<(), EngineError> {
         let old = Arc::clone(&w.active);
         self.fsync(&old)?;
         let id = self.next_file_id.fetch_add(1, Ordering::AcqRel);
         let path = datafile::data_path(&self.dir, id);
-        let created = DataFile::create(path.clone(), id, FileKind::Log)
-            .and_then(|f| f.sync_data().map(|()| f))
-            .and_then(|f| sync_dir(&self.dir).map(|()| f));
-        let new = match created {
-            Ok(f) => Arc::new(f),
+        let new = match DataFile::create(path.clone(), id, FileKind::Log) {
+            Ok(f) => f,
+            Err(source) if is_out_of_space(&source) => {
+                // The file may exist, without its header or part of it.
+                let _ = std::fs::remove_file(&path);
+                return Err(self.out_of_space(&path));
+            }
             Err(source) => {
                 self.poison(format!("cannot create {}: {source}", path.display()));
                 return Err(EngineError::Io {
@@ -192,11 +215,61 @@ impl Inner {
                 });
             }
         };
+        let synced = new.sync_data().and_then(|()| sync_dir(&self.dir));
+        if let Err(source) = synced {
+            self.poison(format!("cannot sync new {}: {source}", path.display()));
+            return Err(EngineError::Io {
+                op: "sync",
+                path,
+                source,
+            });
+        }
+        let new = Arc::new(new);
         write(&self.files).insert(id, Arc::clone(&new));
         w.active = new;
         old.seal();
         self.request_hint(old.id);
         Ok(())
+    }
+
+    /// A write refused for lack of space at `path`; the first after space
+    /// was there is logged.
+    pub(super) fn out_of_space(&self, path: &std::path::Path) -> EngineError {
+        if !self.full.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "disk full: refusing writes until space is freed; reads go on"
+            );
+        }
+        EngineError::StorageFull {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// A write that failed before anything was appended: refused for lack
+    /// of space, or an I/O error.
+    pub(super) fn write_failed(
+        &self,
+        op: &'static str,
+        path: &std::path::Path,
+        source: io::Error,
+    ) -> EngineError {
+        if is_out_of_space(&source) {
+            self.out_of_space(path)
+        } else {
+            EngineError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+
+    /// An append went through: if the disk was full, it no longer is.
+    fn note_space(&self) {
+        if self.full.load(Ordering::Acquire) && self.full.swap(false, Ordering::AcqRel) {
+            tracing::info!(dir = %self.dir.display(), "disk has space again: writes accepted");
+        }
     }
 
     /// fsyncs one data file, timing it; a failure poisons the engine.

@@ -193,6 +193,9 @@ pub struct PeerLag {
     pub refilled_epoch: u64,
     /// Full catch-ups from this peer since start.
     pub full_catch_ups: u64,
+    /// The last pull from the peer could not be stored for lack of space:
+    /// this node may lack the peer's recent writes.
+    pub short_of_space: bool,
 }
 
 impl PeerLag {
@@ -508,6 +511,22 @@ impl Replication {
             Some(p) if !p.ring.owns(self.id, key) => Err(not_a_replica(p.epoch)),
             _ => self.check_received(key),
         }
+    }
+
+    /// Whether this node may lack recent writes of `key` because it could
+    /// not store what it last pulled from the key's primary (its disk is
+    /// full). Its primary itself never does: it wrote them first.
+    pub fn short_of_space_for(&self, key: &[u8]) -> bool {
+        let Some(primary) = self.placement().and_then(|p| p.primary_of(key)) else {
+            return false;
+        };
+        primary != self.id
+            && self
+                .lag
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&primary)
+                .is_some_and(|lag| lag.short_of_space)
     }
 
     /// Waits until the write at `seq` meets `plan`; the replicas holding it.

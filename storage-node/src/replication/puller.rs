@@ -291,11 +291,20 @@ impl Puller {
                 Ok(()) => {
                     backoff = MIN_BACKOFF;
                     failures = 0;
+                    self.core
+                        .replication
+                        .note_lag(self.peer, |lag| lag.short_of_space = false);
                 }
                 Err(status) => {
+                    // This node's own disk is full: the peer answered, and
+                    // what it sent waits there until space is freed (the
+                    // engine logs it). No failure of the peer: a node
+                    // catching up stays out of service rather than serve
+                    // what it could not store.
+                    let full = status.code() == Code::ResourceExhausted;
                     // Another epoch on the peer is no failure of it: the
                     // map change reaches both in moments.
-                    if status.code() != Code::Aborted {
+                    if status.code() != Code::Aborted && !full {
                         failures += 1;
                     }
                     let unreachable = matches!(
@@ -305,11 +314,13 @@ impl Puller {
                             | Code::Unknown
                             | Code::Cancelled
                     );
-                    self.core
-                        .replication
-                        .note_lag(self.peer, |lag| lag.reachable = false);
-                    if unreachable {
-                        tracing::debug!(peer = self.peer, error = %status.message(), "peer unreachable");
+                    self.core.replication.note_lag(self.peer, |lag| {
+                        lag.short_of_space = full;
+                        // A full disk refused what the peer did send.
+                        lag.reachable = full;
+                    });
+                    if unreachable || full {
+                        tracing::debug!(peer = self.peer, error = %status.message(), "peer unreachable or disk full");
                     } else {
                         tracing::warn!(peer = self.peer, code = ?status.code(), error = %status.message(), "pull failed");
                     }

@@ -261,6 +261,59 @@ async fn quorum_reads_return_the_newest_copy_and_repair_stale_replicas() {
     tc.shutdown().await.unwrap();
 }
 
+/// A quorum read also compares the replicas that answer after the first
+/// majority, and repairs them (within their deadline, after the client has
+/// its answer): twenty keys are newer on A and B than on C, so for most of
+/// them A and B make the first majority and C answers last. Anti-entropy is
+/// off, so only the reads can repair C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_reads_repair_the_slower_replicas_too() {
+    let mut spec = ClusterSpec::nodes(3, 3, policy());
+    spec.configure = |config| config.replication.anti_entropy_interval_ms = 0;
+    let tc = TestCluster::start(spec).await.unwrap();
+    let ids = tc.node_ids();
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    let mut keys = Vec::new();
+    for n in 0..20 {
+        let key = format!("late-{n}");
+        let response = tc.put_level(&key, "old", "all").await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let newer = just_after(&response);
+        for id in [a, b] {
+            let applied = tc.apply_on(id, &key, Some("new"), newer).await.unwrap();
+            assert_eq!(applied, 1);
+        }
+        keys.push(key);
+    }
+    let repairs = || async {
+        tc.metrics()
+            .await
+            .unwrap()
+            .value(
+                "caskade_router_read_repairs_total",
+                &[("node", &c.to_string())],
+            )
+            .unwrap_or(0.0)
+    };
+    let before = repairs().await;
+    for key in &keys {
+        let response = get_level(&tc, key, "quorum").await;
+        assert_eq!(response.status(), StatusCode::OK, "{key}");
+        assert_eq!(response.text().await.unwrap(), "new", "{key}");
+    }
+    poll_until("C to be repaired", NOTICE_DEADLINE, || async {
+        for key in &keys {
+            if node_value(&tc, c, key).await.map(|v| v.0) != Some("new".into()) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(repairs().await - before, 20.0, "one repair per key");
+    tc.shutdown().await.unwrap();
+}
+
 // ------------------------------------------------------------ catch-up
 
 /// What the test expects of a key after its writes.

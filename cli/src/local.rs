@@ -61,6 +61,11 @@ pub struct LocalOptions {
     pub node_policy: NodePolicy,
     /// Replicas per key (default: 3, or fewer with fewer nodes).
     pub replication_factor: Option<u32>,
+    /// The router's connection and request limits.
+    pub router_limits: LimitsConfig,
+    /// The router's plain-HTTP `/metrics` listener, if any (else `/metrics`
+    /// is served on its HTTPS listener).
+    pub router_metrics_listen: Option<SocketAddr>,
 }
 
 /// A running local cluster.
@@ -76,6 +81,8 @@ pub struct LocalCluster {
     pub secret_file: PathBuf,
     /// Each node's gRPC address, by node id (1-based).
     pub node_addrs: Vec<SocketAddr>,
+    /// The router's `/metrics` listener, when it has one.
+    pub router_metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     nodes: Vec<JoinHandle<Result<(), NodeError>>>,
     router: JoinHandle<Result<(), RouterError>>,
@@ -175,13 +182,17 @@ impl LocalCluster {
                 }],
                 ..AuthConfig::default()
             },
-            limits: LimitsConfig::default(),
+            limits: options.router_limits.clone(),
             nodes: options.node_policy.clone(),
             idempotency: IdempotencyConfig::default(),
+            metrics: caskade_router::config::MetricsConfig {
+                listen: options.router_metrics_listen,
+            },
             log: LogConfig::default(),
         };
         let router = Router::start(config).await.context("starting the router")?;
         let url = format!("https://{}", router.local_addr());
+        let router_metrics_addr = router.metrics_addr();
         let router = tokio::spawn(router.serve(until_stopped()));
 
         let admin_token = admin_token(&secret_file, ADMIN_TOKEN_TTL)?;
@@ -195,6 +206,7 @@ impl LocalCluster {
             certs,
             secret_file,
             node_addrs,
+            router_metrics_addr,
             stop,
             nodes,
             router,

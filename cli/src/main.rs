@@ -16,7 +16,7 @@ use caskade_cli::{admin, certs, client, health, token};
 use caskade_common::config::LogConfig;
 use caskade_common::telemetry;
 use caskade_node::config::EngineConfig;
-use caskade_router::config::NodePolicy;
+use caskade_router::config::{LimitsConfig, NodePolicy};
 use clap::{Args, Parser, Subcommand};
 
 /// caskade: a distributed key-value store.
@@ -99,6 +99,8 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
             engine: EngineConfig::default(),
             node_policy: NodePolicy::default(),
             replication_factor: None,
+            router_limits: LimitsConfig::default(),
+            router_metrics_listen: None,
         })
         .await?;
         let ca = cluster.certs.ca.display();

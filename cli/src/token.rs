@@ -16,8 +16,9 @@ pub struct TokenArgs {
     /// reader, writer or admin.
     #[arg(long)]
     role: Role,
-    /// Restrict the token to keys starting with this prefix.
-    #[arg(long)]
+    /// Restrict the token to keys starting with this prefix (not empty;
+    /// leave it out for a token over every key).
+    #[arg(long, value_parser = parse_prefix)]
     prefix: Option<String>,
     /// Lifetime: a number with a unit, s, m, h or d (e.g. 90s, 15m, 1h, 7d).
     #[arg(long, default_value = "1h", value_parser = parse_ttl)]
@@ -54,6 +55,15 @@ pub fn run(args: &TokenArgs) -> anyhow::Result<()> {
     .context("signing the token")?;
     println!("{token}");
     Ok(())
+}
+
+/// A key prefix; an empty one would look scoped and cover every key, and
+/// routers refuse tokens that carry one.
+fn parse_prefix(text: &str) -> anyhow::Result<String> {
+    if text.is_empty() {
+        bail!("the prefix is empty; leave --prefix out for a token that covers every key");
+    }
+    Ok(text.to_string())
 }
 
 /// `90s`, `15m`, `1h`, `7d`.

@@ -1,10 +1,14 @@
 //! The HTTP application: shared state, the route table, and the middleware
-//! every request passes through (request id, metrics, error bodies).
+//! every request passes through (request id, metrics, body deadline, error
+//! bodies).
 //!
 //! Routes are listed in [`routes`], the one place that says which handler
 //! answers what. Authentication is done by each handler through
 //! [`AppState::authenticate`], so the unauthenticated routes (`/healthz`,
-//! `/readyz`, `/metrics`) are visibly the ones that don't call it.
+//! `/readyz`, `/metrics`) are visibly the ones that don't call it. A
+//! request that no handler takes (an unknown route, a wrong method) is
+//! authenticated too before it is told so: an anonymous client learns
+//! nothing of the routes beyond [`PUBLIC_PATHS`].
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,7 +17,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
@@ -26,7 +30,11 @@ use crate::cluster::{Cluster, ClusterView};
 use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::idempotency::{self, IdempotencyStore};
-use crate::{admin, kv, membership};
+use crate::{admin, kv, membership, request_body};
+
+/// The paths served without a token. Any other path, whether a route or
+/// not, answers 401 to a request without a valid token.
+pub const PUBLIC_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -122,12 +130,22 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
 }
 
 /// Reads a body of at most `limit` bytes; more is a 413 naming `what`.
+///
+/// A body whose declared length (`Content-Length`) is over the limit is
+/// refused before any of it is read; [`request_body`] then closes an
+/// HTTP/1.1 connection rather than drain it.
 pub async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::TooLarge(format!(
+            "{what} is larger than the maximum of {limit} bytes"
+        ))
+    };
+    if hyper::body::Body::size_hint(&body).lower() > limit as u64 {
+        return Err(too_large());
+    }
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(
-            format!("{what} is larger than the maximum of {limit} bytes"),
-        )),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(error) => {
             tracing::debug!(%error, "reading the request body failed");
             Err(ApiError::bad_request(
@@ -138,9 +156,10 @@ pub async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, Ap
     }
 }
 
-/// The route table.
-pub fn routes(state: AppState) -> Router {
-    Router::new()
+/// The application of the HTTPS listener: the route table, and `/metrics`
+/// when `serve_metrics` (else the metrics have a listener of their own).
+pub fn routes(state: AppState, serve_metrics: bool) -> Router {
+    let mut table = Router::new()
         .route("/v1/kv", get(kv::list))
         .route("/v1/kv/", any(kv::empty_key))
         .route(
@@ -163,20 +182,69 @@ pub fn routes(state: AppState) -> Router {
         .route("/admin/v1/nodes/{id}/merge", post(admin::merge))
         .route("/admin/v1/nodes/{id}/backup", post(admin::backup))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+        .route("/readyz", get(readyz));
+    if serve_metrics {
+        table = table.route("/metrics", get(metrics_text));
+    }
+    let table = table
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state.clone());
+    // The table is this router's fallback so that these layers run around
+    // routing itself, outside axum's method router, which adds `Allow` to
+    // the answer of every method mismatch, a 401 included.
+    Router::new()
+        .fallback_service(table)
+        .layer(middleware::from_fn_with_state(
+            state,
+            request_body::deadline,
+        ))
+        .layer(middleware::from_fn(allow_only_on_405))
         .layer(middleware::from_fn(observe))
-        .with_state(state)
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound("no such route")
+/// The application of the `/metrics` listener.
+pub fn metrics_routes() -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::NotFound("no such route") })
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
+/// 401 unless `path` is public or the request carries a valid token.
+fn token_first(state: &AppState, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    if PUBLIC_PATHS.contains(&path) {
+        return Ok(());
+    }
+    state.authenticate(headers).map(|_| ())
+}
+
+async fn not_found(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> ApiError {
+    match token_first(&state, uri.path(), &headers) {
+        Ok(()) => ApiError::NotFound("no such route"),
+        Err(unauthenticated) => unauthenticated,
+    }
+}
+
+async fn method_not_allowed(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiError {
+    match token_first(&state, uri.path(), &headers) {
+        Ok(()) => ApiError::MethodNotAllowed,
+        Err(unauthenticated) => unauthenticated,
+    }
+}
+
+/// Drops the `Allow` header from every answer but a 405: on a 401 to a
+/// wrong method it would name the methods of a route to a client without
+/// a token.
+async fn allow_only_on_405(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        response.headers_mut().remove(header::ALLOW);
+    }
+    response
 }
 
 /// `GET /healthz`: the process is alive.
@@ -236,8 +304,13 @@ async fn observe(mut request: Request, next: Next) -> Response {
         .extensions_mut()
         .insert(RequestId(request_id.clone()));
     let route = route_label(request.uri().path());
-    let method = request.method().as_str().to_string();
-    let span = tracing::info_span!("request", request_id = %request_id, route, method = %method);
+    let method = method_label(request.method());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        route,
+        method = %request.method()
+    );
     let mut response = {
         use tracing::Instrument;
         next.run(request).instrument(span.clone()).await
@@ -246,9 +319,11 @@ async fn observe(mut request: Request, next: Next) -> Response {
         response.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
     let status = response.status();
+    // Every label from a fixed set: the status is one the router answers
+    // with, never one a client chose.
     let labels = [
         ("route", route.to_string()),
-        ("method", method),
+        ("method", method.to_string()),
         ("status", status.as_u16().to_string()),
     ];
     counter!("caskade_router_requests_total", &labels).increment(1);
@@ -264,6 +339,23 @@ async fn observe(mut request: Request, next: Next) -> Response {
     response
 }
 
+/// A request method as a metric label: the standard methods by name, any
+/// other (a client may make up as many as it likes) as `other`.
+fn method_label(method: &Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
 /// A request path as a metric label: a fixed route template, never a key.
 fn route_label(path: &str) -> &'static str {
     match path {
@@ -275,5 +367,22 @@ fn route_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         p if p.starts_with("/admin/") => "/admin",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_come_from_fixed_sets() {
+        assert_eq!(method_label(&Method::PUT), "PUT");
+        for made_up in ["FOOBAR1", "get", "PROPFIND", "X"] {
+            let method = Method::from_bytes(made_up.as_bytes()).expect("a valid token");
+            assert_eq!(method_label(&method), "other", "{made_up}");
+        }
+        assert_eq!(route_label("/v1/kv/secret-key"), "/v1/kv/{key}");
+        assert_eq!(route_label("/admin/v1/nodes/7"), "/admin");
+        assert_eq!(route_label("/anything/else"), "other");
     }
 }

@@ -501,6 +501,12 @@ pub enum AuthError {
     /// A claim has the wrong type or an unknown value.
     #[error("token has an invalid {0} claim")]
     InvalidClaim(&'static str),
+    /// The `prefix` claim is an empty string. Tokens for the whole keyspace
+    /// have no `prefix` claim; an empty one is a mistake at issuance (such
+    /// tokens were once accepted as unscoped), counted apart so that an
+    /// operator can find the clients still holding one.
+    #[error("token has an empty prefix claim")]
+    EmptyPrefix,
     /// The configured key could not be used (checked at startup, so not expected).
     #[error("token could not be checked with the configured key")]
     Unverifiable,
@@ -522,6 +528,7 @@ impl AuthError {
             Self::WrongAudience => "wrong_audience",
             Self::MissingClaim(_) => "missing_claim",
             Self::InvalidClaim(_) => "invalid_claim",
+            Self::EmptyPrefix => "empty_prefix",
             Self::Unverifiable => "unverifiable",
         }
     }
@@ -628,9 +635,10 @@ impl Principal {
             Some(_) => return Err(AuthError::InvalidClaim("role")),
         };
         let prefix = match claims.remove("prefix") {
-            // An empty prefix covers every key: the same as no prefix.
+            // No prefix claim is how a token covers every key. An empty one
+            // would too, but says "scoped" while granting everything: refused.
             None | Some(Value::Null) => None,
-            Some(Value::String(prefix)) if prefix.is_empty() => None,
+            Some(Value::String(prefix)) if prefix.is_empty() => return Err(AuthError::EmptyPrefix),
             Some(Value::String(prefix)) => Some(prefix.into_bytes()),
             Some(_) => return Err(AuthError::InvalidClaim("prefix")),
         };
@@ -736,13 +744,17 @@ struct IssuedClaims<'a> {
 
 /// Signs an HS256 token for `caskade token` / `caskade local`, with `iat = now` and
 /// `exp = now + ttl`. A secret shorter than [`MIN_HS256_SECRET_BYTES`] is refused
-/// (`InvalidKeyFormat`), since no router would accept it.
+/// (`InvalidKeyFormat`), and so is an empty prefix (`InvalidClaimFormat`), since no
+/// router would accept either.
 pub fn issue_hs256(
     secret: &[u8],
     request: &TokenRequest<'_>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
     if secret.len() < MIN_HS256_SECRET_BYTES {
         return Err(ErrorKind::InvalidKeyFormat.into());
+    }
+    if request.prefix == Some("") {
+        return Err(ErrorKind::InvalidClaimFormat("prefix".to_owned()).into());
     }
     let now = jsonwebtoken::get_current_timestamp();
     let mut header = Header::new(Algorithm::HS256);
@@ -1320,9 +1332,22 @@ mod tests {
         }
         let whole = check(&auth, &hs256(SECRET, None, &claims("admin"))).expect("accepted");
         assert_eq!((whole.role, whole.prefix), (Role::Admin, None));
-        let empty_prefix = with(claims("reader"), "prefix", json!(""));
-        let principal = check(&auth, &hs256(SECRET, None, &empty_prefix)).expect("accepted");
-        assert_eq!(principal.prefix, None);
+    }
+
+    #[test]
+    fn an_empty_prefix_claim_is_refused() {
+        // No prefix claim is how a token covers every key; an empty one is a
+        // mistake (`--prefix ""`) that must not silently grant everything.
+        let auth = simple();
+        for role in ["reader", "writer", "admin"] {
+            let empty = with(claims(role), "prefix", json!(""));
+            assert_eq!(
+                check(&auth, &hs256(SECRET, None, &empty)),
+                Err(AuthError::EmptyPrefix),
+                "{role}"
+            );
+        }
+        assert_eq!(AuthError::EmptyPrefix.reason(), "empty_prefix");
     }
 
     #[test]
@@ -1496,6 +1521,11 @@ mod tests {
         );
 
         assert!(issue_hs256(&SECRET[..16], &request).is_err());
+        let empty_prefix = TokenRequest {
+            prefix: Some(""),
+            ..request
+        };
+        assert!(issue_hs256(SECRET, &empty_prefix).is_err());
     }
 
     fn principal_for(subject: &str, role: Role, prefix: Option<&str>) -> Principal {
@@ -1520,6 +1550,7 @@ mod tests {
             AuthError::WrongAudience,
             AuthError::MissingClaim("exp"),
             AuthError::InvalidClaim("role"),
+            AuthError::EmptyPrefix,
             AuthError::Unverifiable,
         ];
         let reasons: std::collections::HashSet<_> = all.iter().map(AuthError::reason).collect();

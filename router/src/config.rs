@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use caskade_common::config::{self, ConfigError, LogConfig, TlsFiles};
 use caskade_common::limits::DEFAULT_MAX_VALUE_BYTES;
@@ -44,6 +45,9 @@ pub struct RouterConfig {
     /// Idempotency keys.
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// Where `GET /metrics` is served.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -76,6 +80,56 @@ impl RouterConfig {
         if self.nodes.timeout_ms == 0 {
             return invalid("nodes.timeout_ms: must be positive");
         }
+        self.limits.validate()
+    }
+}
+
+/// Longest accepted connection or request timeout: a day. Longer ones are
+/// a typo, and an unbounded one would overflow the clock's arithmetic.
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
+impl LimitsConfig {
+    /// `idle_timeout_ms` as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// `header_timeout_ms` as a duration.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    /// `body_timeout_ms` as a duration.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let timeouts = [
+            ("limits.idle_timeout_ms", self.idle_timeout_ms),
+            ("limits.header_timeout_ms", self.header_timeout_ms),
+            ("limits.body_timeout_ms", self.body_timeout_ms),
+        ];
+        for (name, ms) in timeouts {
+            if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: must be between 1 and {MAX_TIMEOUT_MS} (a day)"
+                )));
+            }
+        }
+        let positive = [
+            ("limits.body_min_bytes_per_sec", self.body_min_bytes_per_sec),
+            ("limits.max_connections", self.max_connections as u64),
+            (
+                "limits.max_concurrent_streams",
+                u64::from(self.max_concurrent_streams),
+            ),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name}: must be positive")));
+            }
+        }
         Ok(())
     }
 }
@@ -104,6 +158,24 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// Most open client connections (default 10,000); more wait to be accepted.
     pub max_connections: usize,
+    /// Most concurrent requests (streams) on one HTTP/2 connection (default 200).
+    pub max_concurrent_streams: u32,
+    /// A client connection with no request in progress for this long is
+    /// closed, ms (default 60,000): before its first request, between
+    /// HTTP/1.1 requests, and an HTTP/2 connection with no open stream. A
+    /// request in progress is never cut by it.
+    pub idle_timeout_ms: u64,
+    /// How long an HTTP/1.1 client may take to send a request's headers, ms
+    /// (default 10,000), counted from the connection's first byte or from
+    /// the end of the previous answer: an idle HTTP/1.1 keep-alive
+    /// connection is closed after the shorter of this and `idle_timeout_ms`.
+    pub header_timeout_ms: u64,
+    /// How long a client may take to send a request body, ms (default
+    /// 10,000), plus one second for every `body_min_bytes_per_sec` bytes
+    /// received; past it the router answers 408 and closes the connection.
+    pub body_timeout_ms: u64,
+    /// The slowest body upload the router waits for, bytes per second (default 16,384).
+    pub body_min_bytes_per_sec: u64,
 }
 
 impl Default for LimitsConfig {
@@ -114,8 +186,23 @@ impl Default for LimitsConfig {
             max_batch_ops: 1000,
             max_header_bytes: 16 << 10,
             max_connections: 10_000,
+            max_concurrent_streams: 200,
+            idle_timeout_ms: 60_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
+            body_min_bytes_per_sec: 16 << 10,
         }
     }
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of a plain-HTTP listener serving only `GET /metrics`
+    /// (default: none, and `/metrics` is served on the HTTPS listener).
+    /// When set, the HTTPS listener no longer serves `/metrics`.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[nodes]`: how the router treats each storage node.
@@ -169,5 +256,65 @@ impl Default for IdempotencyConfig {
             window_secs: 600,
             max_keys: 100_000,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "insecure_http = true\nseeds = [\"n1:7001\"]\n\
+        [node_tls]\nca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r-key.pem\"\n\
+        [auth]\nhs256 = [{ path = \"jwt-secret\" }]\n";
+
+    fn load(extra: &str) -> Result<RouterConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("router.toml");
+        std::fs::write(&path, format!("{MINIMAL}{extra}")).expect("write");
+        RouterConfig::load(Some(&path))
+    }
+
+    #[test]
+    fn connection_limits_have_the_documented_defaults() {
+        let config = load("").expect("a minimal file loads");
+        let limits = &config.limits;
+        assert_eq!(limits.max_connections, 10_000);
+        assert_eq!(limits.max_concurrent_streams, 200);
+        assert_eq!(limits.idle_timeout(), Duration::from_secs(60));
+        assert_eq!(limits.header_timeout(), Duration::from_secs(10));
+        assert_eq!(limits.body_timeout(), Duration::from_secs(10));
+        assert_eq!(limits.body_min_bytes_per_sec, 16_384);
+        assert_eq!(config.metrics.listen, None);
+
+        let config = load("[metrics]\nlisten = \"127.0.0.1:9464\"\n").expect("loads");
+        assert_eq!(config.metrics.listen, Some(([127, 0, 0, 1], 9464).into()));
+    }
+
+    #[test]
+    fn zero_and_huge_connection_limits_are_refused_by_name() {
+        let cases = [
+            ("idle_timeout_ms = 0", "limits.idle_timeout_ms"),
+            ("header_timeout_ms = 0", "limits.header_timeout_ms"),
+            ("body_timeout_ms = 0", "limits.body_timeout_ms"),
+            ("idle_timeout_ms = 86400001", "limits.idle_timeout_ms"),
+            (
+                "body_timeout_ms = 9223372036854775807",
+                "limits.body_timeout_ms",
+            ),
+            (
+                "body_min_bytes_per_sec = 0",
+                "limits.body_min_bytes_per_sec",
+            ),
+            ("max_connections = 0", "limits.max_connections"),
+            (
+                "max_concurrent_streams = 0",
+                "limits.max_concurrent_streams",
+            ),
+        ];
+        for (line, name) in cases {
+            let error = load(&format!("[limits]\n{line}\n")).expect_err(line);
+            assert!(error.to_string().contains(name), "{line}: {error}");
+        }
+        assert!(load("[limits]\nidle_timeout_ms = 86400000\n").is_ok());
     }
 }

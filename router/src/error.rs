@@ -54,6 +54,9 @@ pub enum ApiError {
     /// A key, value, batch, body or header over its limit.
     #[error("{0}")]
     TooLarge(String),
+    /// The request body did not arrive within its deadline.
+    #[error("the request body was not received in time")]
+    BodyTimeout,
     /// The router sheds load: too many requests in flight to the node.
     #[error("too many requests in flight; retry later")]
     Overloaded,
@@ -122,6 +125,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable
             | ApiError::Interrupted
@@ -146,6 +150,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::BodyTimeout => "request_timeout",
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable | ApiError::Interrupted | ApiError::Incomplete(_) => {
                 "unavailable"
@@ -179,6 +184,7 @@ impl ApiError {
             | ApiError::Conflict(_)
             | ApiError::IdempotencyKeyReused
             | ApiError::TooLarge(_)
+            | ApiError::BodyTimeout
             | ApiError::Incomplete(_)
             | ApiError::ClusterUnavailable(_) => None,
         }

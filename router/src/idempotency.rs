@@ -28,6 +28,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::app::{AppState, read_body};
 use crate::config::IdempotencyConfig;
 use crate::error::ApiError;
+use crate::kv::KV_PREFIX;
 
 /// The request header.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -180,7 +181,14 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
         return next.run(request).await;
     };
     let (parts, body) = request.into_parts();
-    let body = match read_body(body, state.limits.max_body_bytes, "request body").await {
+    // Held to the limit its handler applies, so that a declared length over
+    // it is refused before the body is read.
+    let (limit, what) = if parts.uri.path().starts_with(KV_PREFIX) {
+        (state.limits.max_value_bytes, "value")
+    } else {
+        (state.limits.max_body_bytes, "request body")
+    };
+    let body = match read_body(body, limit, what).await {
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };

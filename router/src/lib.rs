@@ -1,7 +1,8 @@
 //! caskade-router: the stateless HTTPS front of a caskade cluster.
 //!
 //! A request passes, in order: [`server`] (TLS, HTTP/1.1 or HTTP/2, connection
-//! limit) → [`app`] (request id, metrics, route table) → a handler in [`kv`]
+//! limit, timeouts, idle connections closed by `idle`) → [`app`] (request id,
+//! metrics, the body's deadline from `request_body`, route table) → a handler in [`kv`]
 //! that authenticates with [`auth`], validates with [`params`], and sends the
 //! request with [`forward`] (or, for `r=quorum`, [`quorum`]) to the key's replicas, found on the ring of the
 //! [`cluster`] view, each behind its [`nodes`] stack of timeout,
@@ -24,6 +25,9 @@ pub mod nodes;
 pub mod params;
 pub mod quorum;
 pub mod server;
+
+mod idle;
+mod request_body;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,18 +59,23 @@ pub enum RouterError {
 /// How long open connections may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// A started router: listener bound, not yet serving.
+/// Most connections to the `/metrics` listener at once: one scraper needs one.
+const METRICS_MAX_CONNECTIONS: usize = 16;
+
+/// A started router: listeners bound, not yet serving.
 #[derive(Debug)]
 pub struct Router {
     config: RouterConfig,
     listener: TcpListener,
+    /// The plain-HTTP `/metrics` listener, when `metrics.listen` is set.
+    metrics: Option<TcpListener>,
     https: Option<Arc<rustls::ServerConfig>>,
     state: AppState,
     cluster: Arc<Cluster>,
 }
 
 impl Router {
-    /// Loads keys and certificates and binds the listener.
+    /// Loads keys and certificates and binds the listeners.
     pub async fn start(config: RouterConfig) -> Result<Router, RouterError> {
         install_crypto_provider();
         telemetry::metrics_handle();
@@ -98,9 +107,14 @@ impl Router {
             idempotency: idempotency::IdempotencyStore::new(&config.idempotency),
         });
         let listener = telemetry::bind(config.listen, "HTTPS").await?;
+        let metrics = match config.metrics.listen {
+            Some(addr) => Some(telemetry::bind(addr, "metrics").await?),
+            None => None,
+        };
         Ok(Router {
             config,
             listener,
+            metrics,
             https,
             state,
             cluster,
@@ -112,6 +126,11 @@ impl Router {
         self.listener.local_addr().unwrap_or(self.config.listen)
     }
 
+    /// The address of the `/metrics` listener, if one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` resolves, then stops gracefully.
     pub async fn serve(
         self,
@@ -120,10 +139,22 @@ impl Router {
         let Router {
             config,
             listener,
+            metrics,
             https,
             state,
             cluster,
         } = self;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }
+        };
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
         if https.is_none() {
             tracing::warn!(
                 "serving plain HTTP (insecure_http = true): tokens and values travel unencrypted"
@@ -139,16 +170,36 @@ impl Router {
         let addr = listener.local_addr()?;
         let scheme = if https.is_some() { "https" } else { "http" };
         tracing::info!(%addr, scheme, "router serving");
+        // The metrics listener is plain HTTP, for the monitoring network:
+        // the same timeouts, and few connections.
+        let metrics_task = match metrics {
+            Some(listener) => {
+                tracing::info!(addr = %listener.local_addr()?, "router metrics serving");
+                let limits = config::LimitsConfig {
+                    max_connections: METRICS_MAX_CONNECTIONS,
+                    ..config.limits.clone()
+                };
+                let stopped = until_stopped();
+                Some(tokio::spawn(async move {
+                    let app = app::metrics_routes();
+                    server::serve(listener, None, app, &limits, SHUTDOWN_GRACE, stopped).await;
+                }))
+            }
+            None => None,
+        };
+        let app = app::routes(state, metrics_task.is_none());
         server::serve(
             listener,
             https,
-            app::routes(state),
-            config.limits.max_connections,
-            config.limits.max_header_bytes,
+            app,
+            &config.limits,
             SHUTDOWN_GRACE,
-            shutdown,
+            until_stopped(),
         )
         .await;
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
         maintenance.abort();
         tracing::info!("router stopped");
         Ok(())

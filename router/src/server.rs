@@ -1,68 +1,61 @@
 //! Serving the HTTP application: HTTPS with rustls (HTTP/2 and HTTP/1.1 by
-//! ALPN), or plain HTTP only when `insecure_http` is set.
+//! ALPN), or plain HTTP (`insecure_http`, and the `/metrics` listener).
 //!
 //! The accept loop holds one permit of a semaphore per open connection, so
 //! at most `max_connections` are served; more wait in the kernel's backlog.
-//! TLS handshakes run in each connection's own task, never in the accept
-//! loop, and are bounded by a timeout. On shutdown the listener closes and
-//! open connections are asked to finish (GOAWAY / `Connection: close`);
-//! they get `grace` to do so.
+//! No client may keep a permit for free: TLS handshakes are bounded by a
+//! timeout, in each connection's own task (never in the accept loop);
+//! HTTP/1.1 request heads by `header_timeout_ms`; and a connection with no
+//! request in progress is closed after `idle_timeout_ms` ([`idle`]). Slow
+//! request bodies are bounded by the application ([`request_body`]). On
+//! shutdown the listener closes and open connections are asked to finish
+//! (GOAWAY / `Connection: close`); they get `grace` to do so.
+//!
+//! [`idle`]: crate::idle
+//! [`request_body`]: crate::request_body
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+
+use crate::config::LimitsConfig;
+use crate::idle::{Activity, TrackActivity};
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an HTTP/1.1 client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings on idle connections, and how long an answer may take:
 /// a peer that has gone away frees its connection slot.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams an HTTP/2 client may reset before the router has accepted them
+/// (h2's default, made explicit): past it the connection ends with
+/// ENHANCE_YOUR_CALM, the defence against "rapid reset" (CVE-2023-44487).
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 
-/// Serves `app` on `listener` until `shutdown` resolves, then waits up to
-/// `grace` for open connections.
+/// Serves `app` on `listener` with `limits` until `shutdown` resolves, then
+/// waits up to `grace` for open connections.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     app: Router,
-    max_connections: usize,
-    max_header_bytes: usize,
+    limits: &LimitsConfig,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
-    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Without a timer hyper enforces no timeouts at all: a client that
-    // connects and then sends nothing would hold a connection slot forever.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
-    // hyper refuses header blocks over these sizes: 431 for HTTP/1.1; for
-    // HTTP/2 a header list far over the limit ends the whole connection
-    // (GOAWAY), so other requests on it fail too.
-    builder.http1().max_buf_size(max_header_bytes.max(8192));
-    builder
-        .http2()
-        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let builder = Arc::new(connection_builder(limits));
+    let idle_timeout = limits.idle_timeout();
+    // Tells every connection to finish (a graceful shutdown of its own).
+    let (stop, stopping) = watch::channel(false);
     // Every connection's task, so that the ones still open after the grace
     // period can be ended.
     let mut connections = tokio::task::JoinSet::new();
@@ -89,39 +82,37 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // The idle clock starts at accept: the handshake counts as idle time.
+        let activity = Activity::new();
+        let service =
+            TrackActivity::new(TowerToHyperService::new(app.clone()), Arc::clone(&activity));
         let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
+        let stopping = stopping.clone();
         let acceptor = acceptor.clone();
         connections.spawn(async move {
             let _permit = permit;
-            let result =
-                match acceptor {
-                    Some(acceptor) => {
-                        let stream =
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                                .await
-                            {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(error)) => {
-                                    tracing::debug!(%peer, %error, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!(%peer, "TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                        let connection =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(connection.into_owned()).await
-                    }
-                    None => {
-                        let connection =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(connection.into_owned()).await
-                    }
-                };
+            let result = match acceptor {
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let io = TokioIo::new(stream);
+                    serve_connection(&builder, io, service, &activity, idle_timeout, stopping).await
+                }
+                None => {
+                    let io = TokioIo::new(stream);
+                    serve_connection(&builder, io, service, &activity, idle_timeout, stopping).await
+                }
+            };
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
@@ -129,11 +120,71 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: finishing open connections");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = stop.send(true);
+    let finished = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
         tracing::warn!(?grace, "grace period over; dropping open connections");
         connections.abort_all();
     }
+}
+
+/// hyper's settings for every connection.
+fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper enforces no timeouts at all. The header timeout
+    // starts when hyper begins reading a request head: on a new connection
+    // only once its first bytes have told HTTP/1.1 from HTTP/2 (before that
+    // only the idle timeout applies), and on a keep-alive connection right
+    // after the previous answer.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS);
+    // hyper refuses header blocks over these sizes: 431 for HTTP/1.1; for
+    // HTTP/2 a header list far over the limit ends the whole connection
+    // (GOAWAY), so other requests on it fail too.
+    builder
+        .http1()
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Serves one connection until it ends; asks it to finish once it has been
+/// idle for `idle_timeout` or when the server stops.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: TrackActivity<TowerToHyperService<Router>>,
+    activity: &Activity,
+    idle_timeout: Duration,
+    mut stopping: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    let why = tokio::select! {
+        result = connection.as_mut() => return result,
+        () = activity.idle_for(idle_timeout) => "idle",
+        _ = stopping.wait_for(|stop| *stop) => "server stopping",
+    };
+    tracing::debug!(why, "closing the connection");
+    // Idle: closed at once (HTTP/1.1), or after a GOAWAY (HTTP/2). Stopping:
+    // requests in progress finish first.
+    connection.as_mut().graceful_shutdown();
+    connection.await
 }

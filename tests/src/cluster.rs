@@ -364,6 +364,7 @@ impl TestCluster {
             limits: LimitsConfig::default(),
             nodes: spec.policy.clone(),
             idempotency: IdempotencyConfig::default(),
+            metrics: caskade_router::config::MetricsConfig::default(),
             log: LogConfig::default(),
         };
         config.validate()?;

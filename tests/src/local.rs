@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use caskade_cli::local::{LocalCluster, LocalOptions};
 use caskade_node::config::{DurabilityMode, EngineConfig};
-use caskade_router::config::NodePolicy;
+use caskade_router::config::{LimitsConfig, NodePolicy};
 
 use crate::cluster::poll_until;
 
@@ -29,6 +29,8 @@ pub async fn start_local(
         },
         node_policy,
         replication_factor: None,
+        router_limits: LimitsConfig::default(),
+        router_metrics_listen: None,
     })
     .await?;
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&cluster.certs.ca)?)?;

@@ -28,7 +28,7 @@ use caskade_common::{Hlc, Version};
 use caskade_node::config::{DurabilityMode, EngineConfig};
 use caskade_node::engine::{Engine, PutOptions};
 use caskade_proto::StatsRequest;
-use caskade_router::config::NodePolicy;
+use caskade_router::config::{LimitsConfig, NodePolicy};
 use clap::Parser;
 
 /// Benchmark replication: write and read levels, and catch-up.
@@ -115,6 +115,8 @@ async fn levels(
         },
         node_policy: NodePolicy::default(),
         replication_factor: Some(rf),
+        router_limits: LimitsConfig::default(),
+        router_metrics_listen: None,
     })
     .await?;
     let client = reqwest::Client::builder()

@@ -23,7 +23,7 @@ use caskade_node::config::{DurabilityMode, EngineConfig};
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::kv_client::KvClient;
 use caskade_proto::{GetClusterMapRequest, GetRequest, PutRequest, StatsRequest};
-use caskade_router::config::NodePolicy;
+use caskade_router::config::{LimitsConfig, NodePolicy};
 use clap::Parser;
 use prost::bytes::Bytes;
 use tonic::transport::Endpoint;
@@ -59,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
         },
         node_policy: NodePolicy::default(),
         replication_factor: None,
+        router_limits: LimitsConfig::default(),
+        router_metrics_listen: None,
     })
     .await?;
     // Two disjoint key sets, so that no phase overwrites the other's keys.

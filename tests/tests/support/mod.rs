@@ -6,17 +6,22 @@
 //! What the store holds is checked through the REST API with an admin
 //! token, never through a back door, so "nothing was written" means what a
 //! client would see.
+// Each suite that includes this module uses a part of it.
+#![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use caskade_cli::local::{LocalCluster, LocalOptions};
 use caskade_common::tls::TlsMaterial;
 use caskade_node::config::{DurabilityMode, EngineConfig};
 use caskade_router::auth::{Role, TokenRequest, issue_hs256, load_hs256_secret};
-use caskade_router::config::NodePolicy;
+use caskade_router::config::{LimitsConfig, NodePolicy};
 use reqwest::{Body, Client, Method, RequestBuilder, Response, StatusCode};
 use serde_json::Value;
 use tempfile::TempDir;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 /// How long the router may take to adopt the cluster map and see every node ready.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
@@ -26,8 +31,30 @@ const TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_PAGES: usize = 1000;
 /// How long a raw connection may stay open after the request was sent.
 const RAW_READ_DEADLINE: Duration = Duration::from_secs(10);
-/// Nodes of every test cluster.
+/// Nodes of a test cluster unless the suite asks for another number.
 const NODES: u32 = 3;
+
+/// What a suite may change in the cluster it starts.
+#[derive(Debug, Clone)]
+pub struct RestOptions {
+    /// Storage nodes (default 3).
+    pub nodes: u32,
+    /// The router's connection and request limits (default: the router's defaults).
+    pub router_limits: LimitsConfig,
+    /// Serve the router's `/metrics` on a plain-HTTP listener of its own
+    /// (on a port the OS picks) instead of its HTTPS listener.
+    pub separate_metrics: bool,
+}
+
+impl Default for RestOptions {
+    fn default() -> Self {
+        RestOptions {
+            nodes: NODES,
+            router_limits: LimitsConfig::default(),
+            separate_metrics: false,
+        }
+    }
+}
 
 /// Which HTTP version a client speaks to the router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,18 +100,29 @@ impl RestCluster {
     /// the tests wait for all of them, so that no key is written to a
     /// fallback replica and then read from its primary.
     pub async fn start() -> RestCluster {
+        RestCluster::start_with(RestOptions::default()).await
+    }
+
+    /// Starts a cluster as `options` say, and waits until the router sees
+    /// every node ready.
+    pub async fn start_with(options: RestOptions) -> RestCluster {
         caskade_common::tls::install_crypto_provider();
+        let nodes = options.nodes;
         let dir = tempfile::tempdir().expect("a temporary directory");
         let cluster = LocalCluster::start(LocalOptions {
             data_dir: dir.path().to_path_buf(),
             listen: "127.0.0.1:0".parse().expect("a literal socket address"),
-            nodes: NODES,
+            nodes,
             engine: EngineConfig {
                 durability: DurabilityMode::Never,
                 ..EngineConfig::default()
             },
             node_policy: NodePolicy::default(),
             replication_factor: None,
+            router_limits: options.router_limits,
+            router_metrics_listen: options
+                .separate_metrics
+                .then(|| SocketAddr::from(([127, 0, 0, 1], 0))),
         })
         .await
         .expect("the local cluster starts");
@@ -110,7 +148,7 @@ impl RestCluster {
                 };
                 let ready = response.status() == StatusCode::OK;
                 let body: Value = response.json().await.unwrap_or_default();
-                ready && body["nodes_ready"] == NODES
+                ready && body["nodes_ready"] == nodes
             },
         )
         .await;
@@ -142,15 +180,22 @@ impl RestCluster {
         }
     }
 
-    /// Sends `request` (raw HTTP/1.1) over a TLS connection of its own and
-    /// returns everything the router answered before closing.
-    ///
-    /// Unlike an HTTP client, this keeps reading when writing fails: a
-    /// server that refuses a request before reading all of it (431, 413)
-    /// closes while the client may still be writing, and hyper's client then
-    /// reports the broken pipe instead of the answer already received.
-    pub async fn raw_http1(&self, request: &[u8]) -> Vec<u8> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// `http://ADDR` of the router's own `/metrics` listener, when it has one.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.cluster
+            .router_metrics_addr
+            .map(|addr| format!("http://{addr}"))
+    }
+
+    /// A TLS connection of its own to the router, offering `alpn` (e.g.
+    /// `http/1.1` or `h2`), handshake done and nothing sent.
+    pub async fn tls_connect(&self, alpn: &[u8]) -> TlsStream<TcpStream> {
+        self.tls_dialer(alpn).connect().await
+    }
+
+    /// What a task of its own needs to open TLS connections to the router,
+    /// offering `alpn`.
+    pub fn tls_dialer(&self, alpn: &[u8]) -> TlsDialer {
         let mut roots = rustls::RootCertStore::empty();
         let ca =
             TlsMaterial::load(&self.cluster.certs.client).expect("the client certificates load");
@@ -162,16 +207,23 @@ impl RestCluster {
         let mut config = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let addr = self.url.trim_start_matches("https://");
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("the router accepts");
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("an IP server name");
-        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .expect("the TLS handshake succeeds");
+        config.alpn_protocols = vec![alpn.to_vec()];
+        TlsDialer {
+            connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+            addr: self.url.trim_start_matches("https://").to_string(),
+        }
+    }
+
+    /// Sends `request` (raw HTTP/1.1) over a TLS connection of its own and
+    /// returns everything the router answered before closing.
+    ///
+    /// Unlike an HTTP client, this keeps reading when writing fails: a
+    /// server that refuses a request before reading all of it (431, 413)
+    /// closes while the client may still be writing, and hyper's client then
+    /// reports the broken pipe instead of the answer already received.
+    pub async fn raw_http1(&self, request: &[u8]) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = self.tls_connect(b"http/1.1").await;
         let _ = async {
             tls.write_all(request).await?;
             tls.flush().await
@@ -303,6 +355,44 @@ impl RestCluster {
             }
         }
         panic!("listing {prefix:?} did not end within {MAX_PAGES} pages");
+    }
+}
+
+/// Opens TLS connections to the router; see [`RestCluster::tls_dialer`].
+#[derive(Clone)]
+pub struct TlsDialer {
+    connector: tokio_rustls::TlsConnector,
+    addr: String,
+}
+
+impl std::fmt::Debug for TlsDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsDialer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl TlsDialer {
+    /// A new connection, handshake done and nothing sent.
+    pub async fn connect(&self) -> TlsStream<TcpStream> {
+        self.handshake(self.tcp().await).await
+    }
+
+    /// A new TCP connection to the router, without TLS yet.
+    pub async fn tcp(&self) -> TcpStream {
+        TcpStream::connect(&self.addr)
+            .await
+            .expect("the router accepts")
+    }
+
+    /// The client's side of a TLS handshake on `tcp`.
+    pub async fn handshake(&self, tcp: TcpStream) -> TlsStream<TcpStream> {
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("an IP server name");
+        self.connector
+            .connect(name, tcp)
+            .await
+            .expect("the TLS handshake succeeds")
     }
 }
 

@@ -143,6 +143,7 @@ impl Deployment {
             limits: LimitsConfig::default(),
             nodes: policy,
             idempotency: IdempotencyConfig::default(),
+            metrics: caskade_router::config::MetricsConfig::default(),
             log: LogConfig::default(),
         })
         .await

@@ -94,6 +94,7 @@ pub async fn cluster(
                         "lag_seconds": p.lag_seconds,
                         "reachable": p.reachable,
                         "full_catch_ups": p.full_catch_ups,
+                        "short_of_space": p.short_of_space,
                         "refilled_epoch": p.refilled_epoch,
                     })).collect::<Vec<_>>(),
                 }),

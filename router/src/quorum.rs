@@ -88,7 +88,9 @@ pub async fn read(
             if answers.iter().filter(|a| a.version == newest).count() >= needed {
                 // The slower replicas are compared and repaired when they
                 // answer, within their deadline; the client does not wait.
-                tokio::spawn(repair_late(asked, newest, record, view.map.epoch));
+                if !asked.is_empty() {
+                    tokio::spawn(repair_late(asked, newest, record, view.map.epoch));
+                }
                 return Ok(winner);
             }
         } else {

@@ -350,6 +350,7 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
                 lag_seconds: lag.seconds(core.replication.started()),
                 reachable: lag.reachable,
                 full_catch_ups: lag.full_catch_ups,
+                short_of_space: lag.short_of_space,
                 refilled_epoch: lag.refilled_epoch,
             })
             .collect(),

@@ -16,13 +16,14 @@
 
 use std::io::{self, ErrorKind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use caskade_common::{Hlc, Version};
 use tonic::Status;
 
+use crate::engine::is_out_of_space;
 use crate::files::write_atomically;
 
 /// The clock lease file in the data directory.
@@ -39,6 +40,9 @@ pub struct NodeClock {
     file: PathBuf,
     /// Held while the lease is moved.
     extending: Mutex<()>,
+    /// The last attempt to move the lease found the disk full (logged
+    /// once, not at every refused write).
+    full: AtomicBool,
 }
 
 impl NodeClock {
@@ -75,6 +79,7 @@ impl NodeClock {
             ceiling_ms: AtomicU64::new(ceiling_ms),
             file,
             extending: Mutex::new(()),
+            full: AtomicBool::new(false),
         })
     }
 
@@ -84,7 +89,7 @@ impl NodeClock {
         let version = self.hlc.now();
         if version.physical_ms() >= self.ceiling_ms.load(Ordering::Acquire) {
             self.extend_past(version.physical_ms())
-                .map_err(|e| clock_status(&e))?;
+                .map_err(|e| self.refused(&e))?;
         }
         Ok(version)
     }
@@ -112,17 +117,23 @@ impl NodeClock {
         let ceiling = physical_ms.saturating_add(LEASE.as_millis() as u64);
         write_atomically(&self.file, ceiling.to_string().as_bytes())?;
         self.ceiling_ms.store(ceiling, Ordering::Release);
+        if self.full.swap(false, Ordering::AcqRel) {
+            tracing::info!("clock lease stored again: writes accepted");
+        }
         Ok(())
     }
-}
 
-/// The status for a write refused because the clock lease could not be
-/// stored: nothing was written.
-fn clock_status(error: &io::Error) -> Status {
-    tracing::error!(%error, "storing the clock lease");
-    if error.kind() == ErrorKind::StorageFull {
-        Status::resource_exhausted("node storage is full")
-    } else {
+    /// The status for a write refused because the clock lease could not
+    /// be stored: nothing was written. A full disk is a 507 like the
+    /// engine's, logged once until the lease is stored again.
+    fn refused(&self, error: &io::Error) -> Status {
+        if is_out_of_space(error) {
+            if !self.full.swap(true, Ordering::AcqRel) {
+                tracing::warn!(%error, "disk full: cannot store the clock lease; refusing writes");
+            }
+            return Status::resource_exhausted("node storage is full");
+        }
+        tracing::error!(%error, "storing the clock lease");
         Status::unavailable("node cannot store its clock lease")
     }
 }

@@ -268,9 +268,10 @@ impl NodeCore {
         let level = read_level(request.read_level)?;
         validate_key(&request.key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.replication.check_replica(&request.key)?;
-        // A replica whose disk is full may lack writes the key's primary
-        // took since: `any` is served by another (the router moves on).
-        if level == ReadLevel::Any && self.replication.short_of_space_for(&request.key) {
+        // A replica whose disk is full may lack writes it could not store:
+        // another serves the read (the router moves on). A quorum read
+        // compares versions, so a stale answer does no harm there.
+        if level != ReadLevel::Quorum && self.replication.short_of_space_for(&request.key) {
             return Err(Status::unavailable(
                 "this replica's disk is full and it may lack recent writes: read another",
             ));

@@ -54,10 +54,13 @@ fn is_full(error: &EngineError) -> bool {
 
 /// Puts keys until the disk refuses `refusals` of them in a row (each a
 /// `StorageFull`; any other error fails the test); returns the acknowledged.
+/// Refused writes leave no gap in the seqs of the stored ones (the
+/// replication feed expects none): each is `last_seq + 1`.
 fn put_until_full(
     engine: &Engine,
     first: u64,
     refusals: usize,
+    last_seq: &mut u64,
 ) -> (BTreeMap<String, Vec<u8>>, u64) {
     let mut acknowledged = BTreeMap::new();
     let mut refused = 0;
@@ -73,7 +76,9 @@ fn put_until_full(
             },
         );
         match put {
-            Ok(WriteOutcome::Applied { .. }) => {
+            Ok(WriteOutcome::Applied { seq, .. }) => {
+                assert_eq!(seq, *last_seq + 1, "{key}: a gap in the seqs");
+                *last_seq = seq;
                 acknowledged.insert(key, value(n));
                 refused = 0;
             }
@@ -113,7 +118,8 @@ fn full_and_freed(durability: Durability, file_bytes: u64) {
     let engine = Engine::open(&dir, options(durability, file_bytes)).unwrap();
     disk.fill_leaving(1 << 20).unwrap();
 
-    let (mut acknowledged, next) = put_until_full(&engine, 0, 20);
+    let mut last_seq = engine.stats().last_seq;
+    let (mut acknowledged, next) = put_until_full(&engine, 0, 20, &mut last_seq);
     assert!(
         acknowledged.len() > 5,
         "only {} puts fit",
@@ -133,7 +139,9 @@ fn full_and_freed(durability: Durability, file_bytes: u64) {
             },
         );
         match delete {
-            Ok(WriteOutcome::Applied { .. }) => {
+            Ok(WriteOutcome::Applied { seq, .. }) => {
+                assert_eq!(seq, last_seq + 1, "{key}: a gap in the seqs");
+                last_seq = seq;
                 acknowledged.remove(&key);
                 deleted += 1;
                 assert!(deleted < 100, "tombstones never filled the last page");
@@ -147,7 +155,7 @@ fn full_and_freed(durability: Durability, file_bytes: u64) {
 
     disk.free_ballast().unwrap();
     std::fs::remove_file(rest).unwrap();
-    let (more, _) = put_until_full(&engine, next + 1, 1);
+    let (more, _) = put_until_full(&engine, next + 1, 1, &mut last_seq);
     assert!(
         more.len() > 5,
         "only {} puts after freeing space",
@@ -422,27 +430,29 @@ async fn one_full_node_of_three_refuses_its_writes_and_recovers() {
     );
     let page = tc.admin_node(full).await.unwrap();
     assert_eq!(page["stats"]["disk_full"], true, "{page}");
-    // Asked directly at `r=any`, the full node declines the keys it may
-    // lack (the router then reads another replica).
+    // Asked directly for a key it is not the primary of, the full node
+    // declines (the router then reads another replica): it may lack it.
     let held = tc.scan_node(full).await.unwrap();
     let missed = acknowledged
         .keys()
         .find(|key| !held.contains_key(key.as_bytes()))
         .expect("the full node missed no write");
-    let answer = tc
-        .node_kv(full)
-        .await
-        .unwrap()
-        .get(GetRequest {
-            key: missed.clone().into_bytes().into(),
-            read_level: ReadLevel::Any as i32,
-        })
-        .await;
-    assert_eq!(
-        answer.as_ref().map_err(tonic::Status::code).err(),
-        Some(tonic::Code::Unavailable),
-        "{missed} at r=any from the full node: {answer:?}"
-    );
+    for level in [ReadLevel::Any, ReadLevel::Primary] {
+        let answer = tc
+            .node_kv(full)
+            .await
+            .unwrap()
+            .get(GetRequest {
+                key: missed.clone().into_bytes().into(),
+                read_level: level as i32,
+            })
+            .await;
+        assert_eq!(
+            answer.as_ref().map_err(tonic::Status::code).err(),
+            Some(tonic::Code::Unavailable),
+            "{missed} at {level:?} from the full node: {answer:?}"
+        );
+    }
 
     // `w=all` cannot be met while one replica cannot store: 503, applied.
     let key = (0..)

@@ -331,7 +331,6 @@ impl Inner {
                 key,
                 pending.value.as_deref(),
             );
-            w.active.note_seq(seq);
             let entry = Entry::new(
                 w.active.id,
                 offset as u32,
@@ -376,6 +375,12 @@ impl Inner {
         let staged = std::mem::take(&mut segment.staged);
         let appended = self.append_to_active(w, &segment.buf);
         segment.buf.clear();
+        if let (Err(EngineError::StorageFull { .. }), Some(first)) = (&appended, staged.first()) {
+            // Nothing of the segment was stored, and the rest of the batch
+            // is refused: its seqs are handed out again, so that the
+            // published records stay numbered without a gap.
+            w.next_seq = first.seq;
+        }
         if let Err(error) = appended {
             for s in &staged {
                 outcomes[s.index] = Err(match &error {
@@ -386,6 +391,9 @@ impl Inner {
                 });
             }
             return Err(error);
+        }
+        for s in &staged {
+            w.active.note_seq(s.seq);
         }
         if let Err(error) = self.fsync(&w.active) {
             for s in &staged {

@@ -158,8 +158,8 @@ impl DataFile {
 
     /// Drops whatever a failed append left past the last complete record
     /// (a short write on a full disk), giving its space back. Not synced:
-    /// a crash before the next fsync may bring the bytes back, and they are
-    /// then a torn tail like any other, which opening cuts.
+    /// the caller fsyncs the file, or complete records among those bytes
+    /// could come back after a power loss.
     pub fn discard_partial_append(&self) -> io::Result<()> {
         self.file.set_len(self.len())
     }

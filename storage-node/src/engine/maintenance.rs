@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use super::options::Durability;
 use super::{Inner, lock, read};
 
+/// Free space a background merge leaves beyond its outputs and their hints.
+const MERGE_ROOM_MARGIN: u64 = 16 << 20;
+
 /// Work queued for the background thread.
 #[derive(Debug, Default)]
 pub(super) struct MaintenanceQueue {
@@ -79,15 +82,17 @@ impl Inner {
         if candidates.is_empty() || dead < policy.min_dead_bytes {
             return;
         }
-        // The outputs need room for the live records until the inputs go:
-        // on a disk without it, the merge would only fill it up.
+        // The outputs need room for the live records until the inputs go,
+        // and for their hints, with a margin for the writes that go on
+        // meanwhile: on a disk without it, the merge would only fill it up.
         let live: u64 = read(&self.files)
             .values()
             .filter(|f| candidates.iter().any(|(id, _)| *id == f.id))
             .map(|f| f.record_bytes().saturating_sub(f.dead_bytes()))
             .sum();
+        let room = live + live / 8 + MERGE_ROOM_MARGIN;
         if let Ok(stat) = rustix::fs::statvfs(&self.dir)
-            && stat.f_bavail.saturating_mul(stat.f_frsize) < live
+            && stat.f_bavail.saturating_mul(stat.f_frsize) < room
         {
             tracing::debug!(
                 live_bytes = live,

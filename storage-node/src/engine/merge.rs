@@ -31,7 +31,7 @@ use super::open::{merge_tmp_data, merge_tmp_hint, remove_if_exists};
 use super::options::FaultPoint;
 use super::record::{self, Header};
 use super::since::SeqMerge;
-use super::state::{PendingMerge, sync_dir};
+use super::state::{self, PendingMerge, sync_dir};
 use super::types::MergeReport;
 use super::{Inner, lock, read, write};
 
@@ -173,8 +173,6 @@ impl Inner {
             .fault(FaultPoint::MergeOutputWritten)
             .ctx("merge", &self.dir)?;
 
-        // Commit point.
-        uncommitted.committed = true;
         {
             let mut state = lock(&self.state);
             let mut next = state.clone();
@@ -184,16 +182,17 @@ impl Inner {
                 inputs: inputs.iter().map(|f| f.id).collect(),
                 outputs: outputs.iter().map(|o| o.id).collect(),
             });
-            if let Err(e) = next.store(&self.dir) {
-                // The new STATE may be on disk even though storing it failed
-                // (say, the directory fsync did): its outputs must survive
-                // until an open settles the merge one way or the other.
+            // A STATE.tmp that cannot be written (a full disk) leaves STATE
+            // as it was: the merge has not happened, and its outputs go.
+            let prepared = next.prepare(&self.dir).ctx("write state in", &self.dir)?;
+            // Commit point.
+            uncommitted.committed = true;
+            if let Err(e) = state::install(&prepared, &self.dir) {
+                // The new STATE may be on disk even though installing it
+                // failed (say, the directory fsync did): its outputs must
+                // survive until an open settles the merge one way or the other.
                 self.merge_broken.store(true, Ordering::Release);
-                return Err(EngineError::Io {
-                    op: "write state in",
-                    path: self.dir.clone(),
-                    source: e,
-                });
+                return Err(EngineError::io("write state in", &self.dir, e));
             }
             *state = next;
         }

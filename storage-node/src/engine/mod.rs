@@ -49,6 +49,7 @@ use caskade_common::{Version, validate_key, validate_value};
 pub use backup::BackupReport;
 pub use datafile::FILE_HEADER_LEN;
 pub use error::EngineError;
+pub(crate) use error::is_out_of_space;
 pub use options::{
     AppendObserver, Appended, Clock, Durability, FaultHook, FaultPoint, FsyncObserver,
     MergeOptions, Options,
@@ -179,7 +180,7 @@ impl Engine {
                 validate_value(value, self.inner.opts.max_value_bytes)?;
             }
         }
-        let outcomes = if self.inner.opts.durability == Durability::Always {
+        if self.inner.opts.durability == Durability::Always {
             self.inner.check_poison()?;
             let writes = records.into_iter().map(|r| {
                 commit::PendingWrite::new(
@@ -190,22 +191,22 @@ impl Engine {
                     Condition::None,
                 )
             });
-            self.inner.write_committed_all(writes)
-        } else {
-            records
-                .iter()
-                .map(|r| {
-                    self.inner.write(Write {
-                        key: &r.key,
-                        value: r.value.as_deref(),
-                        version: r.version,
-                        expires_at: r.expires_at.unwrap_or(0),
-                        condition: Condition::None,
-                    })
+            return self.inner.write_committed_all(writes).into_iter().collect();
+        }
+        // One at a time; the first failure (a full disk) ends the apply,
+        // and the caller sends the rest again.
+        records
+            .iter()
+            .map(|r| {
+                self.inner.write(Write {
+                    key: &r.key,
+                    value: r.value.as_deref(),
+                    version: r.version,
+                    expires_at: r.expires_at.unwrap_or(0),
+                    condition: Condition::None,
                 })
-                .collect()
-        };
-        outcomes.into_iter().collect()
+            })
+            .collect()
     }
 
     /// The highest version of any key's latest record held (tombstones

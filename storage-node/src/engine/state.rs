@@ -16,7 +16,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"CASKSTAT";
 const FORMAT: u16 = 1;
@@ -58,17 +58,39 @@ impl State {
 
     /// Replaces `dir/STATE` atomically and durably.
     pub fn store(&self, dir: &Path) -> io::Result<()> {
+        let tmp = self.prepare(dir)?;
+        install(&tmp, dir)
+    }
+
+    /// Writes and syncs `dir/STATE.tmp`, the first half of
+    /// [`store`](State::store): when it fails `STATE` is untouched (and a
+    /// partial `STATE.tmp` removed). Returns the temporary file's path.
+    pub fn prepare(&self, dir: &Path) -> io::Result<PathBuf> {
         let tmp = dir.join("STATE.tmp");
-        let mut file = OpenOptions::new()
+        let written = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)?;
-        file.write_all(&encode(self))?;
-        file.sync_all()?;
-        fs::rename(&tmp, dir.join(STATE_FILE))?;
-        sync_dir(dir)
+            .open(&tmp)
+            .and_then(|mut file| {
+                file.write_all(&encode(self))?;
+                file.sync_all()
+            });
+        match written {
+            Ok(()) => Ok(tmp),
+            Err(error) => {
+                let _ = fs::remove_file(&tmp);
+                Err(error)
+            }
+        }
     }
+}
+
+/// Puts a prepared `STATE.tmp` in place of `STATE`, durably. After a failure
+/// either may be the one on disk.
+pub fn install(tmp: &Path, dir: &Path) -> io::Result<()> {
+    fs::rename(tmp, dir.join(STATE_FILE))?;
+    sync_dir(dir)
 }
 
 /// fsyncs a directory, making renames and new files in it durable.

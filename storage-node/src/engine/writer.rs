@@ -171,7 +171,12 @@ impl Inner {
         };
         if is_out_of_space(&source) {
             match w.active.discard_partial_append() {
-                Ok(()) => return Err(self.out_of_space(&w.active.path)),
+                Ok(()) => {
+                    // A refused write must not come back after a power
+                    // loss: the cut is made durable (a failure poisons).
+                    self.fsync(&w.active)?;
+                    return Err(self.out_of_space(&w.active.path));
+                }
                 Err(error) => tracing::error!(
                     file = %w.active.path.display(),
                     %error,
@@ -204,6 +209,14 @@ impl Inner {
             Err(source) if is_out_of_space(&source) => {
                 // The file may exist, without its header or part of it.
                 let _ = std::fs::remove_file(&path);
+                // The id is given back unless a merge took the next one
+                // meanwhile, so that refused writes do not use ids up.
+                let _ = self.next_file_id.compare_exchange(
+                    id + 1,
+                    id,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
                 return Err(self.out_of_space(&path));
             }
             Err(source) => {
@@ -324,9 +337,18 @@ impl Inner {
 
     /// Scans data file `file` and writes its hint file.
     pub(super) fn write_hint(&self, file: &DataFile) -> Result<(), EngineError> {
-        let limit = file.len();
         let tmp = self.dir.join(format!("{:010}.hint.tmp", file.id));
-        let mut hints = HintWriter::create(tmp.clone()).ctx("create", &tmp)?;
+        let written = self.write_hint_to(file, &tmp);
+        if written.is_err() {
+            // On a full disk, most often: the partial hint gives its space back.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    fn write_hint_to(&self, file: &DataFile, tmp: &std::path::Path) -> Result<(), EngineError> {
+        let limit = file.len();
+        let mut hints = HintWriter::create(tmp.to_path_buf()).ctx("create", tmp)?;
         let mut reader = RecordReader::new(file, datafile::FILE_HEADER_LEN, limit);
         while let Some(found) =
             reader
@@ -341,9 +363,9 @@ impl Inner {
             let key = record::key_of(reader.bytes(&found), &found.header);
             hints
                 .add(found.offset, &found.header, key)
-                .ctx("write", &tmp)?;
+                .ctx("write", tmp)?;
         }
-        let tmp = hints.finish(limit).ctx("sync", &tmp)?;
+        let tmp = hints.finish(limit).ctx("sync", tmp)?;
         let path = datafile::hint_path(&self.dir, file.id);
         hint::install(&tmp, &path).ctx("rename", &path)?;
         sync_dir(&self.dir).ctx("sync", &self.dir)

@@ -140,10 +140,8 @@ impl Cursors {
             .iter()
             .map(|(peer, c)| format!("{peer} {} {}\n", c.seq, c.incarnation))
             .collect();
-        write_atomically(&self.path, text.as_bytes()).map_err(|source| EngineError::Io {
-            op: "store replication cursors in",
-            path: self.path.clone(),
-            source,
+        write_atomically(&self.path, text.as_bytes()).map_err(|source| {
+            EngineError::io("store replication cursors in", &self.path, source)
         })?;
         *stored = current;
         Ok(())

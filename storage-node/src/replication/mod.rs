@@ -513,20 +513,18 @@ impl Replication {
         }
     }
 
-    /// Whether this node may lack recent writes of `key` because it could
-    /// not store what it last pulled from the key's primary (its disk is
-    /// full). Its primary itself never does: it wrote them first.
+    /// Whether this node may lack recent writes of `key`: it could not
+    /// store what it last pulled from some peer (its disk is full), and it
+    /// is not the key's primary, which wrote them first.
     pub fn short_of_space_for(&self, key: &[u8]) -> bool {
-        let Some(primary) = self.placement().and_then(|p| p.primary_of(key)) else {
-            return false;
-        };
-        primary != self.id
+        let primary = self.placement().and_then(|p| p.primary_of(key));
+        primary != Some(self.id)
             && self
                 .lag
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .get(&primary)
-                .is_some_and(|lag| lag.short_of_space)
+                .values()
+                .any(|lag| lag.short_of_space)
     }
 
     /// Waits until the write at `seq` meets `plan`; the replicas holding it.

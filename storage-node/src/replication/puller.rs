@@ -291,9 +291,6 @@ impl Puller {
                 Ok(()) => {
                     backoff = MIN_BACKOFF;
                     failures = 0;
-                    self.core
-                        .replication
-                        .note_lag(self.peer, |lag| lag.short_of_space = false);
                 }
                 Err(status) => {
                     // This node's own disk is full: the peer answered, and
@@ -315,7 +312,8 @@ impl Puller {
                             | Code::Cancelled
                     );
                     self.core.replication.note_lag(self.peer, |lag| {
-                        lag.short_of_space = full;
+                        // Cleared only once a pull from the peer is stored.
+                        lag.short_of_space |= full;
                         // A full disk refused what the peer did send.
                         lag.reachable = full;
                     });
@@ -475,6 +473,7 @@ impl Puller {
             lag.cursor = through;
             lag.peer_last_seq = peer_last_seq;
             lag.reachable = true;
+            lag.short_of_space = false;
             if caught_up {
                 lag.caught_up_at = Some(Instant::now());
             }

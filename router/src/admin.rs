@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use caskade_proto::{BackupRequest, MergeRequest, NodeState, StatsRequest};
@@ -133,12 +134,12 @@ pub async fn cluster(
 pub async fn merge(
     State(state): State<AppState>,
     RequestId(request_id): RequestId,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let principal = state.authenticate(&headers)?;
     state.authorize(&principal, Role::Admin, None)?;
-    let node = node(&state, &id)?;
+    let node = node(&state, node_id(id)?)?;
     let report = operator_call(
         &request_id,
         node.operator().merge(with_id(MergeRequest {}, &request_id)),
@@ -158,12 +159,12 @@ pub async fn merge(
 pub async fn backup(
     State(state): State<AppState>,
     RequestId(request_id): RequestId,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let principal = state.authenticate(&headers)?;
     state.authorize(&principal, Role::Admin, None)?;
-    let node = node(&state, &id)?;
+    let node = node(&state, node_id(id)?)?;
     let report = operator_call(
         &request_id,
         node.operator()
@@ -179,10 +180,17 @@ pub async fn backup(
     })))
 }
 
-fn node(state: &AppState, id: &str) -> Result<std::sync::Arc<crate::nodes::NodeHandle>, ApiError> {
-    let id: u32 = id
-        .parse()
-        .map_err(|_| ApiError::bad_request("invalid_argument", "node id must be a number"))?;
+/// The node id of an `/admin/v1/nodes/{id}…` path. Taken by handlers as
+/// the path extractor's result, not the extractor itself, so that a path
+/// axum cannot decode is refused only after the token was checked, and in
+/// the router's JSON.
+pub(crate) fn node_id(path: Result<Path<String>, PathRejection>) -> Result<u32, ApiError> {
+    path.ok()
+        .and_then(|Path(id)| id.parse().ok())
+        .ok_or_else(|| ApiError::bad_request("invalid_argument", "node id must be a number"))
+}
+
+fn node(state: &AppState, id: u32) -> Result<std::sync::Arc<crate::nodes::NodeHandle>, ApiError> {
     state
         .view()?
         .nodes

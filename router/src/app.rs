@@ -129,12 +129,40 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     }
 }
 
-/// Reads a body of at most `limit` bytes; more is a 413 naming `what`.
+/// The largest body a route reads, and what its 413 calls it.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit {
+    /// Most bytes.
+    pub bytes: usize,
+    /// The body's name in the error message.
+    pub what: &'static str,
+}
+
+impl BodyLimit {
+    /// A single key's `PUT`: the value.
+    pub fn value(limits: &LimitsConfig) -> BodyLimit {
+        BodyLimit {
+            bytes: limits.max_value_bytes,
+            what: "value",
+        }
+    }
+
+    /// `POST /v1/batch`: the whole batch.
+    pub fn batch(limits: &LimitsConfig) -> BodyLimit {
+        BodyLimit {
+            bytes: limits.max_body_bytes,
+            what: "request body",
+        }
+    }
+}
+
+/// Reads a body of at most `limit.bytes`; more is a 413 naming `limit.what`.
 ///
 /// A body whose declared length (`Content-Length`) is over the limit is
 /// refused before any of it is read; [`request_body`] then closes an
 /// HTTP/1.1 connection rather than drain it.
-pub async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+pub async fn read_body(body: Body, limit: BodyLimit) -> Result<Bytes, ApiError> {
+    let BodyLimit { bytes: limit, what } = limit;
     let too_large = || {
         ApiError::TooLarge(format!(
             "{what} is larger than the maximum of {limit} bytes"
@@ -159,22 +187,27 @@ pub async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, Ap
 /// The application of the HTTPS listener: the route table, and `/metrics`
 /// when `serve_metrics` (else the metrics have a listener of their own).
 pub fn routes(state: AppState, serve_metrics: bool) -> Router {
+    // Idempotency keys on a write route, whose body the middleware reads
+    // first, held to the limit the route's handler applies.
+    let idempotent = |body_limit| {
+        middleware::from_fn_with_state(
+            idempotency::WriteRoute {
+                state: state.clone(),
+                body_limit,
+            },
+            idempotency::middleware,
+        )
+    };
     let mut table = Router::new()
         .route("/v1/kv", get(kv::list))
         .route("/v1/kv/", any(kv::empty_key))
         .route(
             "/v1/kv/{*key}",
-            any(kv::single_key).layer(middleware::from_fn_with_state(
-                state.clone(),
-                idempotency::middleware,
-            )),
+            any(kv::single_key).layer(idempotent(BodyLimit::value(&state.limits))),
         )
         .route(
             "/v1/batch",
-            post(kv::batch).layer(middleware::from_fn_with_state(
-                state.clone(),
-                idempotency::middleware,
-            )),
+            post(kv::batch).layer(idempotent(BodyLimit::batch(&state.limits))),
         )
         .route("/admin/v1/cluster", get(admin::cluster))
         .route("/admin/v1/nodes", post(membership::add))

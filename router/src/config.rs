@@ -160,10 +160,13 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Most concurrent requests (streams) on one HTTP/2 connection (default 200).
     pub max_concurrent_streams: u32,
-    /// A client connection with no request in progress for this long is
-    /// closed, ms (default 60,000): before its first request, between
-    /// HTTP/1.1 requests, and an HTTP/2 connection with no open stream. A
-    /// request in progress is never cut by it.
+    /// A client connection that does nothing for its client for this long
+    /// is closed, ms (default 60,000): before its first request, between
+    /// HTTP/1.1 requests, an HTTP/2 connection with no open stream, and
+    /// one whose client takes no piece (16 KiB) of an answer for this
+    /// long. A request being handled (its body read, the nodes asked) is
+    /// never cut by it. A connection asked to close that then does nothing
+    /// for this long again (at most 5 s) is dropped.
     pub idle_timeout_ms: u64,
     /// How long an HTTP/1.1 client may take to send a request's headers, ms
     /// (default 10,000), counted from the connection's first byte or from
@@ -172,9 +175,12 @@ pub struct LimitsConfig {
     pub header_timeout_ms: u64,
     /// How long a client may take to send a request body, ms (default
     /// 10,000), plus one second for every `body_min_bytes_per_sec` bytes
-    /// received; past it the router answers 408 and closes the connection.
+    /// received; and the longest it may go without sending a byte of it.
+    /// Past either the router answers 408 and closes the connection
+    /// (HTTP/1.1) or the stream (HTTP/2).
     pub body_timeout_ms: u64,
-    /// The slowest body upload the router waits for, bytes per second (default 16,384).
+    /// The slowest body upload the router waits for, bytes per second
+    /// (default 1,024), per request: over HTTP/2 each stream needs it.
     pub body_min_bytes_per_sec: u64,
 }
 
@@ -190,7 +196,7 @@ impl Default for LimitsConfig {
             idle_timeout_ms: 60_000,
             header_timeout_ms: 10_000,
             body_timeout_ms: 10_000,
-            body_min_bytes_per_sec: 16 << 10,
+            body_min_bytes_per_sec: 1 << 10,
         }
     }
 }
@@ -283,7 +289,7 @@ mod tests {
         assert_eq!(limits.idle_timeout(), Duration::from_secs(60));
         assert_eq!(limits.header_timeout(), Duration::from_secs(10));
         assert_eq!(limits.body_timeout(), Duration::from_secs(10));
-        assert_eq!(limits.body_min_bytes_per_sec, 16_384);
+        assert_eq!(limits.body_min_bytes_per_sec, 1_024);
         assert_eq!(config.metrics.listen, None);
 
         let config = load("[metrics]\nlisten = \"127.0.0.1:9464\"\n").expect("loads");

@@ -25,10 +25,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::app::{AppState, read_body};
+use crate::app::{AppState, BodyLimit, read_body};
 use crate::config::IdempotencyConfig;
 use crate::error::ApiError;
-use crate::kv::KV_PREFIX;
 
 /// The request header.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -155,8 +154,20 @@ impl IdempotencyStore {
     }
 }
 
+/// The middleware's state on one write route.
+#[derive(Debug, Clone)]
+pub struct WriteRoute {
+    /// The application's state.
+    pub state: AppState,
+    /// The limit the route's handler holds its body to: the middleware
+    /// reads the body first, and refuses a declared length over it before
+    /// reading any.
+    pub body_limit: BodyLimit,
+}
+
 /// Middleware on the write routes: replays, refuses or records.
-pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn middleware(State(route): State<WriteRoute>, request: Request, next: Next) -> Response {
+    let WriteRoute { state, body_limit } = route;
     let Some(key) = request.headers().get(&IDEMPOTENCY_KEY).cloned() else {
         return next.run(request).await;
     };
@@ -166,6 +177,13 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
     ) {
         return next.run(request).await;
     }
+    // Unauthenticated requests go on to be refused (and counted) by their
+    // handler, unrecorded, before anything about them is judged: a client
+    // without a token learns nothing of the route.
+    let authorization = request.headers().get(header::AUTHORIZATION);
+    let Ok(principal) = state.auth.authenticate(authorization) else {
+        return next.run(request).await;
+    };
     let key = match key.to_str() {
         Ok(k) if !k.is_empty() && k.len() <= MAX_KEY_LEN => k.to_string(),
         _ => {
@@ -176,19 +194,8 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
             .into_response();
         }
     };
-    // Unauthenticated requests go on to be refused by their handler, unrecorded.
-    let Ok(principal) = state.authenticate(request.headers()) else {
-        return next.run(request).await;
-    };
     let (parts, body) = request.into_parts();
-    // Held to the limit its handler applies, so that a declared length over
-    // it is refused before the body is read.
-    let (limit, what) = if parts.uri.path().starts_with(KV_PREFIX) {
-        (state.limits.max_value_bytes, "value")
-    } else {
-        (state.limits.max_body_bytes, "request body")
-    };
-    let body = match read_body(body, limit, what).await {
+    let body = match read_body(body, body_limit).await {
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };

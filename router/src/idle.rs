@@ -1,14 +1,21 @@
-//! Idle client connections: which of a connection's requests are in
-//! progress, and when it has had none for `limits.idle_timeout_ms`.
+//! Idle client connections: when a connection last did anything for its
+//! client, and when it has done nothing for `limits.idle_timeout_ms`.
 //!
-//! A request is in progress from the moment hyper hands it to the
-//! application until its answer's body has been sent or dropped. Idle is
-//! everything else: before the first request (a TLS client that never
-//! speaks), between HTTP/1.1 requests, an HTTP/2 connection with no open
-//! stream. Without this, such a connection would hold one of
-//! `max_connections` for as long as its client likes. This module only
-//! tells the time; the server closes the connection, gracefully, so that
-//! it must never cut a request in progress.
+//! A connection is busy while one of its requests is being handled (from
+//! the first poll of the handler until it answers: reading the request's
+//! body, waiting for the nodes), and each time an answer's body moves on
+//! (a piece of it is taken for sending, or it ends). Idle is the time
+//! between: before the first request (a TLS client that never speaks),
+//! between HTTP/1.1 requests, an HTTP/2 connection with no open stream,
+//! and an answer its client does not take (an HTTP/2 window never opened,
+//! an HTTP/1.1 client that pipelines requests and never reads). Without
+//! this, such a connection would hold one of `max_connections` for as long
+//! as its client likes.
+//!
+//! Answers are handed out in pieces of at most [`ANSWER_PIECE`] bytes, so
+//! that a large answer taken slowly still moves on within the idle
+//! timeout. This module only tells the time; the server closes the
+//! connection, and must bound how long that close may take.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,20 +27,26 @@ use hyper::body::{Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// The requests in progress on one connection.
+/// The most of an answer's body handed out at once: an HTTP/2 frame's
+/// default size, and what fits hyper's HTTP/1.1 write buffer.
+const ANSWER_PIECE: usize = 16 << 10;
+
+/// What one connection is doing for its client.
 #[derive(Debug)]
 pub struct Activity {
     /// Held only to read or update the two fields, never across an `.await`.
     state: Mutex<State>,
-    /// Woken whenever the last request in progress ends.
-    idle_again: Notify,
+    /// Woken whenever the last request being handled has answered.
+    handled: Notify,
 }
 
 #[derive(Debug)]
 struct State {
-    in_progress: usize,
-    /// When `in_progress` last fell to zero (or the connection opened).
-    idle_since: Instant,
+    /// Requests whose handler has been polled and has not answered yet.
+    handling: usize,
+    /// When the connection last did something for its client: it opened,
+    /// a handler answered, or an answer's body moved on.
+    last_busy: Instant,
 }
 
 impl Activity {
@@ -41,23 +54,23 @@ impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity {
             state: Mutex::new(State {
-                in_progress: 0,
-                idle_since: Instant::now(),
+                handling: 0,
+                last_busy: Instant::now(),
             }),
-            idle_again: Notify::new(),
+            handled: Notify::new(),
         })
     }
 
-    /// Resolves once the connection has had no request in progress for
+    /// Resolves once the connection has done nothing for its client for
     /// `limit` without a break.
     pub async fn idle_for(&self, limit: Duration) {
         loop {
-            let idle_again = self.idle_again.notified();
-            tokio::pin!(idle_again);
-            // Registered before the state is read, so an end in between wakes it.
-            idle_again.as_mut().enable();
+            let handled = self.handled.notified();
+            tokio::pin!(handled);
+            // Registered before the state is read, so an answer in between wakes it.
+            handled.as_mut().enable();
             let Some(since) = self.idle_since() else {
-                idle_again.await;
+                handled.await;
                 continue;
             };
             let Some(deadline) = since.checked_add(limit) else {
@@ -65,52 +78,60 @@ impl Activity {
             };
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => {
-                    // A request that began and ended meanwhile moved `idle_since`.
+                    // Anything done meanwhile moved `idle_since`.
                     if self.idle_since() == Some(since) {
                         return;
                     }
                 }
-                () = idle_again => {}
+                () = handled => {}
             }
         }
     }
 
-    /// When the connection became idle, or `None` while a request is in progress.
+    /// When the connection was last busy, or `None` while a request is
+    /// being handled.
     fn idle_since(&self) -> Option<Instant> {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        (state.in_progress == 0).then_some(state.idle_since)
+        let state = self.lock();
+        (state.handling == 0).then_some(state.last_busy)
     }
 
-    /// Counts a request in progress until the returned guard is dropped.
-    fn begin(self: &Arc<Self>) -> InProgress {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.in_progress += 1;
-        InProgress(Arc::clone(self))
+    /// Counts a request being handled until the returned guard is dropped.
+    fn begin(self: &Arc<Self>) -> Handling {
+        self.lock().handling += 1;
+        Handling(Arc::clone(self))
+    }
+
+    /// Notes that the connection did something for its client just now
+    /// (the server asking it to close counts too).
+    pub fn busy(&self) {
+        self.lock().last_busy = Instant::now();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// One request in progress; dropping it ends it.
+/// One request being handled; dropping it (the handler answered, or the
+/// request was given up) ends it.
 #[derive(Debug)]
-struct InProgress(Arc<Activity>);
+struct Handling(Arc<Activity>);
 
-impl Drop for InProgress {
+impl Drop for Handling {
     fn drop(&mut self) {
         let activity = &self.0;
-        let mut state = activity
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        state.in_progress -= 1;
-        if state.in_progress == 0 {
-            state.idle_since = Instant::now();
+        let mut state = activity.lock();
+        state.handling -= 1;
+        state.last_busy = Instant::now();
+        if state.handling == 0 {
             drop(state);
-            activity.idle_again.notify_waiters();
+            activity.handled.notify_waiters();
         }
     }
 }
 
-/// A connection's service that counts its requests in progress in an
-/// [`Activity`]: each from the call until its answer's body is done.
+/// A connection's service that tells its [`Activity`] what its requests
+/// and their answers do.
 #[derive(Debug, Clone)]
 pub struct TrackActivity<S> {
     inner: S,
@@ -118,7 +139,7 @@ pub struct TrackActivity<S> {
 }
 
 impl<S> TrackActivity<S> {
-    /// `inner`, counting into `activity`.
+    /// `inner`, telling `activity`.
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
         TrackActivity { inner, activity }
     }
@@ -134,28 +155,38 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn call(&self, request: R) -> Self::Future {
-        // Counted here, in the connection's own task, before the request
-        // can be polled anywhere else: the idle timer never sees a request
-        // that has arrived as no request.
-        let in_progress = self.activity.begin();
         let answer = self.inner.call(request);
+        let activity = Arc::clone(&self.activity);
         Box::pin(async move {
+            // Counted from the first poll, not from the call: HTTP/1.1
+            // reads (and calls for) the next request while the previous
+            // answer is still being written, and polls it only once that
+            // answer is out. A client that never reads would keep such a
+            // request "handled" for ever. A request that arrives as the
+            // connection is found idle is not cut either way: the close
+            // is graceful.
+            let handling = activity.begin();
             let response = answer.await?;
+            drop(handling);
             Ok(response.map(|body| {
                 Body::new(AnswerBody {
                     body,
-                    _in_progress: in_progress,
+                    rest: Bytes::new(),
+                    activity,
                 })
             }))
         })
     }
 }
 
-/// An answer's body that keeps its request in progress until it is done.
+/// An answer's body that tells its connection's [`Activity`] each time a
+/// piece of it is taken, and when it ends.
 #[derive(Debug)]
 struct AnswerBody {
     body: Body,
-    _in_progress: InProgress,
+    /// What is left of the last data frame, handed out next.
+    rest: Bytes,
+    activity: Arc<Activity>,
 }
 
 impl hyper::body::Body for AnswerBody {
@@ -166,21 +197,52 @@ impl hyper::body::Body for AnswerBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        if this.rest.is_empty() {
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => this.rest = data,
+                    Err(frame) => {
+                        this.activity.busy();
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                },
+                other => return other,
+            }
+        }
+        let piece = this.rest.split_to(this.rest.len().min(ANSWER_PIECE));
+        this.activity.busy();
+        Poll::Ready(Some(Ok(Frame::data(piece))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let rest = self.rest.len() as u64;
+        let body = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(body.lower().saturating_add(rest));
+        if let Some(upper) = body.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
+    }
+}
+
+impl Drop for AnswerBody {
+    fn drop(&mut self) {
+        // Sent whole, or given up: either way the connection moved on.
+        self.activity.busy();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+    use hyper::body::Body as _;
 
     const LIMIT: Duration = Duration::from_secs(60);
 
@@ -189,6 +251,15 @@ mod tests {
         tokio::time::timeout(wait, activity.idle_for(LIMIT))
             .await
             .is_ok()
+    }
+
+    /// The answer `body` as its connection's service hands it to hyper.
+    fn answer(activity: &Arc<Activity>, body: impl Into<Body>) -> AnswerBody {
+        AnswerBody {
+            body: body.into(),
+            rest: Bytes::new(),
+            activity: Arc::clone(activity),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -200,11 +271,11 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_in_progress_is_never_idle() {
+    async fn a_request_being_handled_is_never_idle() {
         let activity = Activity::new();
         let request = activity.begin();
         assert!(!idle_within(&activity, LIMIT * 10).await);
-        // The limit counts from the end of the request.
+        // The limit counts from the answer.
         drop(request);
         assert!(!idle_within(&activity, LIMIT - Duration::from_secs(1)).await);
         assert!(idle_within(&activity, Duration::from_secs(2)).await);
@@ -237,5 +308,37 @@ mod tests {
         assert!(!idle_within(&activity, LIMIT * 2).await);
         drop(second);
         assert!(idle_within(&activity, LIMIT + Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_its_client_does_not_take_is_idle_after_the_limit() {
+        let activity = Activity::new();
+        // Answered, and the body is never polled (no window, a full socket).
+        drop(activity.begin());
+        let answered = Instant::now();
+        let body = answer(&activity, "never taken");
+        activity.idle_for(LIMIT).await;
+        assert_eq!(answered.elapsed(), LIMIT);
+        drop(body);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_taken_piece_by_piece_keeps_its_connection_busy() {
+        let activity = Activity::new();
+        drop(activity.begin());
+        let mut body = answer(&activity, vec![b'x'; ANSWER_PIECE * 5 / 2]);
+        assert_eq!(body.size_hint().exact(), Some(ANSWER_PIECE as u64 * 5 / 2));
+        let mut pieces = Vec::new();
+        // Each piece taken just before the limit: never idle.
+        while let Some(frame) = body.frame().await {
+            let piece = frame.expect("a full body").into_data().expect("data");
+            pieces.push(piece.len());
+            assert!(!idle_within(&activity, LIMIT - Duration::from_secs(1)).await);
+        }
+        assert_eq!(pieces, [ANSWER_PIECE, ANSWER_PIECE, ANSWER_PIECE / 2]);
+        assert!(body.is_end_stream());
+        drop(body);
+        assert!(!idle_within(&activity, LIMIT - Duration::from_secs(1)).await);
+        assert!(idle_within(&activity, Duration::from_secs(2)).await);
     }
 }

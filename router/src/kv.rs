@@ -22,7 +22,7 @@ use caskade_proto::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::app::{AppState, RequestId, read_body};
+use crate::app::{AppState, BodyLimit, RequestId, read_body};
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::forward::{self, Access, Order};
@@ -62,7 +62,7 @@ pub async fn single_key(
             let ttl_secs = query.number("ttl", 1..=MAX_TTL_SECS)?.unwrap_or(0);
             let write_level = write_level(query.text("w")?)?;
             let condition = condition(&headers)?;
-            let value = read_body(body, state.limits.max_value_bytes, "value").await?;
+            let value = read_body(body, BodyLimit::value(&state.limits)).await?;
             let put = Put {
                 key,
                 value,
@@ -353,7 +353,7 @@ pub async fn batch(
 ) -> Result<Response, ApiError> {
     let principal = state.authenticate(&headers)?;
     Query::parse(uri.query(), &[])?;
-    let body = read_body(body, state.limits.max_body_bytes, "request body").await?;
+    let body = read_body(body, BodyLimit::batch(&state.limits)).await?;
     let batch: BatchBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("batch body: {e}")))?;
     if batch.ops.len() > state.limits.max_batch_ops {

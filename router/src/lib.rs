@@ -45,6 +45,9 @@ pub use crate::config::RouterConfig;
 /// Why a router could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
+    /// A setting out of its range, or settings that contradict each other.
+    #[error(transparent)]
+    Config(#[from] caskade_common::config::ConfigError),
     /// TLS files missing, unreadable or not matching.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -60,7 +63,12 @@ pub enum RouterError {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Most connections to the `/metrics` listener at once: one scraper needs one.
-const METRICS_MAX_CONNECTIONS: usize = 16;
+pub const METRICS_MAX_CONNECTIONS: usize = 16;
+
+/// How long a connection to the `/metrics` listener may stay idle, or take
+/// to send a request's headers: short, so that a few silent connections
+/// cannot lock the scraper out for long.
+pub const METRICS_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A started router: listeners bound, not yet serving.
 #[derive(Debug)]
@@ -77,6 +85,8 @@ pub struct Router {
 impl Router {
     /// Loads keys and certificates and binds the listeners.
     pub async fn start(config: RouterConfig) -> Result<Router, RouterError> {
+        // A configuration built in code has not been through `load`.
+        config.validate()?;
         install_crypto_provider();
         telemetry::metrics_handle();
         let node_tls = TlsMaterial::load(&config.node_tls)?;
@@ -144,17 +154,9 @@ impl Router {
             state,
             cluster,
         } = self;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let until_stopped = move || {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            }
-        };
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop.send(true);
-        });
+        // Everything that can fail, before anything is started.
+        let addr = listener.local_addr()?;
+        let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
         if https.is_none() {
             tracing::warn!(
                 "serving plain HTTP (insecure_http = true): tokens and values travel unencrypted"
@@ -166,41 +168,60 @@ impl Router {
         // until replication exists, not be found there afterwards).
         cluster.refresh().await;
         cluster.check_health().await;
-        let maintenance = tokio::spawn(Arc::clone(&cluster).maintain());
-        let addr = listener.local_addr()?;
+        // The only task of its own; a JoinSet aborts it when dropped, so
+        // it ends with this future however it ends.
+        let mut maintenance = tokio::task::JoinSet::new();
+        maintenance.spawn(Arc::clone(&cluster).maintain());
+
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }
+        };
+        // Tells both listeners to stop; run alongside them, not spawned.
+        let fan_out = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
         let scheme = if https.is_some() { "https" } else { "http" };
         tracing::info!(%addr, scheme, "router serving");
-        // The metrics listener is plain HTTP, for the monitoring network:
-        // the same timeouts, and few connections.
-        let metrics_task = match metrics {
-            Some(listener) => {
-                tracing::info!(addr = %listener.local_addr()?, "router metrics serving");
-                let limits = config::LimitsConfig {
-                    max_connections: METRICS_MAX_CONNECTIONS,
-                    ..config.limits.clone()
-                };
-                let stopped = until_stopped();
-                Some(tokio::spawn(async move {
-                    let app = app::metrics_routes();
-                    server::serve(listener, None, app, &limits, SHUTDOWN_GRACE, stopped).await;
-                }))
-            }
-            None => None,
-        };
-        let app = app::routes(state, metrics_task.is_none());
-        server::serve(
+        let app = app::routes(state, metrics.is_none());
+        let https_server = server::serve(
             listener,
             https,
             app,
             &config.limits,
             SHUTDOWN_GRACE,
             until_stopped(),
-        )
-        .await;
-        if let Some(task) = metrics_task {
-            let _ = task.await;
-        }
-        maintenance.abort();
+        );
+        // The metrics listener is plain HTTP, for the monitoring network,
+        // with few connections and short timeouts: a handful of silent
+        // sockets must not lock the scraper out for long.
+        let metrics_limits = config::LimitsConfig {
+            max_connections: METRICS_MAX_CONNECTIONS,
+            idle_timeout_ms: METRICS_IDLE_TIMEOUT.as_millis() as u64,
+            header_timeout_ms: METRICS_IDLE_TIMEOUT.as_millis() as u64,
+            ..config.limits.clone()
+        };
+        let metrics_server = async {
+            if let Some((listener, addr)) = metrics.zip(metrics_addr) {
+                tracing::info!(%addr, "router metrics serving");
+                let app = app::metrics_routes();
+                server::serve(
+                    listener,
+                    None,
+                    app,
+                    &metrics_limits,
+                    SHUTDOWN_GRACE,
+                    until_stopped(),
+                )
+                .await;
+            }
+        };
+        tokio::join!(fan_out, https_server, metrics_server);
+        maintenance.abort_all();
         tracing::info!("router stopped");
         Ok(())
     }
@@ -242,4 +263,47 @@ pub fn main() -> std::process::ExitCode {
         let config = RouterConfig::load(args.config.as_deref());
         caskade_common::process::run_server("caskade-router", config, |c| &c.log, run).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration whose files do not exist: starting it fails at the
+    /// first thing it checks.
+    fn config(limits: config::LimitsConfig) -> RouterConfig {
+        let missing = std::path::PathBuf::from("/nonexistent/caskade");
+        RouterConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            https: None,
+            insecure_http: true,
+            node_tls: caskade_common::config::TlsFiles {
+                ca: missing.join("ca.pem"),
+                cert: missing.join("router.pem"),
+                key: missing.join("router-key.pem"),
+            },
+            seeds: vec!["127.0.0.1:1".to_string()],
+            auth: auth::AuthConfig::default(),
+            limits,
+            nodes: config::NodePolicy::default(),
+            idempotency: config::IdempotencyConfig::default(),
+            metrics: config::MetricsConfig::default(),
+            log: caskade_common::config::LogConfig::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_configuration_built_in_code_is_validated_at_start() {
+        let limits = config::LimitsConfig {
+            body_timeout_ms: u64::MAX,
+            ..config::LimitsConfig::default()
+        };
+        match Router::start(config(limits)).await {
+            Err(RouterError::Config(error)) => {
+                assert!(error.to_string().contains("body_timeout_ms"), "{error}");
+            }
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("started with a body timeout of u64::MAX ms"),
+        }
+    }
 }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -35,7 +36,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::{Code, Status};
 
-use crate::app::{AppState, RequestId, read_body};
+use crate::admin;
+use crate::app::{AppState, BodyLimit, RequestId, read_body};
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::nodes::NodeHandle;
@@ -73,7 +75,11 @@ pub async fn add(
 ) -> Result<Json<Value>, ApiError> {
     let principal = state.authenticate(&headers)?;
     state.authorize(&principal, Role::Admin, None)?;
-    let body = read_body(body, MAX_ADD_BODY, "request body").await?;
+    let limit = BodyLimit {
+        bytes: MAX_ADD_BODY,
+        what: "request body",
+    };
+    let body = read_body(body, limit).await?;
     let add: AddNode = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("node: {e}")))?;
     let map = state.view()?.map.clone();
@@ -100,7 +106,7 @@ pub async fn add(
 pub async fn remove(
     State(state): State<AppState>,
     RequestId(request_id): RequestId,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -124,9 +130,7 @@ pub async fn remove(
                 .map_err(|_| ApiError::bad_request("invalid_query", "epoch must be a number"))
         })
         .transpose()?;
-    let id: u32 = id
-        .parse()
-        .map_err(|_| ApiError::bad_request("invalid_argument", "node id must be a number"))?;
+    let id = admin::node_id(id)?;
     let map = state.view()?.map.clone();
     check_epoch(&map, expected)?;
     let Some(node) = map.nodes.iter().find(|n| n.id == id) else {

@@ -1,16 +1,20 @@
 //! How long a client may take to send a request body, and what becomes of
 //! its connection when the router answers without reading the body.
 //!
-//! Every body has a deadline: `limits.body_timeout_ms` after the request's
-//! head arrived, moved one second later for every
-//! `limits.body_min_bytes_per_sec` bytes received (Apache's mod_reqtimeout
-//! `body=…,MinRate=…`). A large upload at a reasonable rate finishes; a
-//! client that stops sending does not hold its connection. A body past its
-//! deadline ends in an error for whoever is reading it, and the request is
-//! then answered 408, whatever the handler made of the error. A 408, or a
-//! 413 whose body was not read to its end, closes an HTTP/1.1 connection
-//! (`Connection: close`) instead of leaving the rest of the body to be
-//! drained; on HTTP/2 only the stream ends.
+//! Every body has two deadlines, and must meet both. A rate:
+//! `limits.body_timeout_ms` after the request's head arrived, moved one
+//! second later for every `limits.body_min_bytes_per_sec` bytes received
+//! (Apache's mod_reqtimeout `body=…,MinRate=…`). And a gap: no more than
+//! `limits.body_timeout_ms` without a byte, so that a client cannot send a
+//! burst and then stay silent on the allowance it earned. A large upload at
+//! a reasonable rate finishes; a client that stops sending does not hold
+//! its connection. Both count per request (per stream over HTTP/2): a
+//! client's parallel uploads over one link each need the minimum rate. A
+//! body past a deadline ends in an error for whoever is reading it, and the
+//! request is then answered 408, whatever the handler made of the error. A
+//! 408, or a 413 whose body was not read to its end, closes an HTTP/1.1
+//! connection (`Connection: close`) instead of leaving the rest of the body
+//! to be drained; on HTTP/2 only the stream ends.
 //!
 //! This layer never reads a body itself, and never answers a request whose
 //! body was not late.
@@ -81,6 +85,10 @@ struct Progress {
 #[error("the request body was not received in time")]
 struct BodyTimedOut;
 
+/// The longest any deadline is put off: past it, a timeout is as good as
+/// none, and the clock's arithmetic cannot overflow.
+const LONGEST_WAIT: Duration = Duration::from_secs(365 * 86_400);
+
 /// A request body that fails once its deadline has passed.
 struct DeadlineBody {
     body: Body,
@@ -103,16 +111,28 @@ impl DeadlineBody {
             base,
             min_bytes_per_sec: limits.body_min_bytes_per_sec.max(1),
             received: 0,
-            timer: Box::pin(tokio::time::sleep_until(started + base)),
+            timer: Box::pin(tokio::time::sleep_until(later(started, base))),
             progress,
         }
     }
 
-    /// The base time, plus a second for every `min_bytes_per_sec` received.
+    /// The earlier of the rate's deadline (the base time, plus a second for
+    /// every `min_bytes_per_sec` received) and the gap's (the base time
+    /// from now, as data has just arrived).
     fn deadline(&self) -> Instant {
         let allowance = self.received.saturating_mul(1000) / self.min_bytes_per_sec;
-        self.started + self.base + Duration::from_millis(allowance)
+        let rate = later(
+            self.started,
+            self.base.saturating_add(Duration::from_millis(allowance)),
+        );
+        let gap = later(Instant::now(), self.base);
+        rate.min(gap)
     }
+}
+
+/// `at + wait`, `wait` cut to [`LONGEST_WAIT`].
+fn later(at: Instant, wait: Duration) -> Instant {
+    at + wait.min(LONGEST_WAIT)
 }
 
 impl hyper::body::Body for DeadlineBody {
@@ -189,26 +209,74 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_body_that_stops_is_late_after_the_base_time_and_its_allowance() {
+    async fn a_body_below_the_minimum_rate_is_late_once_its_allowance_is_spent() {
+        let (sender, body) = channel_body();
+        let progress = Arc::new(Progress::default());
+        let body = DeadlineBody::new(body, &limits(), Arc::clone(&progress));
+        let started = Instant::now();
+        // 10 bytes every half second: 20 bytes/s, never a second's silence.
+        tokio::spawn(async move {
+            loop {
+                let frame = Frame::data(Bytes::from(vec![b'x'; 10]));
+                if sender.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let error = body.collect().await.expect_err("late");
+        assert!(
+            error.to_string().contains("not received in time"),
+            "{error}"
+        );
+        // The base second, and 0.1 s for each of the 30 bytes received by
+        // then (at 0, 0.5 and 1 s): the next 10 would come at 1.5 s.
+        assert_eq!(started.elapsed(), Duration::from_millis(1_300));
+        assert!(progress.late.load(Ordering::Acquire));
+        assert!(!progress.ended.load(Ordering::Acquire));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_silent_for_the_base_time_is_late_whatever_it_sent_before() {
         let (sender, body) = channel_body();
         let progress = Arc::new(Progress::default());
         let mut body = DeadlineBody::new(body, &limits(), Arc::clone(&progress));
-        let started = Instant::now();
-        // 50 bytes at 100 bytes/s: half a second more than the base time.
+        // 10,000 bytes at once: 100 s of allowance at 100 bytes/s.
         sender
-            .send(Ok(Frame::data(Bytes::from(vec![b'x'; 50]))))
+            .send(Ok(Frame::data(Bytes::from(vec![b'x'; 10_000]))))
             .await
             .expect("the body is read");
-        let first = body.frame().await.expect("a frame").expect("data");
-        assert_eq!(first.data_ref().map(Bytes::len), Some(50));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        body.frame().await.expect("a frame").expect("data");
+        let silent_from = Instant::now();
         let error = body.frame().await.expect("an end").expect_err("late");
         assert!(
             error.to_string().contains("not received in time"),
             "{error}"
         );
-        assert_eq!(started.elapsed(), Duration::from_millis(1_500));
+        assert_eq!(silent_from.elapsed(), Duration::from_millis(1_000));
         assert!(progress.late.load(Ordering::Acquire));
-        assert!(!progress.ended.load(Ordering::Acquire));
+        drop(sender);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_past_any_clock_do_not_overflow() {
+        let limits = LimitsConfig {
+            body_timeout_ms: u64::MAX,
+            body_min_bytes_per_sec: 1,
+            ..LimitsConfig::default()
+        };
+        let (sender, body) = channel_body();
+        let progress = Arc::new(Progress::default());
+        let mut body = DeadlineBody::new(body, &limits, Arc::clone(&progress));
+        sender
+            .send(Ok(Frame::data(Bytes::from(vec![b'x'; 1_000]))))
+            .await
+            .expect("the body is read");
+        body.frame().await.expect("a frame").expect("data");
+        let waited = tokio::time::timeout(Duration::from_secs(86_400), body.frame()).await;
+        assert!(waited.is_err(), "a body with no deadline to speak of ended");
+        assert!(!progress.late.load(Ordering::Acquire));
         drop(sender);
     }
 
@@ -217,14 +285,15 @@ mod tests {
         let (sender, body) = channel_body();
         let progress = Arc::new(Progress::default());
         let body = DeadlineBody::new(body, &limits(), Arc::clone(&progress));
-        // 100 bytes a second for ten seconds: ten times the base time.
+        // 100 bytes every 0.9 s for nine seconds: nine times the base time,
+        // above the minimum rate, and never silent for the base time.
         tokio::spawn(async move {
             for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(900)).await;
                 let frame = Frame::data(Bytes::from(vec![b'x'; 100]));
                 if sender.send(Ok(frame)).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
         let whole = body.collect().await.expect("in time").to_bytes();

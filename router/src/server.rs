@@ -5,11 +5,14 @@
 //! at most `max_connections` are served; more wait in the kernel's backlog.
 //! No client may keep a permit for free: TLS handshakes are bounded by a
 //! timeout, in each connection's own task (never in the accept loop);
-//! HTTP/1.1 request heads by `header_timeout_ms`; and a connection with no
-//! request in progress is closed after `idle_timeout_ms` ([`idle`]). Slow
-//! request bodies are bounded by the application ([`request_body`]). On
-//! shutdown the listener closes and open connections are asked to finish
-//! (GOAWAY / `Connection: close`); they get `grace` to do so.
+//! HTTP/1.1 request heads by `header_timeout_ms`; a connection that has
+//! done nothing for its client for `idle_timeout_ms` ([`idle`]: no request
+//! being handled, no answer taken) is asked to close, and dropped if it
+//! then does nothing for `close_timeout`, since a client that takes no
+//! answer takes no GOAWAY or last bytes either. Slow request bodies are
+//! bounded by the application ([`request_body`]). On shutdown the listener
+//! closes and open connections are asked to finish (GOAWAY / `Connection:
+//! close`); they get `grace` to do so.
 //!
 //! [`idle`]: crate::idle
 //! [`request_body`]: crate::request_body
@@ -18,10 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -39,6 +42,21 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (h2's default, made explicit): past it the connection ends with
 /// ENHANCE_YOUR_CALM, the defence against "rapid reset" (CVE-2023-44487).
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// The longest an idle connection may do nothing while asked to close.
+const MAX_CLOSE_TIME: Duration = Duration::from_secs(5);
+
+/// How long a connection found idle after `idle_timeout` may then do
+/// nothing while it closes gracefully (an HTTP/2 GOAWAY and its ping, the
+/// last bytes written, TLS `close_notify`) before it is dropped: as long
+/// again, at most [`MAX_CLOSE_TIME`].
+fn close_timeout(idle_timeout: Duration) -> Duration {
+    idle_timeout.min(MAX_CLOSE_TIME)
+}
+
+/// A client connection, TLS or plain.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
 
 /// Serves `app` on `listener` with `limits` until `shutdown` resolves, then
 /// waits up to `grace` for open connections.
@@ -91,11 +109,11 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         connections.spawn(async move {
             let _permit = permit;
-            let result = match acceptor {
+            let stream: Box<dyn Connection> = match acceptor {
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
-                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => stream,
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => Box::new(stream),
                         Ok(Err(error)) => {
                             tracing::debug!(%peer, %error, "TLS handshake failed");
                             return;
@@ -104,15 +122,13 @@ pub async fn serve(
                             tracing::debug!(%peer, "TLS handshake timed out");
                             return;
                         }
-                    };
-                    let io = TokioIo::new(stream);
-                    serve_connection(&builder, io, service, &activity, idle_timeout, stopping).await
+                    }
                 }
-                None => {
-                    let io = TokioIo::new(stream);
-                    serve_connection(&builder, io, service, &activity, idle_timeout, stopping).await
-                }
+                None => Box::new(stream),
             };
+            let io = TokioIo::new(stream);
+            let result =
+                serve_connection(&builder, io, service, &activity, idle_timeout, stopping).await;
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
@@ -163,28 +179,51 @@ fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves one connection until it ends; asks it to finish once it has been
-/// idle for `idle_timeout` or when the server stops.
-async fn serve_connection<I>(
+/// idle for `idle_timeout` (and drops it if it then does nothing for
+/// `close_timeout`) or when the server stops.
+async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
-    io: I,
+    io: TokioIo<Box<dyn Connection>>,
     service: TrackActivity<TowerToHyperService<Router>>,
     activity: &Activity,
     idle_timeout: Duration,
     mut stopping: watch::Receiver<bool>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    I: Read + Write + Unpin + Send + 'static,
-{
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
-    let why = tokio::select! {
+    let idle = tokio::select! {
+        // The idle timer first: a stalled connection polled when the timer
+        // wakes it may squeeze a few more bytes into a socket its client
+        // does not read, which would count as progress and put the close
+        // off by another idle timeout, again and again.
+        biased;
+        () = activity.idle_for(idle_timeout) => true,
+        _ = stopping.wait_for(|stop| *stop) => false,
         result = connection.as_mut() => return result,
-        () = activity.idle_for(idle_timeout) => "idle",
-        _ = stopping.wait_for(|stop| *stop) => "server stopping",
     };
-    tracing::debug!(why, "closing the connection");
-    // Idle: closed at once (HTTP/1.1), or after a GOAWAY (HTTP/2). Stopping:
-    // requests in progress finish first.
+    // Idle: closed at once (HTTP/1.1), or after a GOAWAY (HTTP/2).
+    // Stopping: requests being handled finish first, within the server's
+    // grace period.
     connection.as_mut().graceful_shutdown();
-    connection.await
+    if !idle {
+        tracing::debug!("server stopping: closing the connection");
+        return connection.await;
+    }
+    tracing::debug!("idle: closing the connection");
+    // The close is bounded like the idle time before it, counted from now:
+    // a request that came in just as the connection was found idle is
+    // still answered, but a client that takes nothing, not even its
+    // GOAWAY or its last bytes, is dropped.
+    activity.busy();
+    let close_timeout = close_timeout(idle_timeout);
+    tokio::select! {
+        biased;
+        () = activity.idle_for(close_timeout) => {
+            // Dropping the connection closes the socket; hyper's HTTP/2
+            // stream tasks then end with it.
+            tracing::debug!(?close_timeout, "idle connection did not close; dropped");
+            Ok(())
+        }
+        result = connection => result,
+    }
 }

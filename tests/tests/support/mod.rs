@@ -6,8 +6,6 @@
 //! What the store holds is checked through the REST API with an admin
 //! token, never through a back door, so "nothing was written" means what a
 //! client would see.
-// Each suite that includes this module uses a part of it.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,6 +26,7 @@ const READY_DEADLINE: Duration = Duration::from_secs(10);
 /// Lifetime of the tokens the tests mint.
 const TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// Bounds a paging loop, so a cursor that never ends fails instead of hanging.
+#[allow(dead_code, reason = "used by `list_all`, which not every suite calls")]
 const MAX_PAGES: usize = 1000;
 /// How long a raw connection may stay open after the request was sent.
 const RAW_READ_DEADLINE: Duration = Duration::from_secs(10);
@@ -99,6 +98,7 @@ impl RestCluster {
     /// `/readyz` turns 200 as soon as every key range has one ready replica;
     /// the tests wait for all of them, so that no key is written to a
     /// fallback replica and then read from its primary.
+    #[allow(dead_code, reason = "not every suite uses it")]
     pub async fn start() -> RestCluster {
         RestCluster::start_with(RestOptions::default()).await
     }
@@ -181,6 +181,7 @@ impl RestCluster {
     }
 
     /// `http://ADDR` of the router's own `/metrics` listener, when it has one.
+    #[allow(dead_code, reason = "not every suite uses it")]
     pub fn metrics_url(&self) -> Option<String> {
         self.cluster
             .router_metrics_addr
@@ -328,6 +329,7 @@ impl RestCluster {
     }
 
     /// Every key under `prefix`, as an admin pages through them `limit` at a time.
+    #[allow(dead_code, reason = "not every suite uses it")]
     pub async fn list_all(&self, prefix: &str, limit: usize) -> Vec<String> {
         let admin = self.admin();
         let mut keys = Vec::new();
@@ -442,17 +444,20 @@ impl Api {
     }
 
     /// `DELETE /v1/kv/{key}`.
+    #[allow(dead_code, reason = "not every suite uses it")]
     pub async fn delete(&self, key: &[u8]) -> Response {
         self.send(self.request(Method::DELETE, &kv_path(key))).await
     }
 
     /// `GET /v1/kv?{query}`.
+    #[allow(dead_code, reason = "not every suite uses it")]
     pub async fn list(&self, query: &str) -> Response {
         self.send(self.request(Method::GET, &format!("/v1/kv?{query}")))
             .await
     }
 
     /// `POST /v1/batch` with `body` as JSON.
+    #[allow(dead_code, reason = "not every suite uses it")]
     pub async fn batch(&self, body: &Value) -> Response {
         self.send(self.request(Method::POST, "/v1/batch").json(body))
             .await

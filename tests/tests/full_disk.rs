@@ -54,6 +54,30 @@ fn is_full(error: &EngineError) -> bool {
 
 /// Puts keys until the disk refuses `refusals` of them in a row (each a
 /// `StorageFull`; any other error fails the test); returns the acknowledged.
+/// Puts key `n` with value `n`: `Some(seq)` if stored, `None` if refused
+/// for lack of space; any other answer fails the test.
+fn put_n(engine: &Engine, n: u64) -> Option<u64> {
+    let key = key(n);
+    let put = engine.put(
+        key.as_bytes(),
+        &value(n),
+        PutOptions {
+            version: version(n),
+            ..Default::default()
+        },
+    );
+    match put {
+        Ok(WriteOutcome::Applied { seq, .. }) => Some(seq),
+        Ok(other) => panic!("put {key}: {other:?}"),
+        Err(error) if is_full(&error) => None,
+        Err(error) => panic!("put {key} on a full disk: {error}"),
+    }
+}
+
+fn key(n: u64) -> String {
+    format!("key-{n:06}")
+}
+
 /// Refused writes leave no gap in the seqs of the stored ones (the
 /// replication feed expects none): each is `last_seq + 1`.
 fn put_until_full(
@@ -66,25 +90,14 @@ fn put_until_full(
     let mut refused = 0;
     let mut n = first;
     while refused < refusals {
-        let key = format!("key-{n:06}");
-        let put = engine.put(
-            key.as_bytes(),
-            &value(n),
-            PutOptions {
-                version: version(n),
-                ..Default::default()
-            },
-        );
-        match put {
-            Ok(WriteOutcome::Applied { seq, .. }) => {
-                assert_eq!(seq, *last_seq + 1, "{key}: a gap in the seqs");
+        match put_n(engine, n) {
+            Some(seq) => {
+                assert_eq!(seq, *last_seq + 1, "{}: a gap in the seqs", key(n));
                 *last_seq = seq;
-                acknowledged.insert(key, value(n));
+                acknowledged.insert(key(n), value(n));
                 refused = 0;
             }
-            Ok(other) => panic!("put {key}: {other:?}"),
-            Err(error) if is_full(&error) => refused += 1,
-            Err(error) => panic!("put {key} on a full disk: {error}"),
+            None => refused += 1,
         }
         n += 1;
         assert!(n < first + 10_000, "the disk never filled");
@@ -130,7 +143,7 @@ fn full_and_freed(durability: Durability, file_bytes: u64) {
     let rest = disk.fill_up().unwrap();
     let mut deleted = 0;
     loop {
-        let key = format!("key-{deleted:06}");
+        let key = key(deleted);
         let delete = engine.delete(
             key.as_bytes(),
             DeleteOptions {
@@ -205,24 +218,12 @@ fn concurrent_writers_on_a_full_disk_get_clear_answers() {
             std::thread::spawn(move || {
                 let mut acknowledged = BTreeMap::new();
                 let mut refused = 0;
-                for i in 0..400u64 {
-                    let n = w * 1_000 + i;
-                    let key = format!("key-{n:06}");
-                    let put = engine.put(
-                        key.as_bytes(),
-                        &value(n),
-                        PutOptions {
-                            version: version(n),
-                            ..Default::default()
-                        },
-                    );
-                    match put {
-                        Ok(WriteOutcome::Applied { .. }) => {
-                            acknowledged.insert(key, value(n));
+                for n in (w * 1_000)..(w * 1_000 + 400) {
+                    match put_n(&engine, n) {
+                        Some(_) => {
+                            acknowledged.insert(key(n), value(n));
                         }
-                        Ok(other) => panic!("put {key}: {other:?}"),
-                        Err(error) if is_full(&error) => refused += 1,
-                        Err(error) => panic!("put {key} on a full disk: {error}"),
+                        None => refused += 1,
                     }
                 }
                 (acknowledged, refused)
@@ -270,14 +271,8 @@ fn a_merge_on_a_full_disk_gives_its_space_back() {
     let engine = Engine::open(&dir, options(Durability::Always, 64 << 10)).unwrap();
     let mut acknowledged = BTreeMap::new();
     for n in 0..60u64 {
-        let key = format!("key-{n:06}");
-        let value = vec![b'v'; 8 << 10];
-        let opts = PutOptions {
-            version: version(n),
-            ..Default::default()
-        };
-        engine.put(key.as_bytes(), &value, opts).unwrap();
-        acknowledged.insert(key, value);
+        assert!(put_n(&engine, n).is_some(), "{} did not fit", key(n));
+        acknowledged.insert(key(n), value(n));
     }
     let rest = disk.fill_up().unwrap();
     let available = disk.available().unwrap();

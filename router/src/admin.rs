@@ -185,9 +185,16 @@ pub async fn backup(
 /// axum cannot decode is refused only after the token was checked, and in
 /// the router's JSON.
 pub(crate) fn node_id(path: Result<Path<String>, PathRejection>) -> Result<u32, ApiError> {
-    path.ok()
-        .and_then(|Path(id)| id.parse().ok())
-        .ok_or_else(|| ApiError::bad_request("invalid_argument", "node id must be a number"))
+    let id = match path {
+        Ok(Path(id)) => id.parse().ok(),
+        Err(rejection) => {
+            // The client gets the router's own message; why axum refused
+            // the path is for whoever debugs it.
+            tracing::debug!(%rejection, "admin path not decoded");
+            None
+        }
+    };
+    id.ok_or_else(|| ApiError::bad_request("invalid_argument", "node id must be a number"))
 }
 
 fn node(state: &AppState, id: u32) -> Result<std::sync::Arc<crate::nodes::NodeHandle>, ApiError> {

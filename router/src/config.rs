@@ -160,13 +160,15 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Most concurrent requests (streams) on one HTTP/2 connection (default 200).
     pub max_concurrent_streams: u32,
-    /// A client connection that does nothing for its client for this long
-    /// is closed, ms (default 60,000): before its first request, between
-    /// HTTP/1.1 requests, an HTTP/2 connection with no open stream, and
-    /// one whose client takes no piece (16 KiB) of an answer for this
-    /// long. A request being handled (its body read, the nodes asked) is
-    /// never cut by it. A connection asked to close that then does nothing
-    /// for this long again (at most 5 s) is dropped.
+    /// A client connection idle for this long is closed, ms (default
+    /// 60,000): one with an answer of which its client has taken no piece
+    /// (16 KiB) for this long, whatever else it does (each answer is timed
+    /// on its own); and one that, with no request being handled, does
+    /// nothing at all for this long (before its first request, between
+    /// HTTP/1.1 requests, an HTTP/2 connection with no open stream). A
+    /// request being handled (its body read, the nodes asked) is never cut
+    /// by it. A connection asked to close that then stays idle for this
+    /// long again (at least 1 s, at most 5 s) is dropped.
     pub idle_timeout_ms: u64,
     /// How long an HTTP/1.1 client may take to send a request's headers, ms
     /// (default 10,000), counted from the connection's first byte or from

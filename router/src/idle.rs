@@ -3,20 +3,25 @@
 //!
 //! A connection is busy while one of its requests is being handled (from
 //! the first poll of the handler until it answers: reading the request's
-//! body, waiting for the nodes), and each time an answer's body moves on
-//! (a piece of it is taken for sending, or it ends). Idle is the time
-//! between: before the first request (a TLS client that never speaks),
-//! between HTTP/1.1 requests, an HTTP/2 connection with no open stream,
-//! and an answer its client does not take (an HTTP/2 window never opened,
-//! an HTTP/1.1 client that pipelines requests and never reads). Without
-//! this, such a connection would hold one of `max_connections` for as long
-//! as its client likes.
+//! body, waiting for the nodes). Each answer is timed on its own, from when
+//! its handler hands it over and again each time it moves on (a piece of it
+//! is taken for sending) until it ends. The connection is idle once an
+//! answer has not moved for the limit, whatever else the connection does
+//! (other requests handled, other answers taken: they would otherwise
+//! shelter an HTTP/2 stream whose window is never opened, or an HTTP/1.1
+//! client that pipelines requests and never reads); or once, with no
+//! request being handled, nothing at all has happened for the limit
+//! (before the first request, between HTTP/1.1 requests, an HTTP/2
+//! connection with no open stream). Without this, such a connection would
+//! hold one of `max_connections`, and the answers it holds, for as long as
+//! its client likes.
 //!
 //! Answers are handed out in pieces of at most [`ANSWER_PIECE`] bytes, so
 //! that a large answer taken slowly still moves on within the idle
 //! timeout. This module only tells the time; the server closes the
 //! connection, and must bound how long that close may take.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -27,17 +32,21 @@ use hyper::body::{Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// The most of an answer's body handed out at once: an HTTP/2 frame's
-/// default size, and what fits hyper's HTTP/1.1 write buffer.
-const ANSWER_PIECE: usize = 16 << 10;
+/// The most of an answer's body handed out at once: the default largest
+/// HTTP/2 frame, and the most plaintext one TLS record carries, so that a
+/// piece taken is about a piece on its way to the client. The server keeps
+/// no more than this unsent in a client's socket, for the same reason.
+pub(crate) const ANSWER_PIECE: usize = 16 << 10;
 
 /// What one connection is doing for its client.
 #[derive(Debug)]
 pub struct Activity {
-    /// Held only to read or update the two fields, never across an `.await`.
+    /// Held only to read or update the state, never across an `.await`.
     state: Mutex<State>,
-    /// Woken whenever the last request being handled has answered.
-    handled: Notify,
+    /// Woken whenever the connection's idle deadline may have come
+    /// earlier: the last request being handled answered, or an answer was
+    /// handed over while one still is.
+    earlier: Notify,
 }
 
 #[derive(Debug)]
@@ -45,8 +54,14 @@ struct State {
     /// Requests whose handler has been polled and has not answered yet.
     handling: usize,
     /// When the connection last did something for its client: it opened,
-    /// a handler answered, or an answer's body moved on.
+    /// a handler answered, or an answer was handed over, moved on or ended.
     last_busy: Instant,
+    /// When each answer handed over and not yet ended last moved on, by
+    /// the id its [`AnswerBody`] holds. At most one per open HTTP/2 stream
+    /// (`max_concurrent_streams`), one at a time over HTTP/1.1.
+    answers: HashMap<u64, Instant>,
+    /// The id of the next answer handed over.
+    next_answer: u64,
 }
 
 impl Activity {
@@ -56,43 +71,53 @@ impl Activity {
             state: Mutex::new(State {
                 handling: 0,
                 last_busy: Instant::now(),
+                answers: HashMap::new(),
+                next_answer: 0,
             }),
-            handled: Notify::new(),
+            earlier: Notify::new(),
         })
     }
 
-    /// Resolves once the connection has done nothing for its client for
-    /// `limit` without a break.
+    /// Resolves once the connection has been idle for `limit`: an answer
+    /// has not moved on for `limit`, or no request has been handled and
+    /// nothing has happened for `limit`.
     pub async fn idle_for(&self, limit: Duration) {
         loop {
-            let handled = self.handled.notified();
-            tokio::pin!(handled);
-            // Registered before the state is read, so an answer in between wakes it.
-            handled.as_mut().enable();
-            let Some(since) = self.idle_since() else {
-                handled.await;
+            let earlier = self.earlier.notified();
+            tokio::pin!(earlier);
+            // Registered before the state is read, so a change in between wakes it.
+            earlier.as_mut().enable();
+            let Some(deadline) = self.idle_deadline(limit) else {
+                earlier.await;
                 continue;
             };
-            let Some(deadline) = since.checked_add(limit) else {
-                return std::future::pending().await;
-            };
+            if deadline <= Instant::now() {
+                return;
+            }
+            // Anything done meanwhile can only have moved the deadline
+            // later, except what `earlier` tells; either way it is read
+            // again.
             tokio::select! {
-                () = tokio::time::sleep_until(deadline) => {
-                    // Anything done meanwhile moved `idle_since`.
-                    if self.idle_since() == Some(since) {
-                        return;
-                    }
-                }
-                () = handled => {}
+                () = tokio::time::sleep_until(deadline) => {}
+                () = earlier => {}
             }
         }
     }
 
-    /// When the connection was last busy, or `None` while a request is
-    /// being handled.
-    fn idle_since(&self) -> Option<Instant> {
+    /// When the connection will have been idle for `limit` if nothing
+    /// happens until then, or `None` while a request is being handled and
+    /// no answer is waiting to be taken.
+    fn idle_deadline(&self, limit: Duration) -> Option<Instant> {
         let state = self.lock();
-        (state.handling == 0).then_some(state.last_busy)
+        let stalled_answer = state.answers.values().min().copied();
+        let quiet = (state.handling == 0).then_some(state.last_busy);
+        let since = match (stalled_answer, quiet) {
+            (Some(answer), Some(quiet)) => answer.min(quiet),
+            (answer, quiet) => answer.or(quiet)?,
+        };
+        // A limit past any clock (not one `LimitsConfig::validate` lets
+        // through) never ends.
+        since.checked_add(limit)
     }
 
     /// Counts a request being handled until the returned guard is dropped.
@@ -101,10 +126,52 @@ impl Activity {
         Handling(Arc::clone(self))
     }
 
-    /// Notes that the connection did something for its client just now
-    /// (the server asking it to close counts too).
-    pub fn busy(&self) {
-        self.lock().last_busy = Instant::now();
+    /// Starts the clock again for the connection and for every answer on
+    /// it: the server asks it to close and gives it the close's timeout,
+    /// counted from now, to finish what it can.
+    pub fn closing(&self) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.last_busy = now;
+        for moved in state.answers.values_mut() {
+            *moved = now;
+        }
+    }
+
+    /// Registers an answer handed over just now; returns its id.
+    fn handed_over(&self) -> u64 {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let id = state.next_answer;
+        state.next_answer += 1;
+        state.answers.insert(id, now);
+        state.last_busy = now;
+        let handling = state.handling > 0;
+        drop(state);
+        // With no request being handled the deadline was `last_busy`'s,
+        // no earlier than this answer's.
+        if handling {
+            self.earlier.notify_waiters();
+        }
+        id
+    }
+
+    /// Notes that answer `id` moved on just now.
+    fn moved(&self, id: u64) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if let Some(moved) = state.answers.get_mut(&id) {
+            *moved = now;
+        }
+        state.last_busy = now;
+    }
+
+    /// Forgets answer `id`: sent whole, or given up. Either way the
+    /// connection moved on.
+    fn ended(&self, id: u64) {
+        let mut state = self.lock();
+        state.answers.remove(&id);
+        state.last_busy = Instant::now();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -125,7 +192,7 @@ impl Drop for Handling {
         state.last_busy = Instant::now();
         if state.handling == 0 {
             drop(state);
-            activity.handled.notify_waiters();
+            activity.earlier.notify_waiters();
         }
     }
 }
@@ -168,13 +235,7 @@ where
             let handling = activity.begin();
             let response = answer.await?;
             drop(handling);
-            Ok(response.map(|body| {
-                Body::new(AnswerBody {
-                    body,
-                    rest: Bytes::new(),
-                    activity,
-                })
-            }))
+            Ok(response.map(|body| Body::new(AnswerBody::new(body, activity))))
         })
     }
 }
@@ -187,6 +248,21 @@ struct AnswerBody {
     /// What is left of the last data frame, handed out next.
     rest: Bytes,
     activity: Arc<Activity>,
+    /// This answer's id in `activity`.
+    id: u64,
+}
+
+impl AnswerBody {
+    /// `body`, handed over to its connection just now.
+    fn new(body: Body, activity: Arc<Activity>) -> AnswerBody {
+        let id = activity.handed_over();
+        AnswerBody {
+            body,
+            rest: Bytes::new(),
+            activity,
+            id,
+        }
+    }
 }
 
 impl hyper::body::Body for AnswerBody {
@@ -203,7 +279,7 @@ impl hyper::body::Body for AnswerBody {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => this.rest = data,
                     Err(frame) => {
-                        this.activity.busy();
+                        this.activity.moved(this.id);
                         return Poll::Ready(Some(Ok(frame)));
                     }
                 },
@@ -211,7 +287,7 @@ impl hyper::body::Body for AnswerBody {
             }
         }
         let piece = this.rest.split_to(this.rest.len().min(ANSWER_PIECE));
-        this.activity.busy();
+        this.activity.moved(this.id);
         Poll::Ready(Some(Ok(Frame::data(piece))))
     }
 
@@ -233,8 +309,7 @@ impl hyper::body::Body for AnswerBody {
 
 impl Drop for AnswerBody {
     fn drop(&mut self) {
-        // Sent whole, or given up: either way the connection moved on.
-        self.activity.busy();
+        self.activity.ended(self.id);
     }
 }
 
@@ -255,11 +330,17 @@ mod tests {
 
     /// The answer `body` as its connection's service hands it to hyper.
     fn answer(activity: &Arc<Activity>, body: impl Into<Body>) -> AnswerBody {
-        AnswerBody {
-            body: body.into(),
-            rest: Bytes::new(),
-            activity: Arc::clone(activity),
-        }
+        AnswerBody::new(body.into(), Arc::clone(activity))
+    }
+
+    /// A task that waits for `activity` to be idle for `LIMIT`, and
+    /// returns when it was.
+    fn idle_waiter(activity: &Arc<Activity>) -> tokio::task::JoinHandle<Instant> {
+        let activity = Arc::clone(activity);
+        tokio::spawn(async move {
+            activity.idle_for(LIMIT).await;
+            Instant::now()
+        })
     }
 
     #[tokio::test(start_paused = true)]
@@ -284,10 +365,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_that_ends_while_waiting_restarts_the_limit() {
         let activity = Activity::new();
-        let waiter = {
-            let activity = Arc::clone(&activity);
-            tokio::spawn(async move { activity.idle_for(LIMIT).await })
-        };
+        let waiter = idle_waiter(&activity);
         tokio::time::sleep(LIMIT / 2).await;
         drop(activity.begin());
         tokio::time::sleep(LIMIT / 2 + Duration::from_secs(1)).await;
@@ -323,6 +401,47 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_stalled_answer_is_idle_after_the_limit_whatever_else_its_connection_does() {
+        let activity = Activity::new();
+        // A request handled throughout (a slow upload on another stream).
+        let upload = activity.begin();
+        let stalled = answer(&activity, "never taken");
+        let handed_over = Instant::now();
+        let waiter = idle_waiter(&activity);
+        // Four times a limit, another request answered and its answer
+        // taken whole: the connection is never quiet.
+        while !waiter.is_finished() && handed_over.elapsed() < LIMIT * 2 {
+            tokio::time::sleep(LIMIT / 4).await;
+            drop(activity.begin());
+            let mut taken = answer(&activity, vec![b'x'; ANSWER_PIECE * 2]);
+            while taken.frame().await.is_some() {}
+        }
+        let idle_at = waiter.await.expect("the waiter does not panic");
+        assert_eq!(idle_at - handed_over, LIMIT);
+        drop((upload, stalled));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_handed_over_while_a_request_is_handled_starts_its_clock() {
+        let activity = Activity::new();
+        let upload = activity.begin();
+        let waiter = idle_waiter(&activity);
+        tokio::time::sleep(LIMIT * 2).await;
+        assert!(!waiter.is_finished(), "idle while a request is handled");
+        // Another request on the connection answers; its client never
+        // takes the answer.
+        drop(activity.begin());
+        let stalled = answer(&activity, "never taken");
+        let handed_over = Instant::now();
+        let idle_at = tokio::time::timeout(LIMIT * 2, waiter)
+            .await
+            .expect("idle once the answer has stalled for the limit")
+            .expect("the waiter does not panic");
+        assert_eq!(idle_at - handed_over, LIMIT);
+        drop((upload, stalled));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_answer_taken_piece_by_piece_keeps_its_connection_busy() {
         let activity = Activity::new();
         drop(activity.begin());
@@ -337,8 +456,21 @@ mod tests {
         }
         assert_eq!(pieces, [ANSWER_PIECE, ANSWER_PIECE, ANSWER_PIECE / 2]);
         assert!(body.is_end_stream());
+        // Ended: the limit counts from then, and for the connection only.
         drop(body);
         assert!(!idle_within(&activity, LIMIT - Duration::from_secs(1)).await);
         assert!(idle_within(&activity, Duration::from_secs(2)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_gives_every_answer_the_limit_again() {
+        let activity = Activity::new();
+        let stalled = answer(&activity, "never taken");
+        tokio::time::sleep(LIMIT / 2).await;
+        activity.closing();
+        let closing = Instant::now();
+        activity.idle_for(LIMIT).await;
+        assert_eq!(closing.elapsed(), LIMIT);
+        drop(stalled);
     }
 }

@@ -67,7 +67,8 @@ pub const METRICS_MAX_CONNECTIONS: usize = 16;
 
 /// How long a connection to the `/metrics` listener may stay idle, or take
 /// to send a request's headers: short, so that a few silent connections
-/// cannot lock the scraper out for long.
+/// cannot lock the scraper out for long (one that reconnects as fast as it
+/// is closed can; see the README).
 pub const METRICS_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A started router: listeners bound, not yet serving.
@@ -156,7 +157,9 @@ impl Router {
         } = self;
         // Everything that can fail, before anything is started.
         let addr = listener.local_addr()?;
-        let metrics_addr = metrics.as_ref().map(TcpListener::local_addr).transpose()?;
+        let metrics: Option<(TcpListener, SocketAddr)> = metrics
+            .map(|listener| listener.local_addr().map(|addr| (listener, addr)))
+            .transpose()?;
         if https.is_none() {
             tracing::warn!(
                 "serving plain HTTP (insecure_http = true): tokens and values travel unencrypted"
@@ -198,7 +201,9 @@ impl Router {
         );
         // The metrics listener is plain HTTP, for the monitoring network,
         // with few connections and short timeouts: a handful of silent
-        // sockets must not lock the scraper out for long.
+        // sockets must not lock the scraper out for long. A client that
+        // keeps reconnecting can still keep every slot taken; only binding
+        // the monitoring network's address keeps such clients away.
         let metrics_limits = config::LimitsConfig {
             max_connections: METRICS_MAX_CONNECTIONS,
             idle_timeout_ms: METRICS_IDLE_TIMEOUT.as_millis() as u64,
@@ -206,7 +211,7 @@ impl Router {
             ..config.limits.clone()
         };
         let metrics_server = async {
-            if let Some((listener, addr)) = metrics.zip(metrics_addr) {
+            if let Some((listener, addr)) = metrics {
                 tracing::info!(%addr, "router metrics serving");
                 let app = app::metrics_routes();
                 server::serve(

@@ -5,14 +5,21 @@
 //! at most `max_connections` are served; more wait in the kernel's backlog.
 //! No client may keep a permit for free: TLS handshakes are bounded by a
 //! timeout, in each connection's own task (never in the accept loop);
-//! HTTP/1.1 request heads by `header_timeout_ms`; a connection that has
-//! done nothing for its client for `idle_timeout_ms` ([`idle`]: no request
-//! being handled, no answer taken) is asked to close, and dropped if it
-//! then does nothing for `close_timeout`, since a client that takes no
-//! answer takes no GOAWAY or last bytes either. Slow request bodies are
-//! bounded by the application ([`request_body`]). On shutdown the listener
-//! closes and open connections are asked to finish (GOAWAY / `Connection:
-//! close`); they get `grace` to do so.
+//! HTTP/1.1 request heads by `header_timeout_ms`; a connection found idle
+//! for `idle_timeout_ms` ([`idle`]: an answer not taken for that long, or
+//! no request being handled and nothing happening) is asked to close, and
+//! dropped if it is then idle for `close_timeout`, since a client that
+//! takes no answer takes no GOAWAY or last bytes either. Slow request
+//! bodies are bounded by the application ([`request_body`]). On shutdown
+//! the listener closes and open connections are asked to finish (GOAWAY /
+//! `Connection: close`); they get `grace` to do so.
+//!
+//! Answers wait in few buffers on their way out, so that a piece taken is
+//! about a piece sent: an HTTP/2 stream buffers one piece, and accepted
+//! sockets keep at most about one unsent (`TCP_NOTSENT_LOWAT`, on Linux).
+//! Otherwise the kernel takes more only once a third of a send buffer of
+//! up to several MiB has drained, and a client reading a large answer
+//! slowly but steadily would be found idle.
 //!
 //! [`idle`]: crate::idle
 //! [`request_body`]: crate::request_body
@@ -30,7 +37,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
-use crate::idle::{Activity, TrackActivity};
+use crate::idle::{ANSWER_PIECE, Activity, TrackActivity};
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,15 +49,18 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (h2's default, made explicit): past it the connection ends with
 /// ENHANCE_YOUR_CALM, the defence against "rapid reset" (CVE-2023-44487).
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
-/// The longest an idle connection may do nothing while asked to close.
+/// The shortest and the longest an idle connection may stay idle while
+/// asked to close: time for a GOAWAY's ping to come back even with a tiny
+/// idle timeout, and no more than a few seconds with a long one.
+const MIN_CLOSE_TIME: Duration = Duration::from_secs(1);
 const MAX_CLOSE_TIME: Duration = Duration::from_secs(5);
 
-/// How long a connection found idle after `idle_timeout` may then do
-/// nothing while it closes gracefully (an HTTP/2 GOAWAY and its ping, the
+/// How long a connection found idle after `idle_timeout` may then stay
+/// idle while it closes gracefully (an HTTP/2 GOAWAY and its ping, the
 /// last bytes written, TLS `close_notify`) before it is dropped: as long
-/// again, at most [`MAX_CLOSE_TIME`].
+/// again, between [`MIN_CLOSE_TIME`] and [`MAX_CLOSE_TIME`].
 fn close_timeout(idle_timeout: Duration) -> Duration {
-    idle_timeout.min(MAX_CLOSE_TIME)
+    idle_timeout.clamp(MIN_CLOSE_TIME, MAX_CLOSE_TIME)
 }
 
 /// A client connection, TLS or plain.
@@ -100,6 +110,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        keep_little_unsent(&stream);
         // The idle clock starts at accept: the handshake counts as idle time.
         let activity = Activity::new();
         let service =
@@ -147,6 +158,26 @@ pub async fn serve(
     }
 }
 
+/// Has the kernel report `stream` writable only while less than about one
+/// piece of an answer waits unsent in it. Without it, Linux reports a full
+/// socket writable again only once a third of its send buffer (grown to
+/// several MiB on a fast link) has drained, so the next piece of an answer
+/// would be taken only that much later: a client reading at a few KiB/s
+/// would be found idle although it reads steadily. Data sent and not yet
+/// acknowledged is not limited, so a fast client loses little throughput;
+/// the cost is more wakeups of the connection's task.
+fn keep_little_unsent(stream: &tokio::net::TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let lowat = u32::try_from(ANSWER_PIECE).unwrap_or(u32::MAX);
+        if let Err(error) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(lowat) {
+            tracing::debug!(%error, "TCP_NOTSENT_LOWAT not set");
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
+}
+
 /// hyper's settings for every connection.
 fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -165,7 +196,12 @@ fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS);
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        // A piece of an answer at a time waits in a stream's buffer (400
+        // KiB by default): what the router still holds once the last piece
+        // has been taken is no longer timed, and must reach a slow client
+        // within the idle timeout and the close.
+        .max_send_buf_size(ANSWER_PIECE);
     // hyper refuses header blocks over these sizes: 431 for HTTP/1.1; for
     // HTTP/2 a header list far over the limit ends the whole connection
     // (GOAWAY), so other requests on it fail too.
@@ -192,10 +228,11 @@ async fn serve_connection(
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     let idle = tokio::select! {
-        // The idle timer first: a stalled connection polled when the timer
-        // wakes it may squeeze a few more bytes into a socket its client
-        // does not read, which would count as progress and put the close
-        // off by another idle timeout, again and again.
+        // A tie-break: when the idle timer and the connection wake
+        // together, the timer wins. Polling a stalled connection then may
+        // squeeze a few more bytes into a socket its client does not read,
+        // which would count as progress and put the close off by another
+        // idle timeout, again and again.
         biased;
         () = activity.idle_for(idle_timeout) => true,
         _ = stopping.wait_for(|stop| *stop) => false,
@@ -210,11 +247,12 @@ async fn serve_connection(
         return connection.await;
     }
     tracing::debug!("idle: closing the connection");
-    // The close is bounded like the idle time before it, counted from now:
-    // a request that came in just as the connection was found idle is
-    // still answered, but a client that takes nothing, not even its
-    // GOAWAY or its last bytes, is dropped.
-    activity.busy();
+    // The close is bounded like the idle time before it, counted from now
+    // for the connection and for each of its answers: a request that came
+    // in just as the connection was found idle is still answered, and
+    // answers being taken may finish, but a client that takes nothing,
+    // not even its GOAWAY or its last bytes, is dropped.
+    activity.closing();
     let close_timeout = close_timeout(idle_timeout);
     tokio::select! {
         biased;
@@ -225,5 +263,19 @@ async fn serve_connection(
             Ok(())
         }
         result = connection => result,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_close_takes_as_long_as_the_idle_timeout_within_bounds() {
+        let ms = Duration::from_millis;
+        // A tiny idle timeout still leaves time for a GOAWAY's ping.
+        assert_eq!(close_timeout(ms(1)), MIN_CLOSE_TIME);
+        assert_eq!(close_timeout(ms(2_500)), ms(2_500));
+        assert_eq!(close_timeout(ms(60_000)), MAX_CLOSE_TIME);
     }
 }

@@ -1,9 +1,12 @@
 //! The router against clients that mean it harm: connections held open
 //! without a word (before, between and during requests) or with answers
-//! never taken, headers and bodies trickled in, never finished or sent in
-//! a burst and then silence, bodies declared larger than any limit,
-//! made-up methods that would grow the metrics, routes probed without a
-//! token, and bodies and headers built to hurt.
+//! never taken (sheltered by cheap requests on other streams or not),
+//! headers and bodies trickled in, never finished or sent in a burst and
+//! then silence, bodies declared larger than any limit, made-up methods
+//! that would grow the metrics, routes probed without a token, and bodies
+//! and headers built to hurt; and, so that the defences do not cut them,
+//! clients that are merely slow: uploads trickled in, large answers read
+//! slowly but steadily.
 //!
 //! Each test starts its own one-node `caskade local` cluster (real HTTPS on
 //! a loopback port the OS picks) with the limits under test made short, and
@@ -15,6 +18,10 @@
 mod support;
 
 use std::io::Cursor;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use caskade_router::auth::Role;
@@ -23,7 +30,7 @@ use reqwest::header::{ALLOW, AUTHORIZATION};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::{Protocol, RestCluster, RestOptions, check_error_body, expect_error, poll_until};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// The idle timeout of the clusters that test it.
 const IDLE: Duration = Duration::from_millis(1000);
@@ -70,29 +77,68 @@ async fn read_until_closed(
 /// Reads `stream` until one whole HTTP/1.1 answer has arrived, within
 /// `ANSWER_DEADLINE`; whatever came after it in the same read is dropped.
 async fn read_answer(stream: &mut (impl AsyncRead + Unpin)) -> RawAnswer {
+    let [answer] = read_answers(stream, ANSWER_DEADLINE).await;
+    answer
+}
+
+/// Reads `stream` until `N` whole HTTP/1.1 answers have arrived, within
+/// `deadline`; whatever came after them in the same read is dropped.
+async fn read_answers<const N: usize>(
+    stream: &mut (impl AsyncRead + Unpin),
+    deadline: Duration,
+) -> [RawAnswer; N] {
     let mut read = Vec::new();
-    let answer = tokio::time::timeout(ANSWER_DEADLINE, async {
+    let mut answers = Vec::new();
+    let all = tokio::time::timeout(deadline, async {
         let mut chunk = [0u8; 4096];
+        let mut start = 0;
         loop {
-            if let Some(answer) = RawAnswer::complete(&read) {
-                return answer;
+            while let Some((answer, length)) = RawAnswer::complete(&read[start..]) {
+                answers.push(answer);
+                start += length;
+                if answers.len() == N {
+                    return;
+                }
             }
             match stream.read(&mut chunk).await {
                 Ok(n @ 1..) => read.extend_from_slice(&chunk[..n]),
                 _ => panic!(
-                    "closed before a whole answer: {:?}",
-                    String::from_utf8_lossy(&read)
+                    "closed before {N} whole answers, {} read: {:?}",
+                    answers.len(),
+                    String::from_utf8_lossy(&read[start..])
                 ),
             }
         }
     })
     .await;
-    answer.unwrap_or_else(|_| {
+    if all.is_err() {
         panic!(
-            "no whole answer within {ANSWER_DEADLINE:?}: {:?}",
+            "not {N} whole answers within {deadline:?}, {} read: {:?}",
+            answers.len(),
             String::from_utf8_lossy(&read)
-        )
+        );
+    }
+    answers.try_into().expect("as many answers as asked for")
+}
+
+/// Reads `stream` until the head of an HTTP/1.1 answer has arrived, within
+/// `ANSWER_DEADLINE`, and not much more: a few KiB of its body at most.
+async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> RawAnswer {
+    let mut read = Vec::new();
+    let head = tokio::time::timeout(ANSWER_DEADLINE, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                return RawAnswer::head(&read[..end]);
+            }
+            match stream.read(&mut chunk).await {
+                Ok(n @ 1..) => read.extend_from_slice(&chunk[..n]),
+                _ => panic!("closed before an answer's head: {read:?}"),
+            }
+        }
     })
+    .await;
+    head.unwrap_or_else(|_| panic!("no answer's head within {ANSWER_DEADLINE:?}: {read:?}"))
 }
 
 /// An HTTP/1.1 answer read off the wire.
@@ -108,14 +154,30 @@ impl RawAnswer {
     /// The first answer in `bytes`.
     fn parse(bytes: &[u8]) -> RawAnswer {
         RawAnswer::complete(bytes)
+            .map(|(answer, _)| answer)
             .unwrap_or_else(|| panic!("no complete answer in {:?}", String::from_utf8_lossy(bytes)))
     }
 
-    /// The first answer in `bytes`, once its head and its `Content-Length`
-    /// body are all there.
-    fn complete(bytes: &[u8]) -> Option<RawAnswer> {
-        let text = String::from_utf8_lossy(bytes);
-        let (head, rest) = text.split_once("\r\n\r\n")?;
+    /// The first answer in `bytes` and how many bytes it takes, once its
+    /// head and its `Content-Length` body are all there. Looks no further
+    /// than the head until then, so that reading a large answer a chunk at
+    /// a time stays cheap.
+    fn complete(bytes: &[u8]) -> Option<(RawAnswer, usize)> {
+        let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let mut answer = RawAnswer::head(&bytes[..head_end]);
+        let rest = &bytes[head_end + 4..];
+        let body = match answer.header("content-length") {
+            Some(length) => rest.get(..length.parse::<usize>().unwrap())?,
+            None => rest,
+        };
+        answer.body = body.to_vec();
+        Some((answer, head_end + 4 + body.len()))
+    }
+
+    /// An answer's status and headers, from its `head` (without the blank
+    /// line that ends it); no body yet.
+    fn head(head: &[u8]) -> RawAnswer {
+        let head = String::from_utf8_lossy(head);
         let mut lines = head.split("\r\n");
         let status = lines.next().unwrap().split(' ').nth(1).unwrap();
         let headers: Vec<(String, String)> = lines
@@ -124,19 +186,11 @@ impl RawAnswer {
                 (name.to_ascii_lowercase(), value.trim().to_string())
             })
             .collect();
-        let mut answer = RawAnswer {
+        RawAnswer {
             status: status.parse().unwrap(),
             headers,
-            body: rest.as_bytes().to_vec(),
-        };
-        if let Some(length) = answer.header("content-length") {
-            let length = length.parse().unwrap();
-            if answer.body.len() < length {
-                return None;
-            }
-            answer.body.truncate(length);
+            body: Vec::new(),
         }
-        Some(answer)
     }
 
     fn header(&self, name: &str) -> Option<&str> {
@@ -206,6 +260,90 @@ impl H2 {
         })
         .await
         .expect("the router answers the HTTP/2 request in time")
+    }
+}
+
+/// A TLS connection to the router offering `alpn`, handshake done, whose
+/// socket has a receive buffer of `receive_buffer` bytes (doubled by Linux
+/// for its bookkeeping), not grown by the kernel as it would by default.
+async fn tls_connect_receiving(
+    rc: &RestCluster,
+    alpn: &[u8],
+    receive_buffer: u32,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let addr: std::net::SocketAddr = rc.url.trim_start_matches("https://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // Before connecting: the window scale is agreed in the handshake.
+    socket.set_recv_buffer_size(receive_buffer).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    rc.tls_dialer(alpn).handshake(tcp).await
+}
+
+/// The most a [`Paced`] connection reads at once.
+const PACED_READ: usize = 4096;
+
+/// A connection whose reads are paced to `bytes_per_sec`, a few KiB at a
+/// time: a client that reads slowly but steadily. Its pauses are the
+/// client's own pace, never a wait for the router.
+struct Paced<S> {
+    inner: S,
+    bytes_per_sec: u64,
+    started: tokio::time::Instant,
+    read: u64,
+    /// Until the bytes read so far are due at the pace.
+    pause: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> Paced<S> {
+    fn new(inner: S, bytes_per_sec: u64) -> Paced<S> {
+        let started = tokio::time::Instant::now();
+        Paced {
+            inner,
+            bytes_per_sec,
+            started,
+            read: 0,
+            pause: Box::pin(tokio::time::sleep_until(started)),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Paced<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let due = this.started + Duration::from_micros(this.read * 1_000_000 / this.bytes_per_sec);
+        if this.pause.deadline() != due {
+            this.pause.as_mut().reset(due);
+        }
+        ready!(this.pause.as_mut().poll(cx));
+        let mut chunk = [0u8; PACED_READ];
+        let wanted = buf.remaining().min(PACED_READ);
+        let mut limited = ReadBuf::new(&mut chunk[..wanted]);
+        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
+        buf.put_slice(limited.filled());
+        this.read += limited.filled().len() as u64;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Paced<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -414,6 +552,139 @@ async fn answers_an_http2_client_never_takes_do_not_hold_its_connection() {
             "window {window}: the connection is still open after {:?}",
             started.elapsed()
         );
+        let ended = started.elapsed();
+        assert!(
+            ended >= IDLE / 2,
+            "window {window}: closed after only {ended:?}"
+        );
+    }
+    rc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_other_streams_do_not_shelter_an_answer_never_taken() {
+    let rc = cluster(limits(|l| l.idle_timeout_ms = IDLE.as_millis() as u64)).await;
+    rc.write(b"stalled", &vec![b'x'; 1 << 20]).await;
+    let reader = bearer(&rc.token(Role::Reader, None));
+    // Window 0: no answer's body ever moves, the 1 MiB value's least of all.
+    let tls = rc.tls_connect(b"h2").await;
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Cursor<Vec<u8>>>(tls)
+        .await
+        .unwrap();
+    let mut connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let started = Instant::now();
+    let get = request(
+        "GET",
+        &rc.at("/v1/kv/stalled"),
+        &[("authorization", &reader)],
+    );
+    let (response, _) = client.send_request(get, true).unwrap();
+    let response = tokio::time::timeout(ANSWER_DEADLINE, response)
+        .await
+        .expect("the head of the answer in time")
+        .unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    // Held, never read: dropping it would reset the stream.
+    let _stalled = response.into_body();
+    // Every half idle timeout, a request that needs no token on a fresh
+    // stream: its head is read and the stream reset. A handler answers
+    // and an answer ends each time, yet the stalled answer never moves.
+    let cheap_answers = Arc::new(AtomicUsize::new(0));
+    let healthz = rc.at("/healthz");
+    let counted = Arc::clone(&cheap_answers);
+    let pester = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(IDLE / 2).await;
+            let Ok(ready) = client.ready().await else {
+                return;
+            };
+            client = ready;
+            let Ok((response, _)) = client.send_request(request("GET", &healthz, &[]), true) else {
+                return;
+            };
+            match tokio::time::timeout(ANSWER_DEADLINE, response).await {
+                // Dropped with its body unread: the stream is reset.
+                Ok(Ok(_response)) => counted.fetch_add(1, Ordering::Relaxed),
+                _ => return,
+            };
+        }
+    });
+    // The stalled answer's idle timeout, then the close's.
+    let deadline = IDLE * 2 + SLACK;
+    let ended = tokio::time::timeout(deadline, &mut connection).await;
+    pester.abort();
+    let cheap_answers = cheap_answers.load(Ordering::Relaxed);
+    assert!(
+        ended.is_ok(),
+        "the connection is still open after {:?}, {cheap_answers} cheap requests answered meanwhile",
+        started.elapsed()
+    );
+    let ended = started.elapsed();
+    assert!(ended >= IDLE / 2, "closed after only {ended:?}");
+    assert!(cheap_answers >= 1, "no cheap request was answered");
+    rc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_being_handled_keeps_its_http2_connection_while_other_streams_sit_idle() {
+    let rc = cluster(limits(|l| l.idle_timeout_ms = IDLE.as_millis() as u64)).await;
+    let writer = bearer(&rc.token(Role::Writer, None));
+    rc.write(b"earlier", &vec![b'x'; 100_000]).await;
+    let mut h2 = H2::connect(&rc).await;
+    let started = Instant::now();
+    // An answer of several pieces and a small one, taken whole before the
+    // uploads: once ended, they must not count against the connection.
+    let get = request(
+        "GET",
+        &rc.at("/v1/kv/earlier"),
+        &[("authorization", &writer)],
+    );
+    let (response, _) = h2.start(get, true).await;
+    let (status, body) = H2::answer(response).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 100_000));
+    let (response, _) = h2.start(request_get(&rc, "/healthz"), true).await;
+    assert_eq!(H2::answer(response).await.0, StatusCode::OK);
+
+    // One upload sits silent after its first bytes, within the body
+    // timeout (10 s by default); another trickles its body in over three
+    // idle timeouts, a byte every 100 ms.
+    let value = b"abcdefghijklmnopqrstuvwxyz0123";
+    let length = value.len().to_string();
+    let put = |key: &str| {
+        request(
+            "PUT",
+            &rc.at(&format!("/v1/kv/{key}")),
+            &[("authorization", &writer), ("content-length", &length)],
+        )
+    };
+    let (silent_response, mut silent_body) = h2.start(put("sitting%2Fidle"), false).await;
+    silent_body
+        .send_data(Cursor::new(value[..10].to_vec()), false)
+        .unwrap();
+    let (trickled_response, mut trickled_body) = h2.start(put("sitting%2Fbusy"), false).await;
+    for (i, byte) in value.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let last = i + 1 == value.len();
+        trickled_body
+            .send_data(Cursor::new(vec![*byte]), last)
+            .unwrap();
+    }
+    assert_eq!(H2::answer(trickled_response).await.0, StatusCode::CREATED);
+    silent_body
+        .send_data(Cursor::new(value[10..].to_vec()), true)
+        .unwrap();
+    assert_eq!(H2::answer(silent_response).await.0, StatusCode::CREATED);
+    let busy_for = started.elapsed();
+    assert!(busy_for >= IDLE * 3, "the uploads took only {busy_for:?}");
+    // Had the idle timer fired meanwhile, the router would have sent a
+    // GOAWAY, and a new stream would be refused.
+    let (response, _) = h2.start(request_get(&rc, "/healthz"), true).await;
+    assert_eq!(H2::answer(response).await.0, StatusCode::OK);
+    for key in [b"sitting/idle".as_slice(), b"sitting/busy"] {
+        assert_eq!(rc.read(key).await.unwrap(), value);
     }
     rc.stop().await;
 }
@@ -430,21 +701,163 @@ async fn pipelined_answers_never_read_do_not_hold_the_connection() {
         "GET /v1/kv/pipelined HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: {reader}\r\n\r\n"
     );
     let requests = request.repeat(1000);
-    let mut tls = rc.tls_connect(b"http/1.1").await;
+    let (mut reader, mut writer) = tokio::io::split(rc.tls_connect(b"http/1.1").await);
     // The answers fill the buffers, then the router stops reading requests
     // and these writes block; once the router drops the connection, they
     // fail.
     let started = Instant::now();
+    let writing = async { while writer.write_all(requests.as_bytes()).await.is_ok() {} };
+    tokio::pin!(writing);
+    // The head of the first answer, then not another read.
+    let head = tokio::select! {
+        head = read_head(&mut reader) => head,
+        () = &mut writing => panic!("closed before the first answer"),
+    };
+    assert_eq!(head.status, 200, "{head:?}");
     let deadline = IDLE * 2 + SLACK;
-    let closed = tokio::time::timeout(deadline, async {
-        while tls.write_all(requests.as_bytes()).await.is_ok() {}
-    })
-    .await;
+    let closed = tokio::time::timeout(deadline.saturating_sub(started.elapsed()), writing).await;
     assert!(
         closed.is_ok(),
         "a client that never reads its answers is still connected after {:?}",
         started.elapsed()
     );
+    let closed = started.elapsed();
+    assert!(closed >= IDLE / 2, "closed after only {closed:?}");
+    rc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_steady_reader_gets_large_answers_whole_and_keeps_its_connection() {
+    // Seven answers of 1 MB on one connection, read at 640 KiB/s: eleven
+    // seconds, never a pause. Linux reopens a slow reader's TCP window
+    // about a receive buffer at a time: with 64 KiB asked for (128 KiB
+    // taken), five times a second at this pace. The router's socket, its
+    // send buffer grown to about 4 MiB on loopback, must neither hold the
+    // next piece back until a third of that buffer has drained (seconds
+    // at this pace) nor take in so much that the last answer is handed out
+    // seconds before the client can read it: either way the idle timer
+    // would end a connection whose client reads all along.
+    const RATE: u64 = 640 << 10;
+    const RECEIVE_BUFFER: u32 = 64 << 10;
+    const VALUES: usize = 7;
+    const VALUE_BYTES: usize = 1_000_000;
+    let rc = cluster(limits(|l| l.idle_timeout_ms = IDLE.as_millis() as u64)).await;
+    let value = vec![b'v'; VALUE_BYTES];
+    let keys: Vec<String> = (0..VALUES).map(|i| format!("large%2F{i}")).collect();
+    for i in 0..VALUES {
+        rc.write(format!("large/{i}").as_bytes(), &value).await;
+    }
+    let reader = bearer(&rc.token(Role::Reader, None));
+    // Twice the time the answers take at the pace, and some.
+    let deadline = Duration::from_secs((VALUES * VALUE_BYTES) as u64 * 2 / RATE) + SLACK;
+    let connect = |alpn: &'static [u8]| {
+        let rc = &rc;
+        async move { Paced::new(tls_connect_receiving(rc, alpn, RECEIVE_BUFFER).await, RATE) }
+    };
+
+    // HTTP/1.1: the requests pipelined, and one more once every answer has
+    // been read, served only if the connection was not found idle (and
+    // closed) meanwhile.
+    let http1 = async {
+        let mut tls = connect(b"http/1.1").await;
+        let requests: String = keys
+            .iter()
+            .map(|key| {
+                format!(
+                    "GET /v1/kv/{key} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: {reader}\r\n\r\n"
+                )
+            })
+            .collect();
+        tls.write_all(requests.as_bytes()).await.unwrap();
+        let answers: [RawAnswer; VALUES] = read_answers(&mut tls, deadline).await;
+        for answer in answers {
+            assert_eq!(answer.status, 200, "HTTP/1.1: {:?}", answer.headers);
+            assert!(
+                answer.body == value,
+                "HTTP/1.1: {} bytes",
+                answer.body.len()
+            );
+        }
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        let next = read_answer(&mut tls).await;
+        assert_eq!(next.status, 200, "HTTP/1.1: {next:?}");
+    };
+    // HTTP/2: a stream per answer, all at once, and one more opened late
+    // (but before the router has handed out its last piece), which a
+    // GOAWAY would have refused.
+    let http2 = async {
+        let tls = connect(b"h2").await;
+        // Windows wider than the answers: TCP, not HTTP/2, sets the pace.
+        let (client, connection) = h2::client::Builder::new()
+            .initial_window_size(8 << 20)
+            .initial_connection_window_size(8 << 20)
+            .handshake::<_, Cursor<Vec<u8>>>(tls)
+            .await
+            .unwrap();
+        let mut h2 = H2 {
+            client,
+            connection: tokio::spawn(connection),
+        };
+        // Bytes of the answers received so far, and whether one broke off.
+        let received = Arc::new(AtomicUsize::new(0));
+        let broken = Arc::new(AtomicBool::new(false));
+        let mut answers = tokio::task::JoinSet::new();
+        for key in &keys {
+            let get = request(
+                "GET",
+                &rc.at(&format!("/v1/kv/{key}")),
+                &[("authorization", &reader)],
+            );
+            let (response, _) = h2.start(get, true).await;
+            let (received, broken) = (Arc::clone(&received), Arc::clone(&broken));
+            answers.spawn(async move {
+                let answer = async {
+                    let response = response.await?;
+                    let status = response.status();
+                    let mut body = response.into_body();
+                    let mut bytes = Vec::new();
+                    while let Some(chunk) = body.data().await {
+                        let chunk = chunk?;
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        received.fetch_add(chunk.len(), Ordering::Relaxed);
+                        bytes.extend_from_slice(&chunk);
+                    }
+                    Ok::<_, h2::Error>((status, bytes))
+                }
+                .await;
+                broken.fetch_or(answer.is_err(), Ordering::Relaxed);
+                answer
+            });
+        }
+        let read_all = async {
+            poll_until("7/8 of the answers read", deadline, || async {
+                broken.load(Ordering::Relaxed)
+                    || received.load(Ordering::Relaxed) >= VALUES * VALUE_BYTES * 7 / 8
+            })
+            .await;
+            // After an answer broke off, its error tells more.
+            let late_stream = if broken.load(Ordering::Relaxed) {
+                None
+            } else {
+                Some(h2.start(request_get(&rc, "/healthz"), true).await.0)
+            };
+            while let Some(answer) = answers.join_next().await {
+                let (status, body) = answer
+                    .expect("the reading task does not panic")
+                    .unwrap_or_else(|error| panic!("HTTP/2: an answer broke off: {error}"));
+                assert_eq!(status, http::StatusCode::OK, "HTTP/2");
+                assert!(body == value, "HTTP/2: {} bytes", body.len());
+            }
+            let late_stream = late_stream.expect("no answer broke off");
+            assert_eq!(H2::answer(late_stream).await.0, StatusCode::OK, "HTTP/2");
+        };
+        tokio::time::timeout(deadline, read_all)
+            .await
+            .expect("HTTP/2: every answer in time");
+    };
+    tokio::join!(http1, http2);
     rc.stop().await;
 }
 

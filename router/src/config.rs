@@ -165,10 +165,11 @@ pub struct LimitsConfig {
     /// (16 KiB) for this long, whatever else it does (each answer is timed
     /// on its own); and one that, with no request being handled, does
     /// nothing at all for this long (before its first request, between
-    /// HTTP/1.1 requests, an HTTP/2 connection with no open stream). A
-    /// request being handled (its body read, the nodes asked) is never cut
-    /// by it. A connection asked to close that then stays idle for this
-    /// long again (at least 1 s, at most 5 s) is dropped.
+    /// HTTP/1.1 requests, an HTTP/2 connection with no open stream). It
+    /// ends the whole connection, requests being handled on it included
+    /// (see the README on HTTP/2 proxies). A connection asked to close
+    /// that then stays idle for this long again (at least 1 s, at most
+    /// 5 s) is dropped.
     pub idle_timeout_ms: u64,
     /// How long an HTTP/1.1 client may take to send a request's headers, ms
     /// (default 10,000), counted from the connection's first byte or from

@@ -58,6 +58,22 @@ async fn cluster(router_limits: LimitsConfig) -> RestCluster {
 
 /// Reads `stream` until the router closes it (end of stream or reset) or
 /// `deadline` passes. Returns what was read and, if it was closed, after how long.
+/// Sends `head` and reads until the router closes the connection, which
+/// it must do within [`ANSWER_DEADLINE`]; `what` names the request.
+async fn answer_then_close(
+    tls: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    head: &str,
+    what: &str,
+) -> RawAnswer {
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let (read, closed) = read_until_closed(tls, ANSWER_DEADLINE).await;
+    assert!(
+        closed.is_some(),
+        "{what}: neither answered nor closed within {ANSWER_DEADLINE:?}: {read:?}"
+    );
+    RawAnswer::parse(&read)
+}
+
 async fn read_until_closed(
     stream: &mut (impl AsyncRead + Unpin),
     deadline: Duration,
@@ -936,13 +952,9 @@ async fn a_body_that_stops_coming_is_answered_408_and_the_connection_closed() {
             "PUT /v1/kv/{key} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: {writer}\r\n\
              {extra}content-length: 1000000\r\n\r\n0123456789"
         );
-        tls.write_all(head.as_bytes()).await.unwrap();
-        let (read, closed) = read_until_closed(&mut tls, ANSWER_DEADLINE).await;
-        assert!(
-            closed.is_some(),
-            "{key}: neither answered nor closed within {ANSWER_DEADLINE:?}: {read:?}"
-        );
-        RawAnswer::parse(&read).expect_closing_error(408, "request_timeout");
+        answer_then_close(&mut tls, &head, key)
+            .await
+            .expect_closing_error(408, "request_timeout");
     }
 
     // HTTP/2: the stream is answered 408; other streams are not affected.
@@ -1043,13 +1055,9 @@ async fn bodies_declared_over_the_limit_are_refused_before_they_are_read() {
             "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: {writer}\r\n\
              {extra}content-length: {length}\r\n\r\n"
         );
-        tls.write_all(head.as_bytes()).await.unwrap();
-        let (read, closed) = read_until_closed(&mut tls, ANSWER_DEADLINE).await;
-        assert!(
-            closed.is_some(),
-            "{method} {path}: neither answered nor closed within {ANSWER_DEADLINE:?}: {read:?}"
-        );
-        RawAnswer::parse(&read).expect_closing_error(413, "too_large");
+        answer_then_close(&mut tls, &head, &format!("{method} {path}"))
+            .await
+            .expect_closing_error(413, "too_large");
     }
 
     let mut h2 = H2::connect(&rc).await;

@@ -45,9 +45,14 @@ pub fn init_logging(config: &LogConfig) -> Result<(), String> {
         _ => EnvFilter::try_new(format!("{},{QUIET_DEPENDENCIES}", config.level)),
     }
     .map_err(|e| format!("log.level {:?}: {e}", config.level))?;
+    // A line that cannot be written (the disk under the log is full) is
+    // dropped: the library's fallback would print its own error to the same
+    // stderr, and `eprintln!` panics when that fails too, killing whichever
+    // task was logging.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     // Err means a subscriber is already installed; keep it.
     let _ = match config.format {
         LogFormat::Text => builder.try_init(),

@@ -116,13 +116,26 @@ impl Hlc {
 
     /// A new version, newer than every version this clock has produced or observed.
     pub fn now(&self) -> Version {
-        let physical = (self.wall_ms)() << COUNTER_BITS;
+        self.now_unless_wall_past(u64::MAX)
+            .expect("no wall clock reads past the largest time")
+    }
+
+    /// As [`Hlc::now`], unless the wall clock reads past `max_wall_ms` (it
+    /// stepped ahead): then `None`, and the clock is left as it was. A
+    /// version may still run ahead of `max_wall_ms` by what the clock
+    /// observed.
+    pub fn now_unless_wall_past(&self, max_wall_ms: u64) -> Option<Version> {
+        let wall = (self.wall_ms)();
+        if wall > max_wall_ms {
+            return None;
+        }
+        let physical = wall << COUNTER_BITS;
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         // When the wall clock has not moved past `last` the counter advances;
         // a counter overflow carries into the millisecond part, which is the
         // standard HLC answer to more than 65,536 writes in one millisecond.
         *last = physical.max(last.saturating_add(1));
-        Version::new(*last, self.origin)
+        Some(Version::new(*last, self.origin))
     }
 
     /// Records a version seen from elsewhere, so later `now` values exceed it.
@@ -135,6 +148,27 @@ impl Hlc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static WALL_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(5_000);
+
+    fn wall() -> u64 {
+        WALL_MS.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_wall_clock_past_the_ceiling_assigns_nothing_but_a_lead_observed_does() {
+        let hlc = Hlc::with_wall_clock(1, wall);
+        // What the clock observed may run ahead of the ceiling.
+        hlc.observe(Version::from_parts(9_000, 0, 2));
+        let next = hlc.now_unless_wall_past(6_000).unwrap();
+        assert!(next.physical_ms() == 9_000 && next > Version::from_parts(9_000, 0, 2));
+        // A wall clock past the ceiling assigns nothing and changes nothing.
+        WALL_MS.store(700_000, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(hlc.now_unless_wall_past(6_000), None);
+        WALL_MS.store(5_000, std::sync::atomic::Ordering::SeqCst);
+        assert!(hlc.now_unless_wall_past(6_000).unwrap() > next);
+        assert!(hlc.now().physical_ms() < 10_000);
+    }
 
     #[test]
     fn text_form_round_trips() {

@@ -68,6 +68,16 @@ pub async fn cluster(
                     "caught_up": s.ready,
                     "disk_full": s.disk_full,
                     "writes_poisoned": s.writes_poisoned,
+                    "clock": s.clock.as_ref().map(|c| json!({
+                        "max_offset_ms": c.max_offset_ms,
+                        "off": c.off,
+                        "peers": c.peers.iter().map(|p| json!({
+                            "peer": p.peer_id,
+                            "offset_ms": p.offset_ms,
+                            "beyond_bound": p.beyond_bound,
+                            "age_seconds": p.age_seconds,
+                        })).collect::<Vec<_>>(),
+                    })),
                     "map_epoch": s.map_epoch,
                     "taking_over_epoch": s.taking_over_epoch,
                     "anti_entropy": json!({

@@ -27,6 +27,7 @@ pub mod quorum;
 pub mod server;
 
 mod idle;
+mod linger;
 mod request_body;
 
 use std::net::SocketAddr;

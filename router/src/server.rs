@@ -38,6 +38,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
 use crate::idle::{ANSWER_PIECE, Activity, TrackActivity};
+use crate::linger::Lingering;
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,7 +125,7 @@ pub async fn serve(
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => Box::new(stream),
+                        Ok(Ok(stream)) => Box::new(Lingering::new(stream)),
                         Ok(Err(error)) => {
                             tracing::debug!(%peer, %error, "TLS handshake failed");
                             return;
@@ -135,7 +136,7 @@ pub async fn serve(
                         }
                     }
                 }
-                None => Box::new(stream),
+                None => Box::new(Lingering::new(stream)),
             };
             let io = TokioIo::new(stream);
             let result =

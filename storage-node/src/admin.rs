@@ -17,15 +17,16 @@ use std::time::Duration;
 use caskade_common::version::unix_millis;
 use caskade_proto::admin_server::Admin;
 use caskade_proto::{
-    BackupRequest, BackupResponse, ChangeClusterRequest, ChangeClusterResponse, ClusterMap,
-    GetClusterMapRequest, GetClusterMapResponse, MergeRequest, MergeResponse, PeerReplication,
-    StatsRequest, StatsResponse,
+    BackupRequest, BackupResponse, ChangeClusterRequest, ChangeClusterResponse, ClockStatus,
+    ClusterMap, GetClusterMapRequest, GetClusterMapResponse, MergeRequest, MergeResponse,
+    PeerClock, PeerReplication, StatsRequest, StatsResponse,
 };
 use prost::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::clock_offset::ClockReport;
 use crate::files::{create_durably, write_atomically};
 use crate::kv::{NodeCore, run_blocking};
 use crate::status::engine_status;
@@ -307,6 +308,24 @@ impl Admin for AdminService {
     }
 }
 
+/// The clock check as sent by `Admin/Stats`.
+fn clock_status(report: &ClockReport) -> ClockStatus {
+    ClockStatus {
+        max_offset_ms: report.max_offset_ms,
+        off: report.off,
+        peers: report
+            .peers
+            .iter()
+            .map(|&(peer_id, offset_ms, beyond_bound, age)| PeerClock {
+                peer_id,
+                offset_ms,
+                beyond_bound,
+                age_seconds: age.as_secs_f64(),
+            })
+            .collect(),
+    }
+}
+
 /// The engine's counters as sent by `Admin/Stats`.
 pub fn stats_of(core: &NodeCore) -> StatsResponse {
     let stats = core.engine.stats();
@@ -338,6 +357,7 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
         anti_entropy_exchanges: core.replication.anti_entropy().exchanges,
         disk_full: stats.full,
         writes_poisoned: stats.poisoned.is_some(),
+        clock: Some(clock_status(&core.clock_guard.report())),
         peers: core
             .replication
             .lag()

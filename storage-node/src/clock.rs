@@ -86,7 +86,19 @@ impl NodeClock {
     /// A version newer than every version this node assigned (in any earlier
     /// run too) or observed. Blocks for an fsync about once per [`LEASE`].
     pub fn now(&self) -> Result<Version, Status> {
-        let version = self.hlc.now();
+        self.now_unless_wall_past(u64::MAX)
+    }
+
+    /// As [`NodeClock::now`], refused (UNAVAILABLE, nothing assigned) if the
+    /// wall clock reads past `max_wall_ms`: it is ahead of the time this
+    /// node last agreed on with its peers
+    /// ([`crate::clock_offset::ClockGuard::wall_ceiling`]).
+    pub fn now_unless_wall_past(&self, max_wall_ms: u64) -> Result<Version, Status> {
+        let version = self.hlc.now_unless_wall_past(max_wall_ms).ok_or_else(|| {
+            Status::unavailable(
+                "this node's wall clock stepped ahead of the time its peers agree on",
+            )
+        })?;
         if version.physical_ms() >= self.ceiling_ms.load(Ordering::Acquire) {
             self.extend_past(version.physical_ms())
                 .map_err(|e| self.refused(&e))?;

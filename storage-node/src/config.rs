@@ -144,7 +144,17 @@ pub struct ClusterConfig {
     /// A follower that hears no leader for this long (randomized up to twice
     /// as long) starts an election (default 1500 ms; at least 3 heartbeats).
     pub election_timeout_ms: u64,
+    /// How far apart the nodes' wall clocks may be (default 500 ms, at most
+    /// a minute; 0 checks nothing). A node refuses messages from a peer
+    /// whose clock is further from its own; a node whose clock is that far
+    /// from more of its peers' than agree with it, or whose clock stepped
+    /// that far since it last agreed, refuses writes and stops serving
+    /// until it agrees again (see `clock_offset`).
+    pub max_clock_offset_ms: u64,
 }
+
+/// The largest `cluster.max_clock_offset_ms`: a minute.
+pub const MAX_CLOCK_OFFSET_MS: u64 = 60_000;
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -155,6 +165,7 @@ impl Default for ClusterConfig {
             failover_after_ms: 5000,
             heartbeat_ms: 250,
             election_timeout_ms: 1500,
+            max_clock_offset_ms: 500,
         }
     }
 }
@@ -167,6 +178,12 @@ impl ClusterConfig {
             return invalid(format!(
                 "election_timeout_ms ({}) must be at least three heartbeats (heartbeat_ms {})",
                 self.election_timeout_ms, self.heartbeat_ms
+            ));
+        }
+        if self.max_clock_offset_ms > MAX_CLOCK_OFFSET_MS {
+            return invalid(format!(
+                "max_clock_offset_ms {} must be at most {MAX_CLOCK_OFFSET_MS} (0: unchecked)",
+                self.max_clock_offset_ms
             ));
         }
         if self.vnodes_per_node == 0 || self.vnodes_per_node > 4096 {

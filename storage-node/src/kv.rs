@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::admin::ClusterMapStore;
 use crate::clock::NodeClock;
+use crate::clock_offset::ClockGuard;
 use crate::cluster::Cluster;
 use crate::engine::{
     Condition, DeleteOptions, Engine, EngineError, Latest, PutOptions, WriteOutcome,
@@ -70,6 +71,8 @@ pub struct NodeCore {
     pub cluster: Arc<Cluster>,
     /// One write of a key at a time, until it is replicated.
     pub key_locks: KeyLocks,
+    /// The check of the peers' clocks against this node's.
+    pub clock_guard: Arc<ClockGuard>,
 }
 
 impl NodeCore {
@@ -350,8 +353,13 @@ impl NodeCore {
         plan: Option<&WritePlan>,
         write: impl Fn(Version) -> Result<WriteOutcome, EngineError>,
     ) -> Result<(Version, Option<Version>, u64), Status> {
+        // A version from a clock that is off would misorder the write.
+        if self.clock_guard.is_off() {
+            return Err(self.clock_guard.refused_write());
+        }
+        let ceiling = self.clock_guard.wall_ceiling();
         for _ in 0..STALE_RETRIES {
-            let version = self.hlc.now()?;
+            let version = self.hlc.now_unless_wall_past(ceiling)?;
             if let Some(plan) = plan {
                 self.replication.check_plan_lease(plan)?;
             }

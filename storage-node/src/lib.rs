@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod clock;
+pub mod clock_offset;
 pub(crate) mod cluster;
 pub mod config;
 pub mod engine;
@@ -22,6 +23,7 @@ mod files;
 pub mod key_locks;
 pub mod kv;
 pub mod observe;
+pub mod peers;
 pub mod replication;
 pub mod server;
 pub mod status;

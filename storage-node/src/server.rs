@@ -27,6 +27,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{AdminService, ClusterMapStore, stats_of};
 use crate::clock::NodeClock;
+use crate::clock_offset::{ClockGuard, ClockLayer};
 use crate::cluster::service::RaftServer as RaftService;
 use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::InitialMembers;
@@ -36,6 +37,7 @@ use crate::engine_threads::EngineThreads;
 use crate::key_locks::KeyLocks;
 use crate::kv::{KvService, NodeCore};
 use crate::observe::Observer;
+use crate::peers::PeerLinks;
 use crate::replication::cursors::Cursors;
 use crate::replication::feed::Feed;
 use crate::replication::progress::RingProgress;
@@ -46,6 +48,8 @@ use crate::replication::{Replication, antientropy, puller, takeover};
 const KV_SERVICE: &str = <KvServer<KvService> as tonic::server::NamedService>::NAME;
 /// Largest gRPC message above `max_value_bytes`: room for the key and fields.
 const MESSAGE_OVERHEAD: usize = 64 << 10;
+/// How often readiness looks again at the clock verdict.
+const CLOCK_RECHECK: Duration = Duration::from_secs(1);
 /// Smallest decoding limit, so batches of small values fit.
 const MIN_MESSAGE_BYTES: usize = 16 << 20;
 
@@ -82,6 +86,7 @@ pub struct Node {
     config: NodeConfig,
     core: Arc<NodeCore>,
     tls: TlsMaterial,
+    links: PeerLinks,
     grpc: TcpListener,
     metrics: Option<TcpListener>,
 }
@@ -92,6 +97,13 @@ impl Node {
         // Metric handles taken before the recorder exists would record nothing.
         telemetry::metrics_handle();
         let tls = TlsMaterial::load(&config.tls)?;
+        let links = PeerLinks {
+            tls: tls.clone(),
+            clock: Arc::new(ClockGuard::new(
+                config.id,
+                config.cluster.max_clock_offset_ms,
+            )),
+        };
         // First: a node forming a cluster checks its initial members, and
         // that its own listed address leads to its listener, before it
         // writes anything. Other nodes bind only once they can serve, so
@@ -107,7 +119,7 @@ impl Node {
                 config.id,
                 &config.data_dir,
                 &config.cluster,
-                &tls,
+                &links,
                 early_grpc.as_ref(),
             )
             .await?,
@@ -170,11 +182,13 @@ impl Node {
             maps: Arc::new(map),
             cluster,
             key_locks: KeyLocks::default(),
+            clock_guard: Arc::clone(&links.clock),
         });
         Ok(Node {
             config,
             core,
             tls,
+            links,
             grpc,
             metrics,
         })
@@ -212,6 +226,7 @@ impl Node {
             config,
             core,
             tls,
+            links,
             grpc,
             metrics,
         } = self;
@@ -235,20 +250,34 @@ impl Node {
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         // Readiness follows replication: not serving while catching up at
-        // start or while joining the cluster after a map change.
+        // start or while joining the cluster after a map change; nor while
+        // this node's clock is off from most of its peers'.
         let readiness = {
             let health = health.clone();
             let mut ready = core.replication.watch_ready();
+            let mut clock_off = core.clock_guard.watch_off();
+            let clock_guard = Arc::clone(&core.clock_guard);
             tokio::spawn(async move {
                 loop {
-                    let status = if *ready.borrow_and_update() {
+                    let serving = *ready.borrow_and_update() && !*clock_off.borrow_and_update();
+                    let status = if serving {
                         tonic_health::ServingStatus::Serving
                     } else {
                         tonic_health::ServingStatus::NotServing
                     };
                     health.set_service_status(KV_SERVICE, status).await;
                     health.set_service_status("", status).await;
-                    if ready.changed().await.is_err() {
+                    let changed = tokio::select! {
+                        changed = ready.changed() => changed,
+                        changed = clock_off.changed() => changed,
+                        // The clock verdict also changes with time alone
+                        // (measurements age, the wall clock steps).
+                        () = tokio::time::sleep(CLOCK_RECHECK) => {
+                            clock_guard.is_off();
+                            Ok(())
+                        }
+                    };
+                    if changed.is_err() {
                         return;
                     }
                 }
@@ -258,22 +287,26 @@ impl Node {
             .cluster
             .bootstrap(config.cluster.initial_members.as_ref())
             .await?;
-        let pullers = tokio::spawn(puller::run(Arc::clone(&core), tls.clone(), stop_rx.clone()));
+        let pullers = tokio::spawn(puller::run(
+            Arc::clone(&core),
+            links.clone(),
+            stop_rx.clone(),
+        ));
         let takeovers = tokio::spawn(takeover::run(
             Arc::clone(&core),
-            tls.clone(),
+            links.clone(),
             stop_rx.clone(),
         ));
         let maps = tokio::spawn(follow_maps(Arc::clone(&core), stop_rx.clone()));
         let anti_entropy = tokio::spawn(antientropy::run(
             Arc::clone(&core),
-            tls.clone(),
+            links.clone(),
             stop_rx.clone(),
         ));
         let leader = tokio::spawn(cluster::leader::run(
             Arc::clone(&core.cluster),
             initial,
-            tls.clone(),
+            links.clone(),
             stop_rx.clone(),
         ));
 
@@ -308,6 +341,7 @@ impl Node {
         let server = Server::builder()
             .tls_config(tls_config)?
             .max_concurrent_streams(config.server.max_concurrent_streams)
+            .layer(ClockLayer::new(Arc::clone(&core.clock_guard)))
             .add_service(health_service)
             .add_service(kv)
             .add_service(replication)
@@ -477,6 +511,10 @@ fn publish_engine_gauges(core: &NodeCore) {
     }
     set("caskade_node_disk_full", u64::from(stats.disk_full));
     set("caskade_engine_poisoned", u64::from(stats.writes_poisoned));
+    set(
+        crate::clock_offset::names::CLOCK_OFF,
+        u64::from(core.clock_guard.is_off()),
+    );
     core.observer.publish_in_flight();
     let replication = &core.replication;
     gauge!("caskade_node_ready", "node" => node.clone()).set(f64::from(u8::from(stats.ready)));

@@ -570,3 +570,77 @@ async fn a_bad_config_names_its_field_and_exits_with_code_2() {
     let stderr = refused_config(&cluster, &typo).await;
     assert!(stderr.contains("`listne`"), "{stderr}");
 }
+
+/// A node whose log cannot be written (its stderr is `/dev/full`, as when
+/// the disk under its log fills up) serves on: a log line that cannot be
+/// written is dropped. (The log library's fallback, printing its own
+/// error to that same stderr, panicked whichever task was logging: a node
+/// whose log disk filled lost its pullers and anti-entropy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_log_cannot_be_written_serves_on() {
+    let cluster = Cluster::new();
+    // The node cannot say where it listens: it gets a port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = cluster
+        .config_text("never", "json", "debug")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let config = cluster.write_config(&text);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_caskade-node"))
+        .arg("--config")
+        .arg(&config)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(full)
+        .spawn()
+        .unwrap();
+    let mut node = Reaped(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    let mut kv = loop {
+        if let Some(status) = node.0.try_wait().unwrap() {
+            panic!("the node exited with {status} before serving");
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break cluster.kv_client(addr).await;
+        }
+        assert!(
+            started.elapsed() < START_DEADLINE,
+            "the node never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Every request logs a line (at debug) that cannot be written.
+    for n in 0..50 {
+        let key = format!("unlogged-{n}");
+        kv.put(put_request(&key)).await.unwrap();
+        let got = kv
+            .get(GetRequest {
+                key: key.clone().into_bytes().into(),
+                ..GetRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.value, value_of(&key));
+    }
+    assert!(node.0.try_wait().unwrap().is_none(), "the node exited");
+}
+
+/// A child process killed and reaped when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

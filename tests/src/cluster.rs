@@ -111,7 +111,27 @@ pub struct ClusterSpec {
     pub node_binary: Option<PathBuf>,
     /// Adjusts each node's configuration before it first starts.
     pub configure: fn(&mut NodeConfig),
+    /// Where each node process runs, in member order: empty for loopback
+    /// ports the OS picks, else one host per member (all
+    /// [`Member::Process`]), such as the hosts of a
+    /// [`crate::netns::Network`], then one per spare node process
+    /// ([`TestCluster::start_spare_process`]).
+    pub hosts: Vec<NodeHost>,
 }
+
+/// A host a node process runs on: its address there, and the command
+/// prefix that starts a program on it (`ip netns exec …`, perhaps with an
+/// environment such as a skewed clock's).
+#[derive(Debug, Clone)]
+pub struct NodeHost {
+    /// The address the node listens on.
+    pub ip: std::net::IpAddr,
+    /// Prepended to the node's command line.
+    pub launcher: Vec<std::ffi::OsString>,
+}
+
+/// The port of a node on a host of its own (nothing else listens there).
+pub const HOST_NODE_PORT: u16 = 7000;
 
 impl ClusterSpec {
     /// `nodes` storage nodes with replication factor `replication_factor`.
@@ -123,6 +143,7 @@ impl ClusterSpec {
             policy,
             node_binary: None,
             configure: |_| {},
+            hosts: Vec::new(),
         }
     }
 
@@ -200,6 +221,8 @@ struct Slot {
     real: bool,
     /// The node runs in a process of its own (started from this executable).
     binary: Option<PathBuf>,
+    /// The command prefix its process is started with.
+    launcher: Vec<std::ffi::OsString>,
     occupant: Occupant,
 }
 
@@ -230,6 +253,9 @@ pub struct TestCluster {
     /// The first id of this cluster's block, and the spec's configuration hook.
     block: u32,
     configure: fn(&mut NodeConfig),
+    /// The spec's node binary, and the hosts left for spare node processes.
+    node_binary: Option<PathBuf>,
+    spare_hosts: Vec<NodeHost>,
     _dir: TempDir,
 }
 
@@ -241,9 +267,18 @@ impl TestCluster {
         if spec.members.is_empty() || spec.members.len() >= 100 {
             bail!("a test cluster has 1 to 99 members");
         }
+        if !spec.hosts.is_empty()
+            && (spec.hosts.len() < spec.members.len()
+                || spec.hosts.len() > spec.members.len() + SPARE_NODES as usize
+                || spec.members.iter().any(|m| *m != Member::Process))
+        {
+            bail!("hosts are for node processes: one per member, then one per spare");
+        }
         let dir = tempfile::tempdir()?;
         let count = u32::try_from(spec.members.len())?;
-        let certs = ensure_cluster_certs(&dir.path().join("certs"), count + SPARE_NODES, &[])?;
+        let host_names: Vec<String> = spec.hosts.iter().map(|h| h.ip.to_string()).collect();
+        let certs =
+            ensure_cluster_certs(&dir.path().join("certs"), count + SPARE_NODES, &host_names)?;
         let block = NEXT_ID_BLOCK.fetch_add(1, Ordering::Relaxed) * 100;
 
         // First every member gets its address (in-process nodes bind port 0,
@@ -277,11 +312,14 @@ impl TestCluster {
                     let (hanging, addr) = HangingListener::bind(config.listen).await?;
                     (addr, Occupant::Hanging(hanging))
                 }
-                Member::Process => {
+                Member::Process => match spec.hosts.get(index) {
+                    Some(host) => (SocketAddr::new(host.ip, HOST_NODE_PORT), Occupant::Nothing),
                     // A free port, chosen by the OS and handed to the process.
-                    let addr = TcpListener::bind(config.listen).await?.local_addr()?;
-                    (addr, Occupant::Nothing)
-                }
+                    None => {
+                        let addr = TcpListener::bind(config.listen).await?.local_addr()?;
+                        (addr, Occupant::Nothing)
+                    }
+                },
             };
             // Restarts must come back where the map says the node is.
             config.listen = addr;
@@ -291,6 +329,11 @@ impl TestCluster {
                 config,
                 real: *member != Member::Hanging,
                 binary,
+                launcher: spec
+                    .hosts
+                    .get(index)
+                    .map(|h| h.launcher.clone())
+                    .unwrap_or_default(),
                 occupant,
             });
         }
@@ -312,7 +355,7 @@ impl TestCluster {
         }
         for slot in slots.iter_mut().filter(|s| s.binary.is_some()) {
             let binary = slot.binary.as_deref().context("a node binary")?;
-            let process = NodeProcess::start(binary, &slot.config)
+            let process = NodeProcess::start(&slot.launcher, binary, &slot.config)
                 .await
                 .with_context(|| format!("starting node process {}", slot.id))?;
             slot.occupant = Occupant::Process(process);
@@ -399,6 +442,12 @@ impl TestCluster {
             more_routers: Vec::new(),
             block,
             configure: spec.configure,
+            spare_hosts: spec
+                .hosts
+                .get(spec.members.len()..)
+                .unwrap_or_default()
+                .to_vec(),
+            node_binary: spec.node_binary,
             _dir: dir,
         };
         let nodes = cluster.slots.iter().filter(|s| s.real).count();
@@ -564,7 +613,41 @@ impl TestCluster {
             config,
             real: true,
             binary: None,
+            launcher: Vec::new(),
             occupant: serve_node(node),
+        });
+        Ok(id)
+    }
+
+    /// Starts one more storage node as a process on the next spare host of
+    /// [`ClusterSpec::hosts`], not in the cluster map: a node to add with
+    /// `POST /admin/v1/nodes`. Returns its id.
+    pub async fn start_spare_process(&mut self) -> anyhow::Result<u32> {
+        let index = self.slots.len();
+        if index >= self.certs.nodes.len() {
+            bail!("no certificate left for another node");
+        }
+        if self.spare_hosts.is_empty() {
+            bail!("no spare host left");
+        }
+        let host = self.spare_hosts[0].clone();
+        let binary = self.node_binary.clone().context("no node binary")?;
+        let id = self.block + u32::try_from(index)? + 1;
+        let mut config = node_config(self._dir.path(), &self.certs, index, id);
+        (self.configure)(&mut config);
+        config.listen = SocketAddr::new(host.ip, HOST_NODE_PORT);
+        let process = NodeProcess::start(&host.launcher, &binary, &config)
+            .await
+            .with_context(|| format!("starting spare node process {id}"))?;
+        self.spare_hosts.remove(0);
+        self.slots.push(Slot {
+            id,
+            addr: config.listen,
+            config,
+            real: true,
+            binary: Some(binary),
+            launcher: host.launcher,
+            occupant: Occupant::Process(process),
         });
         Ok(id)
     }
@@ -713,7 +796,7 @@ impl TestCluster {
         }
         slot.occupant = match &slot.binary {
             Some(binary) => Occupant::Process(
-                NodeProcess::start(binary, &slot.config)
+                NodeProcess::start(&slot.launcher, binary, &slot.config)
                     .await
                     .with_context(|| format!("restarting node process {id} on {}", slot.addr))?,
             ),
@@ -785,6 +868,15 @@ impl TestCluster {
             "test keys need no percent-encoding: {key}"
         );
         self.at(&format!("/v1/kv/{key}"))
+    }
+
+    /// `GET` `key` at read level `r`, as the writer.
+    pub async fn get_level(&self, key: &str, r: &str) -> reqwest::Result<Response> {
+        self.client
+            .get(format!("{}?r={r}", self.kv_url(key)))
+            .bearer_auth(&self.writer_token)
+            .send()
+            .await
     }
 
     /// PUT `value` at `key` with write level `w` (`one`, `quorum`, `all`) as the writer.

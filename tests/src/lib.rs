@@ -5,8 +5,11 @@ pub mod cluster;
 pub mod disk;
 pub mod history;
 pub mod local;
+pub mod netns;
 pub mod node_process;
 pub mod rng;
+pub mod skew;
+pub mod workload;
 
 /// Name of key number `n` written by the `crash-writer` binary.
 pub fn crash_key(n: u64) -> String {

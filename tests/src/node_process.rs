@@ -1,7 +1,8 @@
 //! A storage node in a process of its own, for crash tests: started from a
 //! [`NodeConfig`] passed as `CASKADE_NODE_*` environment variables (the
 //! same overrides an operator uses), stopped with SIGTERM or killed with
-//! SIGKILL, its log kept in a file beside its data directory.
+//! SIGKILL, its log kept in a file beside its data directory, at the level
+//! `CASKADE_TEST_NODE_LOG` names (`info` by default).
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -28,9 +29,15 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Starts `binary` for `config` (whose `listen` must name a port) and
-    /// waits until it accepts connections.
-    pub async fn start(binary: &Path, config: &NodeConfig) -> anyhow::Result<NodeProcess> {
+    /// Starts `binary` for `config` (whose `listen` must name a port),
+    /// through `launcher` if it is not empty (a command that runs its
+    /// arguments, such as `ip netns exec NAME`), and waits until it accepts
+    /// connections.
+    pub async fn start(
+        launcher: &[std::ffi::OsString],
+        binary: &Path,
+        config: &NodeConfig,
+    ) -> anyhow::Result<NodeProcess> {
         if config.listen.port() == 0 {
             bail!("a node process needs a fixed port");
         }
@@ -40,7 +47,15 @@ impl NodeProcess {
             .append(true)
             .open(&log)
             .with_context(|| format!("opening {}", log.display()))?;
-        let child = Command::new(binary)
+        let mut command = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .env_clear()
             .envs(environment(config))
             .stdin(Stdio::null())
@@ -157,11 +172,18 @@ fn environment(config: &NodeConfig) -> Vec<(String, String)> {
             config.replication.ack_timeout_ms.to_string(),
         ),
         (
+            "REPLICATION__ANTI_ENTROPY_INTERVAL_MS",
+            config.replication.anti_entropy_interval_ms.to_string(),
+        ),
+        (
             "SERVER__SHUTDOWN_GRACE_SECS",
             config.server.shutdown_grace_secs.to_string(),
         ),
         ("LOG__FORMAT", "json".into()),
-        ("LOG__LEVEL", "info".into()),
+        (
+            "LOG__LEVEL",
+            std::env::var("CASKADE_TEST_NODE_LOG").unwrap_or_else(|_| "info".into()),
+        ),
     ];
     if let Some(dir) = &config.backup_dir {
         vars.push(("BACKUP_DIR", path(dir)));
@@ -184,6 +206,10 @@ fn environment(config: &NodeConfig) -> Vec<(String, String)> {
             cluster.failover_after_ms.to_string(),
         ),
         ("CLUSTER__HEARTBEAT_MS", cluster.heartbeat_ms.to_string()),
+        (
+            "CLUSTER__MAX_CLOCK_OFFSET_MS",
+            cluster.max_clock_offset_ms.to_string(),
+        ),
         (
             "CLUSTER__ELECTION_TIMEOUT_MS",
             cluster.election_timeout_ms.to_string(),

@@ -329,13 +329,7 @@ async fn breaker_opens(tc: &TestCluster, id: u32) -> f64 {
 /// Reads `key` at every read level and checks each answers `expected`.
 async fn reads_back(tc: &TestCluster, key: &str, expected: &str) {
     for level in ["primary", "any", "quorum"] {
-        let response = tc
-            .client()
-            .get(format!("{}?r={level}", tc.kv_url(key)))
-            .bearer_auth(&tc.writer_token)
-            .send()
-            .await
-            .unwrap();
+        let response = tc.get_level(key, level).await.unwrap();
         let status = response.status();
         let body = response.text().await.unwrap();
         assert_eq!(status, StatusCode::OK, "{key} at r={level}: {body}");

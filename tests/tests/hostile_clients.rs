@@ -1077,6 +1077,32 @@ async fn bodies_declared_over_the_limit_are_refused_before_they_are_read() {
     rc.stop().await;
 }
 
+/// A client that goes on sending a body the router refused from its
+/// declared length, as most HTTP/1.1 clients do, still gets its 413: the
+/// router closes its side and drops what comes after (a lingering close)
+/// rather than resetting the connection under the client's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_a_refused_body_gets_its_413() {
+    let rc = cluster(LimitsConfig::default()).await;
+    let token = rc.token(Role::Writer, None);
+    let client = rc.new_client(Protocol::Http11);
+    // Far more than the sockets between them hold.
+    let body = vec![b'x'; 8 << 20];
+    for round in 0..5 {
+        let answer = client
+            .put(rc.at(&format!("/v1/kv/big%2Fsent-{round}")))
+            .bearer_auth(&token)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: no answer: {e:?}"));
+        assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        check_error_body(&answer.json().await.unwrap(), "too_large");
+    }
+    drop(client);
+    rc.stop().await;
+}
+
 // ------------------------------------------------------------------ metrics
 
 /// The methods a metric label may name.

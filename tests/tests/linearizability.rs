@@ -10,16 +10,12 @@
 //! use is printed).
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caskade_router::config::NodePolicy;
 use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
-use caskade_tests::history::{self, History, Op, Response};
 use caskade_tests::rng::Rng;
-use reqwest::StatusCode;
-use serde_json::Value;
+use caskade_tests::workload::Workload;
 
 /// The `caskade-node` binary built in this package.
 const NODE_BINARY: &str = env!("CARGO_BIN_EXE_caskade-node-process");
@@ -29,8 +25,6 @@ const CLIENTS: u32 = 6;
 const KEYS: usize = 5;
 /// How long clients run.
 const RUN: Duration = Duration::from_secs(30);
-/// A client gives up on an answer after this (the outcome is then unknown).
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn seed() -> u64 {
     std::env::var("CASKADE_TEST_SEED")
@@ -52,120 +46,6 @@ fn policy() -> NodePolicy {
 fn quick_failover(config: &mut caskade_node::NodeConfig) {
     config.cluster.failover_after_ms = 1000;
     config.replication.anti_entropy_interval_ms = 300;
-}
-
-/// How a client's request ended, for the history.
-enum Ended {
-    Answered(Response),
-    NotApplied,
-    Unknown,
-}
-
-/// Sends one operation and classifies the answer.
-async fn send(client: &reqwest::Client, url: &str, token: &str, op: &Op) -> Ended {
-    let request = match op {
-        Op::Get => client.get(format!("{url}?r=quorum")),
-        Op::Put { value } => client.put(format!("{url}?w=quorum")).body(value.clone()),
-        Op::PutIfAbsent { value } => client
-            .put(format!("{url}?w=quorum"))
-            .header("if-none-match", "*")
-            .body(value.clone()),
-        Op::PutIfMatch { value, etag } => client
-            .put(format!("{url}?w=quorum"))
-            .header("if-match", format!("\"{etag}\""))
-            .body(value.clone()),
-        Op::Delete => client.delete(format!("{url}?w=quorum")),
-        Op::DeleteIfMatch { etag } => client
-            .delete(format!("{url}?w=quorum"))
-            .header("if-match", format!("\"{etag}\"")),
-    };
-    let Ok(response) = request.bearer_auth(token).send().await else {
-        return Ended::Unknown;
-    };
-    let status = response.status();
-    let etag = response
-        .headers()
-        .get("etag")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim_matches('"').to_string());
-    let Ok(body) = response.bytes().await else {
-        return Ended::Unknown;
-    };
-    match (status, op) {
-        (StatusCode::OK, Op::Get) => Ended::Answered(Response::Found {
-            value: String::from_utf8_lossy(&body).into_owned(),
-            etag: etag.unwrap(),
-        }),
-        (StatusCode::NOT_FOUND, Op::Get) => Ended::Answered(Response::NotFound),
-        (StatusCode::OK | StatusCode::CREATED, _) => Ended::Answered(Response::Written {
-            etag: etag.unwrap(),
-        }),
-        (StatusCode::NO_CONTENT, _) => Ended::Answered(Response::Deleted),
-        (StatusCode::PRECONDITION_FAILED, _) => Ended::Answered(Response::PreconditionFailed),
-        (StatusCode::TOO_MANY_REQUESTS | StatusCode::INSUFFICIENT_STORAGE, _) => Ended::NotApplied,
-        (status, _) if status.is_server_error() => {
-            let body: Value = serde_json::from_slice(&body).unwrap_or_default();
-            if body["error"]["outcome"] == "not_applied" {
-                Ended::NotApplied
-            } else {
-                Ended::Unknown
-            }
-        }
-        (status, op) => panic!(
-            "{op:?} answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        ),
-    }
-}
-
-/// One client: random operations on the shared keys until `until`.
-async fn client_loop(
-    id: u32,
-    mut rng: Rng,
-    client: reqwest::Client,
-    urls: Arc<Vec<(String, String)>>,
-    token: String,
-    history: Arc<History>,
-    until: Instant,
-) {
-    // The last version this client saw of each key, for `If-Match`.
-    let mut seen: HashMap<usize, String> = HashMap::new();
-    let mut n = 0u64;
-    while Instant::now() < until {
-        let k = rng.below(urls.len() as u64) as usize;
-        let (key, url) = &urls[k];
-        n += 1;
-        let value = format!("c{id}-{n}");
-        let op = match (rng.below(10), seen.get(&k)) {
-            (0..=3, _) => Op::Get,
-            (4, _) => Op::Put { value },
-            (5, _) => Op::PutIfAbsent { value },
-            (6 | 7, Some(etag)) => Op::PutIfMatch {
-                value,
-                etag: etag.clone(),
-            },
-            (8, Some(etag)) => Op::DeleteIfMatch { etag: etag.clone() },
-            (6..=8, None) => Op::PutIfAbsent { value },
-            _ => Op::Delete,
-        };
-        let call = history.invoke(id, key.clone(), op.clone());
-        match send(&client, url, &token, &op).await {
-            Ended::Answered(response) => {
-                match &response {
-                    Response::Written { etag } | Response::Found { etag, .. } => {
-                        seen.insert(k, etag.clone());
-                    }
-                    Response::Deleted | Response::NotFound => {
-                        seen.remove(&k);
-                    }
-                    Response::PreconditionFailed => {}
-                }
-                history.returned(call, response);
-            }
-            Ended::NotApplied => history.failed(call),
-            Ended::Unknown => history.unknown(call),
-        }
-    }
 }
 
 /// Kills, restarts, freezes and thaws nodes one at a time until `until`;
@@ -202,34 +82,10 @@ async fn single_key_histories_are_linearizable_through_kills_freezes_and_failove
         ..ClusterSpec::processes(3, 3, policy(), NODE_BINARY)
     };
     let mut tc = TestCluster::start(spec).await.unwrap();
-    let urls: Arc<Vec<(String, String)>> = Arc::new(
-        (0..KEYS)
-            .map(|k| {
-                let key = format!("lin-{k}");
-                let url = tc.kv_url(&key);
-                (key, url)
-            })
-            .collect(),
-    );
-    let history = Arc::new(History::new());
-    let until = Instant::now() + RUN;
     let mut rng = Rng(seed);
-    let mut clients = tokio::task::JoinSet::new();
-    for id in 0..CLIENTS {
-        clients.spawn(client_loop(
-            id,
-            Rng(rng.next_u64()),
-            tc.client_with_timeout(CLIENT_TIMEOUT).unwrap(),
-            Arc::clone(&urls),
-            tc.writer_token.clone(),
-            Arc::clone(&history),
-            until,
-        ));
-    }
-    let faults = nemesis(&mut tc, Rng(rng.next_u64()), until).await;
-    while let Some(done) = clients.join_next().await {
-        done.unwrap();
-    }
+    let mut workload = Workload::start(&tc, "lin", KEYS, CLIENTS, rng.next_u64()).unwrap();
+    let faults = nemesis(&mut tc, Rng(rng.next_u64()), Instant::now() + RUN).await;
+    workload.stop().await;
     eprintln!("faults: {faults:?}");
     poll_until(
         "every node to be ready again",
@@ -238,26 +94,14 @@ async fn single_key_histories_are_linearizable_through_kills_freezes_and_failove
     )
     .await;
 
-    let events = history.events();
-    let report = history::check(&events);
-    let answered = events
-        .iter()
-        .filter(|e| matches!(e.outcome, history::Outcome::Ok { .. }))
-        .count();
-    let not_applied = events
-        .iter()
-        .filter(|e| matches!(e.outcome, history::Outcome::Failed { .. }))
-        .count();
-    eprintln!(
-        "{} ({answered} answered, {not_applied} not applied, {} unknown)",
-        report.to_string().lines().next().unwrap_or_default(),
-        events.len() - answered - not_applied
-    );
-    assert!(report.is_linearizable(), "seed {seed}: {report}");
+    let verdict = workload.verdict().await;
+    eprintln!("{}", verdict.counts());
+    assert!(verdict.passed(), "seed {seed}: {verdict}");
+    let operations = workload.operations();
     assert!(
-        answered * 2 > events.len(),
-        "most operations must be answered: {answered} of {}",
-        events.len()
+        verdict.acknowledged + verdict.reads > operations / 2,
+        "most operations must be answered: {} of {operations}",
+        verdict.acknowledged + verdict.reads
     );
     tc.shutdown().await.unwrap();
 }

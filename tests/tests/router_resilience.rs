@@ -399,6 +399,7 @@ async fn a_cancelled_probe_does_not_wedge_the_breaker() {
         policy: policy.clone(),
         node_binary: None,
         configure: |_| {},
+        hosts: Vec::new(),
     })
     .await
     .unwrap();
@@ -486,6 +487,7 @@ async fn a_hanging_node_in_the_map_costs_at_most_the_timeout() {
         policy: policy.clone(),
         node_binary: None,
         configure: |_| {},
+        hosts: Vec::new(),
     })
     .await
     .unwrap();
@@ -566,6 +568,7 @@ async fn health_checks_go_on_while_a_node_hangs() {
         policy: policy.clone(),
         node_binary: None,
         configure: |_| {},
+        hosts: Vec::new(),
     })
     .await
     .unwrap();
@@ -713,6 +716,7 @@ async fn a_full_node_sheds_load_with_429() {
         policy: policy.clone(),
         node_binary: None,
         configure: |_| {},
+        hosts: Vec::new(),
     })
     .await
     .unwrap();

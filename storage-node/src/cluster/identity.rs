@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use caskade_common::tls::TlsMaterial;
+use crate::peers::PeerLinks;
 use caskade_proto::HelloRequest;
 use caskade_proto::raft_client::RaftClient;
 use xxhash_rust::xxh3::xxh3_64;
@@ -176,14 +176,14 @@ pub async fn check_members(
     me: u32,
     members: &InitialMembers,
     ours: &str,
-    tls: &TlsMaterial,
+    links: &PeerLinks,
 ) -> Result<(), BootstrapError> {
     let checks = members
         .0
         .iter()
         .filter(|m| m.id != me)
         .map(|member| async move {
-            let Ok(channel) = channel(&member.addr, tls) else {
+            let Ok(channel) = channel(&member.addr, links) else {
                 return Ok(());
             };
             let request = HelloRequest {

@@ -23,12 +23,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use caskade_common::tls::TlsMaterial;
+use crate::clock_offset::PeerChannel;
+use crate::peers::PeerLinks;
 use caskade_proto::StatsRequest;
 use caskade_proto::admin_client::AdminClient;
 use openraft::{BasicNode, ChangeMembers};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -47,7 +47,7 @@ const KV_SERVICE: &str = "caskade.v1.Kv";
 pub async fn run(
     cluster: Arc<Cluster>,
     initial: Option<InitialMembers>,
-    tls: TlsMaterial,
+    links: PeerLinks,
     mut stop: watch::Receiver<bool>,
 ) {
     let failover_after = Duration::from_millis(cluster.config.failover_after_ms);
@@ -56,7 +56,7 @@ pub async fn run(
     } else {
         (failover_after / 5).clamp(Duration::from_millis(50), Duration::from_secs(1))
     };
-    let mut detector = Detector::new(tls, failover_after);
+    let mut detector = Detector::new(links, failover_after);
     loop {
         tokio::select! {
             () = tokio::time::sleep(tick) => {}
@@ -130,19 +130,19 @@ pub async fn run(
 
 /// The leader's failure detector.
 struct Detector {
-    tls: TlsMaterial,
+    links: PeerLinks,
     failover_after: Duration,
     /// When this node started leading (the grace period counts from here).
     leading_since: Option<Instant>,
     /// When each node last answered a probe.
     seen: HashMap<u32, Instant>,
-    channels: HashMap<String, Channel>,
+    channels: HashMap<String, PeerChannel>,
 }
 
 impl Detector {
-    fn new(tls: TlsMaterial, failover_after: Duration) -> Detector {
+    fn new(links: PeerLinks, failover_after: Duration) -> Detector {
         Detector {
-            tls,
+            links,
             failover_after,
             leading_since: None,
             seen: HashMap::new(),
@@ -163,7 +163,7 @@ impl Detector {
         for node in map.nodes.iter().filter(|n| n.id != cluster.me) {
             let channel = match self.channels.get(&node.addr) {
                 Some(channel) => channel.clone(),
-                None => match channel(&node.addr, &self.tls) {
+                None => match channel(&node.addr, &self.links) {
                     Ok(channel) => {
                         self.channels.insert(node.addr.clone(), channel.clone());
                         channel
@@ -196,7 +196,12 @@ impl Detector {
             }
             let Some(node) = map.node(id) else { continue };
             let last = self.seen.get(&id).copied().unwrap_or(since).max(since);
-            if !node.down && now.duration_since(last) >= self.failover_after {
+            // A leader whose own clock is off finds every peer silent
+            // (it refuses their answers): it marks no one down.
+            if !node.down
+                && now.duration_since(last) >= self.failover_after
+                && !self.links.clock.is_off()
+            {
                 decisions.push((id, true));
             } else if node.down
                 && serving == Some(true)
@@ -219,7 +224,7 @@ impl Detector {
             .filter(|n| n.joining && !n.down && !n.leaving)
         {
             if !self.channels.contains_key(&node.addr)
-                && let Ok(channel) = channel(&node.addr, &self.tls)
+                && let Ok(channel) = channel(&node.addr, &self.links)
             {
                 self.channels.insert(node.addr.clone(), channel);
             }

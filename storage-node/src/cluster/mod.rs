@@ -31,7 +31,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use caskade_common::tls::TlsMaterial;
+use crate::peers::PeerLinks;
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::{ChangeClusterRequest, RaftStatus};
 use openraft::error::{ClientWriteError, RaftError};
@@ -87,7 +87,7 @@ pub struct Cluster {
     db: Arc<RaftDb>,
     machine: Arc<MapMachine>,
     identity: Arc<Identity>,
-    tls: TlsMaterial,
+    links: PeerLinks,
     config: ClusterConfig,
     /// Serialises the membership changes this node makes as leader (held
     /// across awaits: it is a tokio mutex).
@@ -120,7 +120,7 @@ impl Cluster {
         me: u32,
         data_dir: &Path,
         config: &ClusterConfig,
-        tls: &TlsMaterial,
+        links: &PeerLinks,
         listener: Option<&TcpListener>,
     ) -> Result<Cluster, ClusterError> {
         if !RaftDb::exists(data_dir)
@@ -128,9 +128,9 @@ impl Cluster {
         {
             if let (Some(mine), Some(listener)) = (members.0.iter().find(|m| m.id == me), listener)
             {
-                own_address::check(me, &mine.addr, listener, tls).await?;
+                own_address::check(me, &mine.addr, listener, links).await?;
             }
-            identity::check_members(me, members, &identity::cluster_id(members, config), tls)
+            identity::check_members(me, members, &identity::cluster_id(members, config), links)
                 .await?;
         }
         std::fs::create_dir_all(data_dir).map_err(StoreError::from_io)?;
@@ -148,7 +148,7 @@ impl Cluster {
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let network = network::Network {
             me,
-            tls: tls.clone(),
+            links: links.clone(),
             identity: Arc::clone(&identity),
         };
         let raft = Raft::new(
@@ -166,7 +166,7 @@ impl Cluster {
             db,
             machine,
             identity,
-            tls: tls.clone(),
+            links: links.clone(),
             config: config.clone(),
             changes: tokio::sync::Mutex::new(()),
         })
@@ -351,7 +351,7 @@ impl Cluster {
             ));
         };
         let channel =
-            channel(addr, &self.tls).map_err(|e| ChangeError::Unavailable(e.to_string()))?;
+            channel(addr, &self.links).map_err(|e| ChangeError::Unavailable(e.to_string()))?;
         let mut request = tonic::Request::new(ChangeClusterRequest {
             expected_epoch,
             change: Some(proto),

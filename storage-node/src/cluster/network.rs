@@ -7,7 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use caskade_common::tls::TlsMaterial;
+use crate::clock_offset::PeerChannel;
+use crate::peers::PeerLinks;
 use caskade_proto::RaftRequest;
 use caskade_proto::raft_client::RaftClient;
 use openraft::error::{
@@ -22,7 +23,6 @@ use openraft::{OptionalSend, Snapshot, Vote};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use super::identity::Identity;
 use super::types::{NodeId, RaftNode, TypeConfig};
@@ -36,8 +36,8 @@ const MAX_CALL: Duration = Duration::from_secs(10);
 pub struct Network {
     /// This node's id.
     pub me: u32,
-    /// mTLS client material.
-    pub tls: TlsMaterial,
+    /// How to reach peers: mutual TLS and the clock guard.
+    pub links: PeerLinks,
     /// The cluster identity sent with every call.
     pub identity: Arc<Identity>,
 }
@@ -49,7 +49,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             target,
             addr: node.addr.clone(),
-            channel: channel(&node.addr, &self.tls).ok(),
+            channel: channel(&node.addr, &self.links).ok(),
             me: self.me,
             identity: Arc::clone(&self.identity),
         }
@@ -61,7 +61,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Peer {
     target: NodeId,
     addr: String,
-    channel: Option<Channel>,
+    channel: Option<PeerChannel>,
     me: u32,
     identity: Arc<Identity>,
 }

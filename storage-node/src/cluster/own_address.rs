@@ -22,8 +22,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::peers::PeerLinks;
 use caskade_common::telemetry::random_hex_id;
-use caskade_common::tls::TlsMaterial;
 use caskade_proto::HelloRequest;
 use caskade_proto::raft_client::RaftClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,7 +59,7 @@ pub async fn check(
     me: u32,
     addr: &str,
     listener: &TcpListener,
-    tls: &TlsMaterial,
+    links: &PeerLinks,
 ) -> Result<(), BootstrapError> {
     let token = format!("caskade own-address check {}\n", random_hex_id());
     let Some(mut stream) = connect(addr).await else {
@@ -76,7 +76,7 @@ pub async fn check(
         return Ok(());
     }
     drop(stream);
-    match who_answers(addr, me, tls).await {
+    match who_answers(addr, me, links).await {
         Some(found) => Err(BootstrapError::AddressTaken {
             id: me,
             addr: addr.to_owned(),
@@ -156,8 +156,8 @@ async fn token_arrives(listener: &TcpListener, token: &[u8]) -> bool {
 
 /// The id of the caskade node that answers `Raft/Hello` at `addr` within
 /// [`HELLO_DEADLINE`], if any.
-async fn who_answers(addr: &str, me: u32, tls: &TlsMaterial) -> Option<u32> {
-    let channel = channel(addr, tls).ok()?;
+async fn who_answers(addr: &str, me: u32, links: &PeerLinks) -> Option<u32> {
+    let channel = channel(addr, links).ok()?;
     let request = HelloRequest {
         cluster_id: String::new(),
         expected_id: me,

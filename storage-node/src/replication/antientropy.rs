@@ -34,9 +34,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::clock_offset::PeerChannel;
+use crate::peers::PeerLinks;
 use caskade_common::Version;
 use caskade_common::limits::validate_key;
-use caskade_common::tls::TlsMaterial;
 use caskade_common::version::unix_millis;
 use caskade_proto::replication_client::ReplicationClient;
 use caskade_proto::{DigestRequest, ReplicatedRecord, SnapshotRequest};
@@ -44,7 +45,6 @@ use metrics::counter;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
 use tonic::Status;
-use tonic::transport::Channel;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::Placement;
@@ -133,7 +133,7 @@ pub struct Exchange {
 /// Compares the ranges shared with `peer` and copies what differs.
 async fn exchange(
     core: &Arc<NodeCore>,
-    tls: &TlsMaterial,
+    links: &PeerLinks,
     placement: &Arc<Placement>,
     peer: u32,
 ) -> Result<Exchange, Status> {
@@ -141,7 +141,7 @@ async fn exchange(
         .addrs
         .get(&peer)
         .ok_or_else(|| Status::invalid_argument(format!("node {peer} is not in the map")))?;
-    let channel = channel(addr, tls).map_err(|e| Status::unavailable(e.to_string()))?;
+    let channel = channel(addr, links).map_err(|e| Status::unavailable(e.to_string()))?;
     let retention = core.engine.tombstone_retention().as_millis() as u64;
     let cutoff = unix_millis().saturating_sub(retention);
     let request = DigestRequest {
@@ -175,7 +175,7 @@ async fn exchange(
     if differing.is_empty() {
         return Ok(Exchange::default());
     }
-    let repaired = copy_newer(core, tls, addr, placement, differing.clone(), cutoff).await?;
+    let repaired = copy_newer(core, links, addr, placement, differing.clone(), cutoff).await?;
     Ok(Exchange {
         differing: differing.len(),
         repaired,
@@ -189,16 +189,17 @@ async fn exchange(
 /// records were newer here.
 async fn copy_newer(
     core: &Arc<NodeCore>,
-    tls: &TlsMaterial,
+    links: &PeerLinks,
     addr: &str,
     placement: &Placement,
     differing: Vec<u32>,
     cutoff: u64,
 ) -> Result<u64, Status> {
     let epoch = placement.epoch;
-    let fetching =
-        ReplicationClient::new(channel(addr, tls).map_err(|e| Status::unavailable(e.to_string()))?)
-            .max_decoding_message_size(usize::MAX);
+    let fetching = ReplicationClient::new(
+        channel(addr, links).map_err(|e| Status::unavailable(e.to_string()))?,
+    )
+    .max_decoding_message_size(usize::MAX);
     let listing = SnapshotRequest {
         node_id: core.id,
         epoch,
@@ -208,7 +209,7 @@ async fn copy_newer(
         versions_only: true,
         ..SnapshotRequest::default()
     };
-    let copied = copy_snapshot(tls, addr, listing, |listed| {
+    let copied = copy_snapshot(links, addr, listing, |listed| {
         let (core, mut client) = (Arc::clone(core), fetching.clone());
         async move {
             let reader = Arc::clone(&core);
@@ -231,7 +232,7 @@ async fn copy_newer(
 /// at its size limit is continued from the key it names.
 async fn fetch(
     core: &Arc<NodeCore>,
-    client: &mut ReplicationClient<Channel>,
+    client: &mut ReplicationClient<PeerChannel>,
     epoch: u64,
     cutoff: u64,
     mut keys: &[Bytes],
@@ -419,7 +420,7 @@ fn jitter(period: Duration) -> Duration {
 }
 
 /// Runs anti-entropy rounds every `anti_entropy_interval_ms` until `stop`.
-pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receiver<bool>) {
+pub async fn run(core: Arc<NodeCore>, links: PeerLinks, mut stop: watch::Receiver<bool>) {
     let interval = core.replication.config.anti_entropy_interval_ms;
     if interval == 0 {
         return;
@@ -448,7 +449,7 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
         let mut complete = true;
         for peer in peers {
             let result = tokio::select! {
-                result = exchange(&core, &tls, &placement, peer) => result,
+                result = exchange(&core, &links, &placement, peer) => result,
                 _ = stop.wait_for(|s| *s) => return,
             };
             let labels = [("node", node.clone()), ("peer", peer.to_string())];

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use caskade_common::tls::TlsMaterial;
+use crate::peers::PeerLinks;
 use caskade_proto::admin_client::AdminClient;
 use caskade_proto::{ClusterMap, StatsRequest};
 use tokio::sync::watch;
@@ -413,7 +413,7 @@ impl Replication {
 /// the others pull from it until the operator removes it.
 pub async fn drop_lost_ranges(
     core: Arc<NodeCore>,
-    tls: TlsMaterial,
+    links: PeerLinks,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -432,7 +432,7 @@ pub async fn drop_lost_ranges(
         if placement.ring_epoch != epoch || !placement.ring.contains(core.id) {
             continue;
         }
-        if !every_peer_refilled(&core, &tls, &placement).await {
+        if !every_peer_refilled(&core, &links, &placement).await {
             continue;
         }
         let me = core.id;
@@ -462,12 +462,12 @@ pub async fn drop_lost_ranges(
 
 /// Whether every other node of the ring says it pulled everything of its
 /// ranges from this node under the placement's epoch.
-async fn every_peer_refilled(core: &NodeCore, tls: &TlsMaterial, placement: &Placement) -> bool {
+async fn every_peer_refilled(core: &NodeCore, links: &PeerLinks, placement: &Placement) -> bool {
     for &peer in placement.ring_members() {
         if peer == core.id {
             continue;
         }
-        let Some(Ok(channel)) = placement.addrs.get(&peer).map(|addr| channel(addr, tls)) else {
+        let Some(Ok(channel)) = placement.addrs.get(&peer).map(|addr| channel(addr, links)) else {
             return false;
         };
         let answer = tokio::time::timeout(

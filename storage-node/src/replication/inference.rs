@@ -41,14 +41,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock_offset::PeerChannel;
+use crate::peers::PeerLinks;
 use caskade_common::Version;
-use caskade_common::tls::TlsMaterial;
 use caskade_proto::replication_client::ReplicationClient;
 use caskade_proto::{HeldVersion, VersionsRequest};
 use metrics::counter;
 use prost::bytes::Bytes;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use super::puller::channel;
 use super::service::apply_now;
@@ -226,16 +226,16 @@ pub fn held_versions(core: &NodeCore, keys: &[Bytes]) -> Vec<HeldVersion> {
 #[derive(Debug)]
 pub struct Inference {
     me: u32,
-    tls: TlsMaterial,
-    clients: HashMap<u32, (String, ReplicationClient<Channel>)>,
+    links: PeerLinks,
+    clients: HashMap<u32, (String, ReplicationClient<PeerChannel>)>,
 }
 
 impl Inference {
-    /// For node `me`, connecting with `tls`.
-    pub fn new(me: u32, tls: TlsMaterial) -> Inference {
+    /// For node `me`, connecting through `links`.
+    pub fn new(me: u32, links: PeerLinks) -> Inference {
         Inference {
             me,
-            tls,
+            links,
             clients: HashMap::new(),
         }
     }
@@ -383,14 +383,14 @@ impl Inference {
         &mut self,
         placement: &Placement,
         replica: u32,
-    ) -> Option<ReplicationClient<Channel>> {
+    ) -> Option<ReplicationClient<PeerChannel>> {
         let addr = placement.addrs.get(&replica)?;
         if let Some((known, client)) = self.clients.get(&replica)
             && known == addr
         {
             return Some(client.clone());
         }
-        match channel(addr, &self.tls) {
+        match channel(addr, &self.links) {
             Ok(channel) => {
                 let client = ReplicationClient::new(channel);
                 self.clients.insert(replica, (addr.clone(), client.clone()));

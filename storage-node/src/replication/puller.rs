@@ -12,21 +12,22 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use caskade_common::tls::{TlsMaterial, server_name};
 use caskade_proto::replication_client::ReplicationClient;
 use caskade_proto::{PullRequest, SnapshotRequest};
 use metrics::counter;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use super::Placement;
 use super::cursors::{Cursor, Reading};
 use super::inference::{self, Inference};
 use super::service::{LOG_REPLACED_METADATA, apply_received, from_proto};
+use crate::clock_offset::PeerChannel;
 use crate::engine::Record;
 use crate::kv::NodeCore;
+use crate::peers::PeerLinks;
+pub(crate) use crate::peers::channel;
 
 /// First pause after a failed pull; doubled up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -38,8 +39,6 @@ const PULL_SLACK: Duration = Duration::from_secs(10);
 const IDLE_SESSION: Duration = Duration::from_secs(30);
 /// Failed pulls in a row after which a peer no longer holds up readiness.
 const GIVE_UP_AFTER_FAILURES: u32 = 10;
-/// Connecting to a peer gives up after this.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// At start-up, a peer that has not answered a pull within this long counts
 /// as unreachable for readiness (a host that accepts connections and never
 /// answers must not keep this node out of service); pulling from it goes on.
@@ -69,7 +68,7 @@ impl StartupGate {
 
 /// Runs the pullers until `stop` turns true: one per peer of the current
 /// map, restarted when a peer's address changes, stopped when it leaves.
-pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receiver<bool>) {
+pub async fn run(core: Arc<NodeCore>, links: PeerLinks, mut stop: watch::Receiver<bool>) {
     let mut placements = core.replication.watch_placement();
     let initial = placements.borrow_and_update().clone();
     let gate = Arc::new(StartupGate {
@@ -86,7 +85,7 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
     let persist = tokio::spawn(persist_cursors(Arc::clone(&core), stop.clone()));
     let dropping = tokio::spawn(super::handoff::drop_lost_ranges(
         Arc::clone(&core),
-        tls.clone(),
+        links.clone(),
         stop.clone(),
     ));
     let mut running: HashMap<u32, (String, watch::Sender<bool>)> = HashMap::new();
@@ -118,11 +117,11 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
                 if let Some((_, old)) = running.insert(peer, (addr.clone(), stop_peer)) {
                     let _ = old.send(true);
                 }
-                match channel(addr, &tls) {
+                match channel(addr, &links) {
                     Ok(channel) => {
                         let puller = Puller {
                             core: Arc::clone(&core),
-                            inference: Inference::new(core.id, tls.clone()),
+                            inference: Inference::new(core.id, links.clone()),
                             peer,
                             client: ReplicationClient::new(channel)
                                 .max_decoding_message_size(usize::MAX),
@@ -157,17 +156,6 @@ fn peers_of(core: &NodeCore, placement: Option<&Placement>) -> BTreeSet<u32> {
     placement.map_or_else(BTreeSet::new, |p| p.peers_of(core.id).into_iter().collect())
 }
 
-/// A lazily connecting mutual-TLS channel to a peer at `addr` (`host:port`).
-pub(crate) fn channel(addr: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls.grpc_client(server_name(addr)))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
-}
-
 /// One page of a snapshot copy answers within this, or the copy fails.
 const COPY_PAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -186,7 +174,7 @@ pub struct Copied {
 /// absent from the copy: that is the full catch-up's business
 /// ([`Puller`]), not a takeover's or anti-entropy's.
 pub(crate) async fn copy_snapshot<F, Fut>(
-    tls: &TlsMaterial,
+    links: &PeerLinks,
     addr: &str,
     mut request: SnapshotRequest,
     apply_page: F,
@@ -195,7 +183,7 @@ where
     F: Fn(Vec<Record>) -> Fut,
     Fut: Future<Output = Result<usize, Status>>,
 {
-    let channel = channel(addr, tls).map_err(|e| Status::unavailable(e.to_string()))?;
+    let channel = channel(addr, links).map_err(|e| Status::unavailable(e.to_string()))?;
     let mut client = ReplicationClient::new(channel).max_decoding_message_size(usize::MAX);
     let mut copied = Copied::default();
     loop {
@@ -260,7 +248,7 @@ struct Puller {
     /// Asks the other replicas before a delete is inferred.
     inference: Inference,
     peer: u32,
-    client: ReplicationClient<Channel>,
+    client: ReplicationClient<PeerChannel>,
     gate: Arc<StartupGate>,
     /// The map epoch of the last pull the peer answered.
     answered_epoch: u64,

@@ -41,8 +41,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::peers::PeerLinks;
 use caskade_common::Version;
-use caskade_common::tls::TlsMaterial;
 use caskade_common::version::unix_millis;
 use caskade_proto::SnapshotRequest;
 use tokio::sync::watch;
@@ -225,7 +225,7 @@ impl Replication {
 
 /// Copies primary ranges from the other nodes whenever a takeover is under
 /// way, until `stop` turns true.
-pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receiver<bool>) {
+pub async fn run(core: Arc<NodeCore>, links: PeerLinks, mut stop: watch::Receiver<bool>) {
     let mut placements = core.replication.watch_placement();
     let mut backoff = MIN_BACKOFF;
     loop {
@@ -236,9 +236,9 @@ pub async fn run(core: Arc<NodeCore>, tls: TlsMaterial, mut stop: watch::Receive
             (Some((epoch, peers, lease_wait)), Some(placement)) if placement.epoch == epoch => {
                 let copies = peers.into_iter().map(|peer| {
                     let core = Arc::clone(&core);
-                    let (placement, tls) = (Arc::clone(&placement), tls.clone());
+                    let (placement, links) = (Arc::clone(&placement), links.clone());
                     async move {
-                        match copy_from(&core, &tls, &placement, peer).await {
+                        match copy_from(&core, &links, &placement, peer).await {
                             Ok(copied) => {
                                 tracing::debug!(peer, copied, epoch, "copied primary ranges");
                                 // Before any key it replicates is written
@@ -304,7 +304,7 @@ fn clock_floor() -> Version {
 /// primary of under `placement`; how many records it received.
 async fn copy_from(
     core: &Arc<NodeCore>,
-    tls: &TlsMaterial,
+    links: &PeerLinks,
     placement: &Placement,
     peer: u32,
 ) -> Result<u64, Status> {
@@ -319,6 +319,6 @@ async fn copy_from(
         primary_only: true,
         ..SnapshotRequest::default()
     };
-    let copied = copy_snapshot(tls, addr, request, |records| apply(core, records)).await?;
+    let copied = copy_snapshot(links, addr, request, |records| apply(core, records)).await?;
     Ok(copied.received)
 }

@@ -100,7 +100,7 @@ pub enum Op {
 
 impl Op {
     /// The value this operation stores if it takes effect.
-    fn written_value(&self) -> Option<&str> {
+    pub fn written_value(&self) -> Option<&str> {
         match self {
             Op::Put { value } | Op::PutIfAbsent { value } | Op::PutIfMatch { value, .. } => {
                 Some(value)

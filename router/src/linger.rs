@@ -20,6 +20,8 @@ use tokio::time::{Instant, Sleep};
 pub const QUIET: Duration = Duration::from_millis(200);
 /// The longest a close lingers.
 pub const MAX: Duration = Duration::from_secs(2);
+/// Reads of one poll, before the task yields.
+const READS_PER_POLL: usize = 32;
 
 /// A connection that lingers when it is shut down.
 #[derive(Debug)]
@@ -101,7 +103,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
                 }
                 State::Draining { until, quiet } => {
                     let mut scratch = [0u8; 16 << 10];
-                    loop {
+                    // Deadlines are read off the clock, not only from the
+                    // timer: a timer polled after the task's budget was
+                    // spent on reads would not fire.
+                    for _ in 0..READS_PER_POLL {
+                        if Instant::now() >= *until {
+                            this.state = State::Closed;
+                            return Poll::Ready(Ok(()));
+                        }
                         let mut buf = ReadBuf::new(&mut scratch);
                         match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
                             // More from the client: dropped; it is not quiet yet.
@@ -114,13 +123,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
                                 this.state = State::Closed;
                                 return Poll::Ready(Ok(()));
                             }
-                            Poll::Pending => break,
+                            Poll::Pending => {
+                                if quiet.as_mut().poll(cx).is_ready()
+                                    || Instant::now() >= quiet.deadline()
+                                {
+                                    this.state = State::Closed;
+                                    return Poll::Ready(Ok(()));
+                                }
+                                return Poll::Pending;
+                            }
                         }
                     }
-                    if quiet.as_mut().poll(cx).is_ready() {
-                        this.state = State::Closed;
-                        return Poll::Ready(Ok(()));
-                    }
+                    // Still sending: let other tasks run, then read on.
+                    cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
                 State::Closed => return Poll::Ready(Ok(())),

@@ -29,7 +29,8 @@
 //!   counting itself as within, more of the peers it measured in the last
 //!   [`RECENT`] are beyond the bound than within, or if its wall clock has
 //!   moved by more than the bound against its monotonic clock since it last
-//!   agreed with a peer (a step, seen at once, before any peer could tell).
+//!   agreed with a peer (a step ahead, seen at once, before any peer could
+//!   tell).
 //!   While off it refuses writes (UNAVAILABLE: nothing applied, so routers
 //!   try another replica) and every peer's request, and reports
 //!   NOT_SERVING: the Raft leader's probes of it fail and it is marked down
@@ -135,10 +136,11 @@ pub struct ClockGuard {
 #[derive(Debug, Default)]
 struct State {
     peers: BTreeMap<u32, PeerClock>,
-    /// Wall clock minus monotonic clock, in milliseconds, when this node's
-    /// clock last agreed with a peer's: a wall clock that steps moves away
-    /// from it at once.
-    anchor: Option<i128>,
+    /// Wall clock minus monotonic clock, in milliseconds, as of the send of
+    /// the latest request whose answer agreed with this node's clock (and
+    /// when that send was): a wall clock that steps moves away from it at
+    /// once.
+    anchor: Option<(i128, Instant)>,
 }
 
 /// What [`ClockGuard::verdict`] found.
@@ -168,6 +170,11 @@ impl ClockGuard {
             state: Mutex::new(State::default()),
             off: watch::Sender::new(false),
         }
+    }
+
+    /// The bound, in milliseconds (0: nothing is checked).
+    pub fn max_offset_ms(&self) -> u64 {
+        self.max_offset_ms
     }
 
     /// Whether this node takes its own clock to be off: it then refuses
@@ -211,7 +218,7 @@ impl ClockGuard {
         if self.max_offset_ms == 0 {
             return u64::MAX;
         }
-        let Some(anchor) = self.lock().anchor else {
+        let Some((anchor, _)) = self.lock().anchor else {
             return u64::MAX;
         };
         let agreed_now = anchor + self.monotonic_ms();
@@ -349,10 +356,14 @@ impl ClockGuard {
         );
         // Agreed: the relation of the wall clock to the monotonic one as
         // of the send, when the compared stamp was read.
-        if let (false, Some(sent)) = (beyond, sent) {
+        // A late answer to an older request (a long poll sent before an
+        // NTP correction) does not take the place of a newer agreement.
+        if let (false, Some(sent)) = (beyond, sent)
+            && state.anchor.is_none_or(|(_, at)| sent.at > at)
+        {
             let mono = i128::try_from(sent.at.saturating_duration_since(self.started).as_millis())
                 .unwrap_or(i128::MAX);
-            state.anchor = Some(i128::from(sent.wall_ms) - mono);
+            state.anchor = Some((i128::from(sent.wall_ms) - mono, sent.at));
         }
         gauge!(names::PEER_OFFSET_MS, "node" => self.me.to_string(), "peer" => peer.to_string())
             .set(offset_ms as f64);
@@ -374,7 +385,7 @@ impl ClockGuard {
 
     /// This node's verdict on its own clock: off if, counting itself as
     /// within, more peers measured in the last [`RECENT`] are beyond the
-    /// bound than within it, or if its wall clock stepped by more than the
+    /// bound than within it, or if its wall clock stepped ahead by more than the
     /// bound against the monotonic clock since it last agreed with a peer.
     fn verdict(&self, state: &State) -> Verdict {
         if self.max_offset_ms == 0 {
@@ -390,11 +401,14 @@ impl ClockGuard {
             (0, 0),
             |(b, w), p| if p.beyond { (b + 1, w) } else { (b, w + 1) },
         );
-        let stepped_ms = state.anchor.map_or(0, |anchor| {
+        let stepped_ms = state.anchor.map_or(0, |(anchor, _)| {
             i128::from((self.wall_ms)()) - self.monotonic_ms() - anchor
         });
         Verdict {
-            off: beyond > within + 1 || stepped_ms.unsigned_abs() > u128::from(self.max_offset_ms),
+            // Only a step ahead: a clock stepped back assigns no version
+            // out of order (the hybrid clock goes on from the last one),
+            // and one that is behind is caught by its peers.
+            off: beyond > within + 1 || stepped_ms > i128::from(self.max_offset_ms),
             beyond,
             within,
             stepped_ms,
@@ -543,8 +557,8 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let guard = Arc::clone(&self.guard);
         let arrived = Instant::now();
-        if let Err(status) = guard.check_request(request.headers())
-            && !is_exempt(request.uri().path())
+        if !is_exempt(request.uri().path())
+            && let Err(status) = guard.check_request(request.headers())
         {
             let mut answer: http::Response<Body> = status.into_http();
             guard.stamp(answer.headers_mut());

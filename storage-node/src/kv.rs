@@ -357,8 +357,8 @@ impl NodeCore {
         if self.clock_guard.is_off() {
             return Err(self.clock_guard.refused_write());
         }
-        let ceiling = self.clock_guard.wall_ceiling();
         for _ in 0..STALE_RETRIES {
+            let ceiling = self.clock_guard.wall_ceiling();
             let version = self.hlc.now_unless_wall_past(ceiling)?;
             if let Some(plan) = plan {
                 self.replication.check_plan_lease(plan)?;

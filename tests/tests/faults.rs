@@ -244,7 +244,7 @@ fn from_a_true_clock(version: caskade_common::Version, before: u64, after: u64) 
 /// clock: no node's clock was dragged by the fault.
 async fn versions_are_true(tc: &TestCluster, keys: &[String]) {
     for key in keys {
-        let (version, before, after) = written(tc, key, "quorum", "after the fault").await;
+        let (version, before, after) = written(tc, key, "w=quorum", "after the fault").await;
         assert!(
             from_a_true_clock(version, before, after),
             "{key}: version {version} written after the fault is not from a true clock ({before}..{after})"
@@ -297,19 +297,32 @@ async fn written(
     unreachable!("the loop returns or fails")
 }
 
-/// Whether a write of `key` at level one straight to node `id` is refused.
+/// Whether a write of `key` at level one straight to node `id` is refused
+/// (or never answered, within 5 s); the node must be reachable.
 async fn refuses_alone(tc: &TestCluster, id: u32, key: &str) -> bool {
-    let Ok(mut kv) = tc.node_kv(id).await else {
-        return true;
-    };
+    let mut kv = tc.node_kv(id).await.unwrap();
     let put = caskade_proto::PutRequest {
         key: key.as_bytes().to_vec().into(),
         value: b"written alone".to_vec().into(),
         write_level: caskade_proto::WriteLevel::One as i32,
         ..Default::default()
     };
-    let answer = tokio::time::timeout(Duration::from_secs(5), kv.put(put)).await;
-    !matches!(answer, Ok(Ok(_)))
+    match tokio::time::timeout(Duration::from_secs(5), kv.put(put)).await {
+        Ok(Ok(_)) => false,
+        Ok(Err(status)) => {
+            // Refused before anything was written: not its key to write
+            // (ABORTED), or no lease (UNAVAILABLE).
+            assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::Aborted | tonic::Code::Unavailable
+                ),
+                "node {id} answered {status:?}"
+            );
+            true
+        }
+        Err(_) => true,
+    }
 }
 
 #[test]

@@ -189,6 +189,11 @@ impl Detector {
         }
         let answers = futures_util::future::join_all(probes).await;
         let now = Instant::now();
+        if self.links.clock.is_off() {
+            // Every answer was refused: once the clock agrees again, each
+            // node gets the full delay before it can be marked down.
+            self.leading_since = Some(now);
+        }
         let mut decisions = Vec::new();
         for (id, serving) in answers {
             if serving.is_some() {

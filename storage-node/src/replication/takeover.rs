@@ -60,8 +60,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Most map changes during one unfinished takeover whose placements are
 /// kept to tell the keys held; past that, every key is taken over again.
 const MAX_HELD_EPOCHS: usize = 64;
-/// The largest offset assumed between two nodes' wall clocks.
-pub const MAX_CLOCK_OFFSET: Duration = Duration::from_millis(500);
+/// The offset assumed between two nodes' wall clocks when the bound is
+/// not checked (`cluster.max_clock_offset_ms = 0`).
+pub const UNCHECKED_CLOCK_OFFSET: Duration = Duration::from_millis(500);
 
 /// Primary ranges being taken over under one epoch.
 #[derive(Debug)]
@@ -243,7 +244,7 @@ pub async fn run(core: Arc<NodeCore>, links: PeerLinks, mut stop: watch::Receive
                                 tracing::debug!(peer, copied, epoch, "copied primary ranges");
                                 // Before any key it replicates is written
                                 // here: see `clock_floor`.
-                                core.hlc.observe(clock_floor());
+                                core.hlc.observe(clock_floor(&core));
                                 core.replication.taken_over_from(peer, epoch);
                                 true
                             }
@@ -293,11 +294,19 @@ pub async fn run(core: Arc<NodeCore>, links: PeerLinks, mut stop: watch::Receive
 /// it took over: the deposed primary's versions may run ahead of this
 /// node's clock, by its clock lease after a restart ([`clock::LEASE`]) and
 /// by the offset between the two clocks, assumed below
-/// [`MAX_CLOCK_OFFSET`]. Every write it made before its lease ran out then
-/// loses to the writes made here.
-fn clock_floor() -> Version {
-    let ahead = clock::LEASE + MAX_CLOCK_OFFSET;
-    Version::from_parts(unix_millis().saturating_add(ahead.as_millis() as u64), 0, 0)
+/// `cluster.max_clock_offset_ms` ([`UNCHECKED_CLOCK_OFFSET`] when that is
+/// 0). Every write it made before its lease ran out then loses to the
+/// writes made here. The wall clock is read no later than the clock guard
+/// allows ([`crate::clock_offset::ClockGuard::wall_ceiling`]).
+fn clock_floor(core: &NodeCore) -> Version {
+    let guard = &core.clock_guard;
+    let offset = match guard.max_offset_ms() {
+        0 => UNCHECKED_CLOCK_OFFSET,
+        ms => Duration::from_millis(ms),
+    };
+    let ahead = clock::LEASE + offset;
+    let wall = unix_millis().min(guard.wall_ceiling());
+    Version::from_parts(wall.saturating_add(ahead.as_millis() as u64), 0, 0)
 }
 
 /// Copies from `peer` the latest record of every key this node is the

@@ -652,6 +652,37 @@ impl TestCluster {
         Ok(id)
     }
 
+    /// `POST /admin/v1/nodes` as the admin: asks the router to add node
+    /// `id` (started, not yet in the map) at its address.
+    pub async fn add_to_map(&self, id: u32) -> reqwest::Result<Response> {
+        self.client
+            .post(self.at("/admin/v1/nodes"))
+            .bearer_auth(&self.admin_token)
+            .json(&serde_json::json!({"id": id, "addr": self.addr(id).to_string()}))
+            .send()
+            .await
+    }
+
+    /// Stops node `id`, moves its data directory into `dir` (a small disk)
+    /// and leaves a link where it was, so the node's configuration and its
+    /// log stay as they were, and starts it again.
+    pub async fn move_data_onto(&mut self, id: u32, dir: &std::path::Path) -> anyhow::Result<()> {
+        self.stop_node(id).await?;
+        let data_dir = self.node_config(id).data_dir.clone();
+        let moved = dir.join(format!("node-{id}"));
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&data_dir)
+            .arg(&moved)
+            .status()?;
+        if !copied.success() {
+            bail!("copying node {id}'s data: {copied}");
+        }
+        std::fs::remove_dir_all(&data_dir)?;
+        std::os::unix::fs::symlink(&moved, &data_dir)?;
+        self.start_node(id).await
+    }
+
     /// Every live key node `id` holds, read from the node itself: version,
     /// value and expiry by key.
     pub async fn scan_node(&self, id: u32) -> anyhow::Result<BTreeMap<Vec<u8>, NodeCopy>> {

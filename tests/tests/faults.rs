@@ -28,7 +28,6 @@ use caskade_tests::rng::Rng;
 use caskade_tests::skew::SkewedClock;
 use caskade_tests::workload::{Workload, converged};
 use reqwest::StatusCode;
-use serde_json::json;
 
 /// The `caskade-node` binary built in this package.
 const NODE_BINARY: &str = env!("CARGO_BIN_EXE_caskade-node-process");
@@ -585,14 +584,7 @@ fn a_node_killed_while_a_node_is_added_and_while_one_is_removed() {
         // Added: the Raft leader dies as soon as the change is committed,
         // while the new node pulls its ranges.
         let new = tc.start_spare_process().await.unwrap();
-        let added = tc
-            .client()
-            .post(tc.at("/admin/v1/nodes"))
-            .bearer_auth(&tc.admin_token)
-            .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
-            .send()
-            .await
-            .unwrap();
+        let added = tc.add_to_map(new).await.unwrap();
         assert_eq!(added.status(), StatusCode::OK, "adding node {new}");
         let victim = leader(tc).await;
         crash(tc, victim, Duration::from_millis(1000 + rng.below(1000))).await;
@@ -641,25 +633,14 @@ fn a_full_disk_under_replication() {
         return;
     };
     with_fault("full", Setup::Plain, async |_, tc, _| {
-        // The primary of a workload key moves its data onto the small disk,
-        // behind a link where the data was: its log stays where it was,
-        // on a disk with room (as a deployment's logs would).
+        // The primary of a workload key moves its data onto the small disk;
+        // its log stays where it was, on a disk with room (as a
+        // deployment's logs would).
         let full = tc.preference_list(b"full-0")[0];
-        tc.stop_node(full).await.unwrap();
         let mut config = tc.node_config(full).clone();
-        let moved = disk.path().join("node");
-        let copied = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&config.data_dir)
-            .arg(&moved)
-            .status()
-            .unwrap();
-        assert!(copied.success(), "copying node {full}'s data");
-        std::fs::remove_dir_all(&config.data_dir).unwrap();
-        std::os::unix::fs::symlink(&moved, &config.data_dir).unwrap();
         config.engine.max_file_size = 1 << 20;
         tc.set_node_config(full, config);
-        tc.start_node(full).await.unwrap();
+        tc.move_data_onto(full, disk.path()).await.unwrap();
         poll_until("every node ready", SETTLE, || tc.all_nodes_ready()).await;
 
         // Fill it: 2 MiB left, then 64 KiB values (every node holds every

@@ -361,19 +361,7 @@ async fn one_full_node_of_three_refuses_its_writes_and_recovers() {
     let full = ids[0];
 
     // Node `full` moves its data onto the small disk.
-    tc.stop_node(full).await.unwrap();
-    let mut config = tc.node_config(full).clone();
-    let moved = disk.path().join("node");
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&config.data_dir)
-        .arg(&moved)
-        .status()
-        .unwrap();
-    assert!(copied.success(), "copying the node's data");
-    config.data_dir = moved;
-    tc.set_node_config(full, config);
-    tc.start_node(full).await.unwrap();
+    tc.move_data_onto(full, disk.path()).await.unwrap();
     poll_until("every node ready", CONVERGE_DEADLINE, || {
         tc.all_nodes_ready()
     })

@@ -331,14 +331,7 @@ async fn adding_and_removing_a_node_under_load_keeps_every_key_readable() {
 /// epoch of the map that put it on the ring.
 async fn add_spare_node(tc: &mut TestCluster) -> (u32, u64) {
     let new = tc.start_spare_node().await.unwrap();
-    let added = tc
-        .client()
-        .post(tc.at("/admin/v1/nodes"))
-        .bearer_auth(&tc.admin_token)
-        .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
-        .send()
-        .await
-        .unwrap();
+    let added = tc.add_to_map(new).await.unwrap();
     assert_eq!(added.status(), StatusCode::OK);
     let epoch = added.json::<Value>().await.unwrap()["epoch"].as_u64();
     (new, epoch.unwrap())

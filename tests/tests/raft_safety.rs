@@ -11,7 +11,7 @@ use caskade_proto::StatsRequest;
 use caskade_router::config::NodePolicy;
 use caskade_tests::cluster::{ClusterSpec, TestCluster, poll_until};
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 fn policy() -> NodePolicy {
     NodePolicy {
@@ -74,14 +74,7 @@ async fn a_completed_add_stays_in_the_raft_group_while_a_node_hangs() {
     let mut undone = Vec::new();
     for attempt in 0..2 {
         let new = tc.start_spare_node().await.unwrap();
-        let added = tc
-            .client()
-            .post(tc.at("/admin/v1/nodes"))
-            .bearer_auth(&tc.admin_token)
-            .json(&json!({"id": new, "addr": tc.addr(new).to_string()}))
-            .send()
-            .await
-            .unwrap();
+        let added = tc.add_to_map(new).await.unwrap();
         let status = added.status();
         let body: Value = added.json().await.unwrap_or(Value::Null);
         if status != StatusCode::OK {

@@ -329,6 +329,7 @@ fn clock_status(report: &ClockReport) -> ClockStatus {
 /// The engine's counters as sent by `Admin/Stats`.
 pub fn stats_of(core: &NodeCore) -> StatsResponse {
     let stats = core.engine.stats();
+    let (map_epoch, taking_over_epoch) = core.replication.map_and_takeover_epochs();
     StatsResponse {
         node_id: core.id,
         keys: stats.keys,
@@ -343,11 +344,8 @@ pub fn stats_of(core: &NodeCore) -> StatsResponse {
         ready: core.replication.is_ready(),
         ring_epoch: core.replication.placement().map_or(0, |p| p.ring_epoch),
         raft: Some(core.cluster.status()),
-        map_epoch: core.maps.get().map_or(0, |m| m.epoch),
-        taking_over_epoch: core
-            .replication
-            .takeover_pending()
-            .map_or(0, |(epoch, _, _)| epoch),
+        map_epoch,
+        taking_over_epoch,
         anti_entropy_repaired: core.replication.anti_entropy().repaired,
         anti_entropy_last_full_round_age_seconds: core
             .replication

@@ -130,6 +130,12 @@ pub struct ClusterConfig {
     /// added to a cluster with `POST /admin/v1/nodes`). A node that already
     /// belongs to a cluster ignores it.
     pub initial_members: Option<InitialMembers>,
+    /// Serve alone, in no cluster (default false): with no map, the node
+    /// replicates to nobody and acknowledges writes by itself. For a single
+    /// node under test or benchmark. A node that is not standalone serves
+    /// nothing until a cluster map is in effect; one waiting to be added
+    /// takes no client request meanwhile.
+    pub standalone: bool,
     /// Replicas per key in a new cluster (default 3; at most the number of
     /// initial members).
     pub replication_factor: u32,
@@ -160,6 +166,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             initial_members: None,
+            standalone: false,
             replication_factor: 3,
             vnodes_per_node: 64,
             failover_after_ms: 5000,
@@ -195,6 +202,12 @@ impl ClusterConfig {
         let Some(members) = &self.initial_members else {
             return Ok(());
         };
+        if self.standalone {
+            return invalid(
+                "standalone and initial_members exclude each other: a standalone node forms no cluster"
+                    .to_string(),
+            );
+        }
         if !members.0.iter().any(|m| m.id == id) {
             return invalid(format!(
                 "initial_members does not name this node (id {id}): {members}"
@@ -507,5 +520,22 @@ mod tests {
         .expect("write");
         let err = NodeConfig::load(Some(&path)).expect_err("bad durability");
         assert!(err.to_string().contains("engine.durability"), "{err}");
+    }
+
+    #[test]
+    fn a_standalone_node_forms_no_cluster() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        let base = "id = 1\ndata_dir = \"d\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[cluster]\nstandalone = true\n";
+        std::fs::write(&path, base).expect("write");
+        assert!(
+            NodeConfig::load(Some(&path))
+                .expect("load")
+                .cluster
+                .standalone
+        );
+        std::fs::write(&path, format!("{base}initial_members = \"1=h:7001\"\n")).expect("write");
+        let err = NodeConfig::load(Some(&path)).expect_err("standalone with members");
+        assert!(err.to_string().contains("cluster.standalone"), "{err}");
     }
 }

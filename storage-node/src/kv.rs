@@ -8,6 +8,7 @@
 //! validated before anything is written: a refused request changes nothing.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use caskade_common::version::unix_millis;
 use caskade_common::{Version, validate_key};
@@ -20,7 +21,7 @@ use caskade_proto::{
     WriteLevel, condition,
 };
 use prost::bytes::Bytes;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use crate::admin::ClusterMapStore;
@@ -65,7 +66,8 @@ pub struct NodeCore {
     pub writes_wait_for_fsync: bool,
     /// Placement, peers' acknowledgements, catch-up state and readiness.
     pub replication: Replication,
-    /// The cluster map this node has put into effect.
+    /// The newest cluster map this node stored: durable before it is put
+    /// into effect (see [`Replication::map_and_takeover_epochs`]).
     pub maps: Arc<ClusterMapStore>,
     /// The cluster map's Raft group.
     pub cluster: Arc<Cluster>,
@@ -127,9 +129,57 @@ impl KvService {
     fn serving(&self) -> Result<(), Status> {
         if self.core.replication.is_ready() {
             Ok(())
+        } else if self.core.replication.placement().is_none() {
+            Err(crate::replication::no_map_yet())
         } else {
             Err(Status::unavailable("node is catching up with its peers"))
         }
+    }
+
+    /// A condition refused here was checked against this node's latest
+    /// record of the key, which may be a write this node coordinated that
+    /// missed its level and that no other replica holds. Answered before
+    /// that record holds at the write's level, the refusal would show a
+    /// value that a failover can lose and a quorum read may not see. So it
+    /// waits, as the write would have, until the peers acknowledge this
+    /// node's log up to its last record, within the acknowledgement timeout
+    /// counted from `arrived`; UNAVAILABLE (nothing written) if they do not.
+    /// (A record another node coordinated, copied here, is held by that
+    /// node too: the wait proves nothing more for it, and needs nothing.)
+    async fn settled_refusal(
+        &self,
+        key: &Bytes,
+        level: i32,
+        arrived: Instant,
+        refused: Status,
+    ) -> Status {
+        if refused.code() != Code::FailedPrecondition {
+            return refused;
+        }
+        let Ok(level) = write_level(level) else {
+            return refused;
+        };
+        let plan = match self.core.replication.write_plan(key, level) {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return refused,
+            Err(status) => return status,
+        };
+        let seq = self.core.replication.feed.last_seq();
+        let timeout = Duration::from_millis(self.core.replication.config.ack_timeout_ms)
+            .saturating_sub(arrived.elapsed());
+        let acks = self
+            .core
+            .replication
+            .wait_for_within(&plan, seq, timeout)
+            .await;
+        if acks < plan.needed {
+            return Status::unavailable(format!(
+                "the key's latest write is held by {acks} of the {} replicas its level needs, \
+                 so its condition cannot be answered yet; nothing was written",
+                plan.needed
+            ));
+        }
+        refused
     }
 
     /// Waits until a write meets its level; the replicas holding it.
@@ -177,9 +227,16 @@ impl Kv for KvService {
         let request = request.into_inner();
         let result = async {
             self.serving()?;
-            let key = request.key.clone();
+            let arrived = Instant::now();
+            let (key, level) = (request.key.clone(), request.write_level);
             let _key = self.core.key_locks.lock([&key[..]]).await;
-            let (mut response, pending) = self.core.write(move |core| core.put(&request)).await?;
+            let written = self.core.write(move |core| core.put(&request)).await;
+            let (mut response, pending) = match written {
+                Ok(written) => written,
+                Err(refused) => {
+                    return Err(self.settled_refusal(&key, level, arrived, refused).await);
+                }
+            };
             response.acks = self.replicated(&pending).await?;
             Ok(response)
         }
@@ -196,10 +253,16 @@ impl Kv for KvService {
         let request = request.into_inner();
         let result = async {
             self.serving()?;
-            let key = request.key.clone();
+            let arrived = Instant::now();
+            let (key, level) = (request.key.clone(), request.write_level);
             let _key = self.core.key_locks.lock([&key[..]]).await;
-            let (mut response, pending) =
-                self.core.write(move |core| core.delete(&request)).await?;
+            let written = self.core.write(move |core| core.delete(&request)).await;
+            let (mut response, pending) = match written {
+                Ok(written) => written,
+                Err(refused) => {
+                    return Err(self.settled_refusal(&key, level, arrived, refused).await);
+                }
+            };
             response.acks = self.replicated(&pending).await?;
             Ok(response)
         }
@@ -228,20 +291,22 @@ impl Kv for KvService {
         let request = request.into_inner();
         let result = async {
             self.serving()?;
+            let arrived = Instant::now();
             validate_batch(&request)?;
-            let written: Vec<Bytes> = request
+            // Each written key with its write level, by op.
+            let written: Vec<Option<(Bytes, i32)>> = request
                 .ops
                 .iter()
-                .filter_map(|op| match &op.op {
-                    Some(Op::Put(put)) => Some(put.key.clone()),
-                    Some(Op::Delete(delete)) => Some(delete.key.clone()),
+                .map(|op| match &op.op {
+                    Some(Op::Put(put)) => Some((put.key.clone(), put.write_level)),
+                    Some(Op::Delete(delete)) => Some((delete.key.clone(), delete.write_level)),
                     _ => None,
                 })
                 .collect();
             let _keys = self
                 .core
                 .key_locks
-                .lock(written.iter().map(|key| &key[..]))
+                .lock(written.iter().flatten().map(|(key, _)| &key[..]))
                 .await;
             let (mut results, pending) =
                 self.core.write(move |core| Ok(core.batch(request))).await?;
@@ -256,6 +321,33 @@ impl Kv for KvService {
                     (Ok(acks), Some(OpResult::Delete(delete))) => delete.acks = acks,
                     (Err(status), _) => *result = Some(op_error(&status)),
                     (Ok(_), _) => {}
+                }
+            }
+            // Refused conditions, all at once: see `settled_refusal`.
+            let refusals: Vec<(usize, &Bytes, i32)> = results
+                .iter()
+                .zip(&written)
+                .enumerate()
+                .filter_map(
+                    |(index, (result, written))| match (&result.result, written) {
+                        (Some(OpResult::Error(error)), Some((key, level)))
+                            if error.code == Code::FailedPrecondition as i32 =>
+                        {
+                            Some((index, key, *level))
+                        }
+                        _ => None,
+                    },
+                )
+                .collect();
+            let settled =
+                futures_util::future::join_all(refusals.iter().map(|&(_, key, level)| {
+                    let refused = Status::failed_precondition("condition failed");
+                    self.settled_refusal(key, level, arrived, refused)
+                }))
+                .await;
+            for (&(index, _, _), status) in refusals.iter().zip(settled) {
+                if status.code() != Code::FailedPrecondition {
+                    results[index].result = Some(op_error(&status));
                 }
             }
             Ok(BatchResponse { results })

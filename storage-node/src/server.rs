@@ -124,6 +124,17 @@ impl Node {
             )
             .await?,
         );
+        if config.cluster.standalone
+            && let Some(id) = cluster.identity().get()
+        {
+            // Writes it acknowledged alone would reach the cluster later.
+            return Err(NodeError::Config(
+                caskade_common::config::ConfigError::Invalid(format!(
+                    "cluster.standalone: {} belongs to cluster {id}; a node of a cluster cannot run alone",
+                    config.data_dir.display()
+                )),
+            ));
+        }
         if cluster.map().is_none() {
             // The Raft group has given this node no map yet, so a stored
             // one is not from it (a map written before maps were decided by
@@ -159,8 +170,9 @@ impl Node {
             cursors,
             progress,
             map.get().as_ref(),
-            // In a cluster, or forming one: no map means no ranges yet.
-            config.cluster.initial_members.is_some() || cluster.identity().get().is_some(),
+            // In a cluster, forming one, or waiting to be added: no map
+            // means no ranges yet.
+            !config.cluster.standalone,
         );
         let grpc = match early_grpc {
             Some(listener) => listener,

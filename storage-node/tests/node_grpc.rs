@@ -368,6 +368,7 @@ fn one_node_cluster(
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let listed = listed.unwrap_or(config.listen);
+    config.cluster.standalone = false;
     config.cluster.initial_members =
         Some(InitialMembers::try_from(format!("1={listed}")).expect("one valid member"));
     config.cluster.replication_factor = 1;
@@ -393,6 +394,119 @@ async fn first_map(
         }
     })
     .await
+}
+
+/// A node in a cluster serves no client and coordinates no write alone
+/// until a cluster map is in effect: neither one given its initial members
+/// once started, as `caskade local` does (each node's address is known only
+/// once it listens), nor one waiting to be added. Here the other member
+/// never starts and nobody adds the spare, so no map ever is.
+#[tokio::test]
+async fn a_node_in_a_cluster_serves_nothing_without_a_map() {
+    use caskade_node::Node;
+    use caskade_node::config::InitialMembers;
+    use caskade_proto::replication_client::ReplicationClient;
+    use caskade_proto::{ApplyRequest, ReplicatedRecord};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    for given_members in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = certs(dir.path());
+        let mut config = node_config(dir.path(), &certs);
+        config.cluster.standalone = false;
+        config.cluster.replication_factor = 2;
+        let absent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut node = Node::start(config).await.unwrap();
+        if given_members {
+            let members = format!("1={},2={}", node.grpc_addr(), absent.local_addr().unwrap());
+            node.set_initial_members(InitialMembers::try_from(members).unwrap())
+                .unwrap();
+        }
+        let node = RunningNode::serve(node);
+        let case = if given_members {
+            "members given after start"
+        } else {
+            "waiting to be added"
+        };
+
+        let mut admin = admin_client(&node, &certs).await;
+        let stats = admin.stats(StatsRequest {}).await.unwrap().into_inner();
+        assert!(!stats.ready, "{case}: ready with no cluster map: {stats:?}");
+        let health = channel(node.grpc, &certs.ca, Some(&certs.client))
+            .await
+            .unwrap();
+        let status = HealthClient::new(health)
+            .check(HealthCheckRequest {
+                service: "caskade.v1.Kv".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::NotServing as i32, "{case}");
+        let mut kv = kv_client(&node, &certs).await;
+        let refused = kv
+            .put(put_request("alone", "v"))
+            .await
+            .expect_err("a write coordinated with no cluster map");
+        assert_eq!(refused.code(), Code::Unavailable, "{case}: {refused:?}");
+        assert_eq!(
+            kv.get(get_request("alone")).await.unwrap_err().code(),
+            Code::Unavailable,
+            "{case}"
+        );
+        // Nor does it take a router's read repair.
+        let replication = channel(node.grpc, &certs.ca, Some(&certs.client))
+            .await
+            .unwrap();
+        let repair = ReplicationClient::new(replication)
+            .apply(ApplyRequest {
+                records: vec![ReplicatedRecord {
+                    key: Bytes::from_static(b"repaired"),
+                    value: Bytes::from_static(b"v"),
+                    version: Some(caskade_proto::Version {
+                        hlc: 1 << 20,
+                        origin: 2,
+                    }),
+                    ..ReplicatedRecord::default()
+                }],
+                epoch: 0,
+            })
+            .await;
+        assert!(repair.is_err(), "{case}: {repair:?}");
+        let stats = admin.stats(StatsRequest {}).await.unwrap().into_inner();
+        assert_eq!(
+            (stats.keys, stats.last_seq),
+            (0, 0),
+            "{case}: nothing written"
+        );
+        drop(absent);
+        node.stop().await.unwrap();
+    }
+}
+
+/// A node of a cluster restarted as standalone would acknowledge writes
+/// alone that later reach the cluster: it refuses to start.
+#[tokio::test]
+async fn a_node_of_a_cluster_does_not_start_standalone() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let config = one_node_cluster(dir.path(), &certs, None);
+    let node = RunningNode::start(config.clone()).await;
+    first_map(&admin_client(&node, &certs).await).await;
+    node.stop().await.unwrap();
+
+    let mut alone = config;
+    alone.cluster.initial_members = None;
+    alone.cluster.standalone = true;
+    let Err(refused) = caskade_node::Node::start(alone).await else {
+        panic!("a node of a cluster started standalone");
+    };
+    assert!(
+        refused.to_string().contains("cluster.standalone"),
+        "{refused}"
+    );
 }
 
 /// The own-address check refuses only on evidence: an address listed for

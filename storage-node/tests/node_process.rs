@@ -223,6 +223,8 @@ impl Cluster {
              ca = {ca}\n\
              cert = {cert}\n\
              key = {key}\n\
+             [cluster]\n\
+             standalone = true\n\
              [engine]\n\
              durability = \"{durability}\"\n\
              [log]\n\

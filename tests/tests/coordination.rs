@@ -207,6 +207,85 @@ async fn a_new_primary_holds_every_write_acknowledged_before_it_took_over() {
     tc.shutdown().await.unwrap();
 }
 
+/// A write that missed its level is held by its primary alone; a failover
+/// now would lose it. A conditional write of the key must not be refused
+/// on it (FAILED_PRECONDITION): the client would learn of a value no
+/// majority holds, and a quorum read just after, or the primary that takes
+/// over, shows the value before it. The primary answers only once what the
+/// condition was checked against holds at the write's level, and UNAVAILABLE
+/// (nothing written) otherwise. Both secondaries are frozen here, and their
+/// lease confirmations still hold the primary's lease (2 s) when the
+/// conditional write arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_is_not_refused_on_a_write_that_missed_its_level() {
+    let spec = ClusterSpec {
+        configure: |config| config.replication.ack_timeout_ms = 300,
+        ..ClusterSpec::processes(3, 3, policy(), NODE_BINARY)
+    };
+    let tc = TestCluster::start(spec).await.unwrap();
+    let key = tc.keys_where("unreplicated", 1, |_| true)[0].clone();
+    let list = tc.preference_list(key.as_bytes());
+    let first = tc.put_level(&key, "w0", "quorum").await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let w0: caskade_common::Version = first.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .parse()
+        .unwrap();
+    on_every_replica(&tc, &list, &key, b"w0").await;
+
+    for &secondary in &list[1..] {
+        tc.signal_node(secondary, "STOP").unwrap();
+    }
+    let mut primary = tc.node_kv(list[0]).await.unwrap();
+    let put = |value: &str, condition| PutRequest {
+        key: key.as_bytes().to_vec().into(),
+        value: value.as_bytes().to_vec().into(),
+        condition,
+        write_level: caskade_proto::WriteLevel::Quorum as i32,
+        ..PutRequest::default()
+    };
+    let missed = primary.put(put("w1", None)).await;
+    let if_match_w0 = Some(Condition {
+        kind: Some(condition::Kind::IfVersion(caskade_proto::Version {
+            hlc: w0.hlc,
+            origin: w0.origin,
+        })),
+    });
+    let conditional = primary.put(put("w2", if_match_w0)).await;
+    for &secondary in &list[1..] {
+        tc.signal_node(secondary, "CONT").unwrap();
+    }
+    let missed = missed.expect_err("w1 acknowledged with both secondaries frozen");
+    assert_eq!(missed.code(), Code::Unavailable, "{missed:?}");
+    let refused = conditional.expect_err("the If-Match on w0 applied over w1");
+    assert_eq!(
+        refused.code(),
+        Code::Unavailable,
+        "refused on a write no majority holds: {refused:?}"
+    );
+    assert!(
+        refused.message().contains("nothing was written"),
+        "refused for another reason (a lease that ran out proves nothing here): {refused:?}"
+    );
+    // Thawed, the secondaries take w1 and the condition fails, once w1
+    // holds at the write level; w2 was never written.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let Err(refused) = primary.put(put("w2", if_match_w0)).await else {
+            panic!("the If-Match on w0 applied over w1");
+        };
+        if refused.code() != Code::Unavailable || tokio::time::Instant::now() > deadline {
+            break refused;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    on_every_replica(&tc, &list, &key, b"w1").await;
+    tc.shutdown().await.unwrap();
+}
+
 /// A write that reached its primary and whose exchange then broke off may
 /// have been applied, or may be later. Here the primary freezes with the
 /// request in its socket; the router's HTTP/2 keep-alive gives up on the

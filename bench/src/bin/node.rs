@@ -20,7 +20,9 @@ use caskade_bench::workload::{VALUE_LEN, Workload};
 use caskade_common::Version;
 use caskade_common::certs::write_cluster_certs;
 use caskade_common::tls::{TlsMaterial, install_crypto_provider};
-use caskade_node::config::{DurabilityMode, EngineConfig, MetricsConfig, ServerConfig};
+use caskade_node::config::{
+    ClusterConfig, DurabilityMode, EngineConfig, MetricsConfig, ServerConfig,
+};
 use caskade_node::engine::{Durability, Engine, Options, PutOptions};
 use caskade_node::{Node, NodeConfig};
 use caskade_proto::kv_client::KvClient;
@@ -95,7 +97,10 @@ fn main() -> anyhow::Result<()> {
             ..EngineConfig::default()
         },
         // A node alone, in no cluster: it serves every key.
-        cluster: Default::default(),
+        cluster: ClusterConfig {
+            standalone: true,
+            ..ClusterConfig::default()
+        },
         replication: Default::default(),
         server: ServerConfig::default(),
         metrics: MetricsConfig::default(),

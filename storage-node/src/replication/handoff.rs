@@ -241,6 +241,8 @@ impl Replication {
                 "cluster map changed the ring; pulling this node's ranges again"
             );
         }
+        // Before the placement is published: a map in effect has its
+        // takeover begun (see `map_and_takeover_epochs`).
         self.begin_takeover(old.as_ref(), &new);
         self.remember(&new);
         self.placement.send_replace(Some(new));

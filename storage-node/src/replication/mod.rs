@@ -333,6 +333,19 @@ impl Replication {
         self.placement.borrow().clone()
     }
 
+    /// The epoch of the map in effect and the epoch of the takeover under
+    /// way (0: none of either). A map is in effect once its placement is
+    /// published, which [`Self::set_map`] does only after it began the
+    /// takeover of the ranges the map made this node the primary of; read in
+    /// this order, an epoch in effect with no takeover means none is left.
+    /// (The map store holds a newer map a moment earlier, while `set_map`
+    /// waits for the writes under way.)
+    pub fn map_and_takeover_epochs(&self) -> (u64, u64) {
+        let map = self.placement.borrow().as_ref().map_or(0, |p| p.epoch);
+        let takeover = self.takeover_pending().map_or(0, |(epoch, _, _)| epoch);
+        (map, takeover)
+    }
+
     /// A receiver that changes with the placement.
     pub fn watch_placement(&self) -> watch::Receiver<Option<Arc<Placement>>> {
         self.placement.subscribe()
@@ -348,6 +361,12 @@ impl Replication {
         self.ready.subscribe()
     }
 
+    /// The node belongs to a cluster (it is not standalone): it serves and
+    /// takes records only under a map.
+    pub(crate) fn needs_map(&self) -> bool {
+        self.needs_map
+    }
+
     /// The start-up catch-up is over: ready unless still joining.
     pub fn mark_started(&self) {
         self.started_up.store(true, Ordering::Release);
@@ -357,19 +376,29 @@ impl Replication {
     /// Ready: started up, not joining the cluster, and placed by a map if
     /// the node belongs to a cluster.
     fn update_ready(&self) {
-        let placed = !self.needs_map || self.placement.borrow().is_some();
-        let ready = self.started_up.load(Ordering::Acquire) && !self.joining() && placed;
-        if self.ready.send_replace(ready) != ready {
+        // Computed under the sender's lock: two updates at once cannot
+        // publish their verdicts in the wrong order.
+        self.ready.send_if_modified(|current| {
+            let placed = !self.needs_map || self.placement.borrow().is_some();
+            let ready = self.started_up.load(Ordering::Acquire) && !self.joining() && placed;
+            if *current == ready {
+                return false;
+            }
+            *current = ready;
             tracing::info!(ready, "readiness changed");
-        }
+            true
+        });
     }
 
     /// The replicas of `key` a write coordinated here must reach for
-    /// `level`; `None` when the node has no map (it stands alone). Refuses
+    /// `level`; `None` when the node stands alone, in no cluster. Refuses
     /// unless this node is the key's primary and holds every write
     /// acknowledged before it became primary.
     pub fn write_plan(&self, key: &Bytes, level: WriteLevel) -> Result<Option<WritePlan>, Status> {
         let Some(placement) = self.placement() else {
+            if self.needs_map {
+                return Err(no_map_yet());
+            }
             return Ok(None);
         };
         let replicas = placement.ring.preference_list(key);
@@ -529,10 +558,15 @@ impl Replication {
 
     /// Waits until the write at `seq` meets `plan`; the replicas holding it.
     pub async fn wait_for(&self, plan: &WritePlan, seq: u64) -> usize {
+        self.wait_for_within(plan, seq, Duration::from_millis(self.config.ack_timeout_ms))
+            .await
+    }
+
+    /// [`Self::wait_for`], waiting at most `timeout`.
+    pub async fn wait_for_within(&self, plan: &WritePlan, seq: u64, timeout: Duration) -> usize {
         if plan.needed <= 1 {
             return 1;
         }
-        let timeout = Duration::from_millis(self.config.ack_timeout_ms);
         // A peer on a later map still applied the key's record, and no
         // other node can have been its primary meanwhile, if the two kept
         // their roles for the key through every epoch in between.
@@ -647,6 +681,11 @@ impl Replication {
     pub fn holds_all_ranges(&self) -> bool {
         self.started_up() && !self.handoff_pending()
     }
+}
+
+/// The refusal of a node in a cluster with no map in effect yet.
+pub fn no_map_yet() -> Status {
+    Status::unavailable("this node has no cluster map in effect yet")
 }
 
 /// The status for a request about a key this node does not hold.

@@ -235,14 +235,18 @@ pub async fn apply_received(
 /// which may already have copied the range without it.
 fn repair(core: &NodeCore, epoch: u64, records: Vec<Record>) -> Result<usize, Status> {
     let _placement = core.replication.hold_placement();
-    if let Some(placement) = core.replication.placement()
-        && epoch != 0
-        && epoch != placement.epoch
-    {
-        return Err(Status::aborted(format!(
-            "repair under cluster map epoch {epoch}, but this node has epoch {}",
-            placement.epoch
-        )));
+    match core.replication.placement() {
+        Some(placement) if epoch != 0 && epoch != placement.epoch => {
+            return Err(Status::aborted(format!(
+                "repair under cluster map epoch {epoch}, but this node has epoch {}",
+                placement.epoch
+            )));
+        }
+        // In a cluster with no map in effect, it knows none of its ranges.
+        None if core.replication.needs_map() => {
+            return Err(Status::failed_precondition("this node has no cluster map"));
+        }
+        _ => {}
     }
     // A router with an older map may repair a node that no longer holds
     // the key; that copy would only be dropped again.

@@ -195,6 +195,18 @@ impl Replication {
             .map(|t| (t.epoch, t.pending.iter().copied().collect(), t.lease_wait))
     }
 
+    /// Ends the takeover under way as if every node had been copied from
+    /// and the lease wait were over.
+    #[cfg(test)]
+    pub(super) fn finish_takeover_now(&self) {
+        if let Some((epoch, peers, _)) = self.takeover_pending() {
+            for peer in peers {
+                self.taken_over_from(peer, epoch);
+            }
+            self.finish_takeover(epoch);
+        }
+    }
+
     /// This node's primary ranges under `epoch` were copied from `peer`.
     fn taken_over_from(&self, peer: u32, epoch: u64) {
         let mut takeover = self

@@ -215,3 +215,79 @@ fn a_restart_without_progress_of_its_ring_refills_from_every_peer() {
     );
     assert!(r.is_refilling(2) && r.is_refilling(3));
 }
+
+#[test]
+fn a_map_is_in_effect_only_with_the_takeover_it_makes_begun() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Arc::new(replication(&dir, &map(1, &[])));
+    r.finish_takeover_now();
+    assert_eq!(r.map_and_takeover_epochs(), (1, 0));
+    let (before, after) = (r.placement().unwrap(), Placement::of(&map(2, &[2])));
+    let of = |primaries: (u32, u32)| {
+        (0..10_000)
+            .map(|n| format!("key-{n}").into_bytes())
+            .find(|k| {
+                (before.primary_of(k), after.primary_of(k))
+                    == (Some(primaries.0), Some(primaries.1))
+            })
+            .expect("such a key among the first 10,000")
+    };
+    let (moved, kept) = (of((2, ME)), of((ME, ME)));
+
+    // A write under way holds the map change back: epoch 1 stays in
+    // effect, with nothing to take over.
+    let write = r.hold_placement();
+    let change = std::thread::spawn({
+        let r = Arc::clone(&r);
+        move || r.set_map(&map(2, &[2]))
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(r.map_and_takeover_epochs(), (1, 0));
+    drop(write);
+    change.join().unwrap();
+
+    assert_eq!(r.map_and_takeover_epochs(), (2, 2));
+    let (_, pending, _) = r.takeover_pending().unwrap();
+    assert_eq!(pending, [3], "node 3 is copied from; node 2 is down");
+    let placement = r.placement().unwrap();
+    assert!(
+        r.check_taken_over(&placement, &moved).is_err(),
+        "a key node 2 was the primary of waits for the copy"
+    );
+    assert!(
+        r.check_taken_over(&placement, &kept).is_ok(),
+        "a key node 1 stayed the primary of is written on"
+    );
+}
+
+#[test]
+fn a_node_in_a_cluster_coordinates_nothing_without_a_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let replication = |needs_map| {
+        Replication::new(
+            ME,
+            ReplicationConfig::default(),
+            Arc::new(Feed::new(1 << 20)),
+            Cursors::open(dir.path()).unwrap(),
+            RingProgress::open(dir.path()).unwrap(),
+            None,
+            needs_map,
+        )
+    };
+    let key = prost::bytes::Bytes::from_static(b"key");
+    let in_a_cluster = replication(true);
+    assert!(!in_a_cluster.is_ready());
+    let refused = in_a_cluster
+        .write_plan(&key, caskade_proto::WriteLevel::Quorum)
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let standalone = replication(false);
+    assert!(standalone.is_ready());
+    assert!(
+        standalone
+            .write_plan(&key, caskade_proto::WriteLevel::Quorum)
+            .unwrap()
+            .is_none(),
+        "a standalone node writes alone"
+    );
+}

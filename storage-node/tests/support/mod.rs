@@ -39,7 +39,10 @@ pub fn node_config(dir: &Path, certs: &ClusterCertFiles) -> NodeConfig {
             durability: DurabilityMode::Never,
             ..EngineConfig::default()
         },
-        cluster: Default::default(),
+        cluster: caskade_node::config::ClusterConfig {
+            standalone: true,
+            ..Default::default()
+        },
         replication: Default::default(),
         server: Default::default(),
         metrics: MetricsConfig {
@@ -61,7 +64,11 @@ pub struct RunningNode {
 impl RunningNode {
     /// Starts a node from `config` on the current runtime.
     pub async fn start(config: NodeConfig) -> RunningNode {
-        let node = Node::start(config).await.unwrap();
+        RunningNode::serve(Node::start(config).await.unwrap())
+    }
+
+    /// Serves `node`, started already, on the current runtime.
+    pub fn serve(node: Node) -> RunningNode {
         let (grpc, metrics, data_dir) = (node.grpc_addr(), node.metrics_addr(), node.data_dir());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(node.serve(async move {

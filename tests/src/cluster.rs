@@ -470,10 +470,24 @@ impl TestCluster {
         Ok(cluster)
     }
 
-    /// Whether every running storage node has finished taking over the
-    /// ranges it is the primary of (it takes their writes), asking each
-    /// node itself.
+    /// Whether every running storage node has put into effect the newest
+    /// map it knows committed (and the router's, when one runs) and
+    /// finished taking over the ranges it is the primary of (it takes their
+    /// writes), asking each node itself.
     pub async fn takeovers_done(&self) -> bool {
+        // The router's epoch, for the nodes of its map (a node removed from
+        // the map hears of no later one).
+        let page = self.admin_cluster().await.ok();
+        let routers_epoch = |id: u32| {
+            page.as_ref()
+                .filter(|p| {
+                    p["nodes"]
+                        .as_array()
+                        .is_some_and(|nodes| nodes.iter().any(|n| n["id"] == id))
+                })
+                .and_then(|p| p["epoch"].as_u64())
+                .unwrap_or(0)
+        };
         for slot in self
             .slots
             .iter()
@@ -482,8 +496,17 @@ impl TestCluster {
             let Ok(mut admin) = self.node_admin(slot.id).await else {
                 return false;
             };
+            let committed = match admin
+                .get_cluster_map(caskade_proto::GetClusterMapRequest::default())
+                .await
+            {
+                Ok(answer) => answer.into_inner().map.map_or(0, |m| m.epoch),
+                Err(_) => return false,
+            };
             match admin.stats(caskade_proto::StatsRequest {}).await {
-                Ok(stats) if stats.get_ref().taking_over_epoch == 0 => {}
+                Ok(stats)
+                    if stats.get_ref().taking_over_epoch == 0
+                        && stats.get_ref().map_epoch >= committed.max(routers_epoch(slot.id)) => {}
                 _ => return false,
             }
         }

@@ -171,7 +171,8 @@ async fn a_new_primary_holds_every_write_acknowledged_before_it_took_over() {
     .await;
 
     // Sent to the second replica, as a router whose view prefers it does
-    // (the map now makes it the primary): refused while it catches up
+    // (the map now makes it the primary): refused while it puts the map
+    // into effect (ABORTED: not the primary yet) and catches up
     // (UNAVAILABLE), never accepted.
     let w0: caskade_common::Version = w0.trim_matches('"').parse().unwrap();
     let if_match_w0 = PutRequest {
@@ -187,13 +188,14 @@ async fn a_new_primary_holds_every_write_acknowledged_before_it_took_over() {
     };
     let mut answer = Code::Unavailable;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while answer == Code::Unavailable && tokio::time::Instant::now() < deadline {
+    let not_now = |code| matches!(code, Code::Unavailable | Code::Aborted);
+    while not_now(answer) && tokio::time::Instant::now() < deadline {
         let mut kv = tc.node_kv(second).await.unwrap();
         answer = match kv.put(if_match_w0.clone()).await {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
         };
-        if answer == Code::Unavailable {
+        if not_now(answer) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -475,15 +475,16 @@ impl TestCluster {
     /// finished taking over the ranges it is the primary of (it takes their
     /// writes), asking each node itself.
     pub async fn takeovers_done(&self) -> bool {
-        // The router's epoch, for the nodes of its map (a node removed from
-        // the map hears of no later one).
+        // The router's epoch, for the nodes its map holds and does not mark
+        // down (a node removed from the map, or cut off, hears of no later
+        // one).
         let page = self.admin_cluster().await.ok();
         let routers_epoch = |id: u32| {
             page.as_ref()
                 .filter(|p| {
-                    p["nodes"]
-                        .as_array()
-                        .is_some_and(|nodes| nodes.iter().any(|n| n["id"] == id))
+                    p["nodes"].as_array().is_some_and(|nodes| {
+                        nodes.iter().any(|n| n["id"] == id && n["down"] == false)
+                    })
                 })
                 .and_then(|p| p["epoch"].as_u64())
                 .unwrap_or(0)

@@ -43,14 +43,19 @@ fn replication(dir: &tempfile::TempDir, first: &ClusterMap) -> Replication {
         ..Progress::default()
     };
     RingProgress::open(dir.path()).unwrap().store(done).unwrap();
+    node_one(dir, Some(first), true)
+}
+
+/// Node 1's state in `dir`, placed by `map` if any.
+fn node_one(dir: &tempfile::TempDir, map: Option<&ClusterMap>, needs_map: bool) -> Replication {
     Replication::new(
         ME,
         ReplicationConfig::default(),
         Arc::new(Feed::new(1 << 20)),
         Cursors::open(dir.path()).unwrap(),
         RingProgress::open(dir.path()).unwrap(),
-        Some(first),
-        true,
+        map,
+        needs_map,
     )
 }
 
@@ -263,17 +268,7 @@ fn a_map_is_in_effect_only_with_the_takeover_it_makes_begun() {
 #[test]
 fn a_node_in_a_cluster_coordinates_nothing_without_a_map() {
     let dir = tempfile::tempdir().unwrap();
-    let replication = |needs_map| {
-        Replication::new(
-            ME,
-            ReplicationConfig::default(),
-            Arc::new(Feed::new(1 << 20)),
-            Cursors::open(dir.path()).unwrap(),
-            RingProgress::open(dir.path()).unwrap(),
-            None,
-            needs_map,
-        )
-    };
+    let replication = |needs_map| node_one(&dir, None, needs_map);
     let key = prost::bytes::Bytes::from_static(b"key");
     let in_a_cluster = replication(true);
     assert!(!in_a_cluster.is_ready());
